@@ -1,0 +1,79 @@
+"""quantize: ckpt.safetensors (+ hessians) → quantized.safetensors (codes + scales + schema) and a report.
+
+The output is self-describing: its metadata carries the per-tensor schema that `quant.dequantize`
+needs, the model config and tokenizer hash copied from the checkpoint, the params, and the sha256 of
+every input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .artifacts import PgolfError, load_tensors, read_meta, save_tensors, sha256_file, write_json
+from .config import QuantizeConfig
+from .quant import quantize_state_dict, validate_config
+
+# Methods that read the Hessians; for the others a given --hessians file is checked, recorded, unused.
+HESSIAN_METHODS: tuple[str, ...] = ()
+
+
+def check_hessians(path: Path, ckpt_sha256: str) -> str:
+    """sha256 of a pgolf hessians file made from this very checkpoint; an error otherwise."""
+    meta = read_meta(path, kind="hessians")
+    inputs = meta.get("inputs") or {}
+    made_from = meta.get("checkpoint_sha256") or inputs.get("checkpoint") or inputs.get("checkpoint_sha256")
+    if made_from is None:
+        raise PgolfError(f"{path}: does not record which checkpoint it was calibrated on; re-run `pgolf calibrate`")
+    if made_from != ckpt_sha256:
+        raise PgolfError(f"{path}: was calibrated on checkpoint {str(made_from)[:12]}…, not on this one "
+                         f"({ckpt_sha256[:12]}…); re-run `pgolf calibrate` on the checkpoint you quantize")
+    return sha256_file(path)
+
+
+def print_report(report: dict[str, Any], cfg: QuantizeConfig, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"quantize: {cfg.method}, {cfg.bits} bits, clip {cfg.clip} → {out}")
+    for col in ("tensor", "shape", "stored as", "bytes", "max |err|", "rmse", "rel err"):
+        table.add_column(col, justify="left" if col in ("tensor", "stored as") else "right")
+    for r in report["tensors"]:
+        table.add_row(r["name"], "×".join(map(str, r["shape"])) or "scalar", r["stored_as"], f"{r['stored_bytes']:,}",
+                      f"{r['max_abs_err']:.3g}", f"{r['rmse']:.3g}", f"{r['rel_err']:.3g}")
+    t = report["totals"]
+    table.add_section()
+    table.add_row("total", f"{t['params']:,} params", f"{t['quantized_tensors']}/{t['tensors']} quantized",
+                  f"{t['stored_bytes']:,}", f"{t['max_abs_err']:.3g}", f"{t['quantized_rmse']:.3g}", "")
+    console = Console()
+    if not console.is_terminal:  # logs and CI: wide enough that names are not cut
+        console = Console(width=120)
+    console.print(table)
+
+
+def run(ckpt: Path, out: Path, cfg: QuantizeConfig, hessians: Path | None, metrics: Path) -> None:
+    validate_config(cfg, "quantize params")
+    state, meta = load_tensors(ckpt, kind="checkpoint")  # refuses NaN/inf weights
+    if not isinstance(meta.get("model_config"), dict):
+        raise PgolfError(f"{ckpt}: checkpoint metadata has no model config; re-run `pgolf train`")
+    ckpt_sha = sha256_file(ckpt)
+    hessians_sha, hessian_tensors = None, None
+    if hessians is not None:
+        hessians_sha = check_hessians(hessians, ckpt_sha)
+        if cfg.method in HESSIAN_METHODS:
+            hessian_tensors, _ = load_tensors(hessians, kind="hessians")
+        else:
+            print(f"quantize: note: method {cfg.method!r} does not use Hessians; {hessians} is checked and recorded only")
+
+    tensors, schema, report = quantize_state_dict(state, cfg, hessian_tensors)
+    inputs = {"checkpoint": ckpt_sha, "hessians": hessians_sha}
+    save_tensors(out, tensors, "quantized", {
+        "model_config": meta["model_config"],
+        "tokenizer_sha256": meta.get("tokenizer_sha256"),
+        "params": asdict(cfg),
+        "inputs": inputs,
+        "schema": schema,
+    })
+    write_json(metrics, {"params": asdict(cfg), "inputs": inputs, "output": str(out), **report})
+    print_report(report, cfg, out)

@@ -1,0 +1,376 @@
+"""`pgolf tokenize`: documents (or existing challenge shards) -> shards, byte sidecar, tokenizer, manifest.
+
+Documents mode: validation = the documents at input positions 0..val_docs-1, training = the rest.
+The tokenizer is trained on training documents only (or reused); every document is written as
+[BOS] + tokens(doc), no EOS. The validation byte sidecar charges each raw UTF-8 byte of a validation
+document to one of its tokens (BOS costs 0), so it sums to the raw byte count exactly.
+
+Ingest mode: a single input directory of fineweb_*.bin shards plus a tokenizer is validated and
+described by a manifest, without re-tokenizing.
+
+Everything is built in a temp directory next to `out` and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .artifacts import PgolfError, sha256_file, write_bytes, write_json
+from .bpb import build_luts, stream_lut_bytes
+from .config import TokenizeConfig
+from .corpus import document_files, iter_documents
+from .shards import read_header, read_shard, shard_name, shard_paths, write_shard
+from .tokenizer import (CHALLENGE_TRAINER_SETTINGS, encode_chunk, init_worker, load_tokenizer,
+                        load_tokenizer_bytes, train_tokenizer, trainer_text)
+
+MANIFEST_KIND = "pgolf-tokenized"
+MANIFEST_VERSION = 1
+TOKENIZER_NAME = "tokenizer.model"
+DOCS_PER_TASK = 64
+
+
+def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, tokenizer: Path | None, metrics: Path) -> None:
+    t0 = time.time()
+    inputs = [Path(p) for p in inputs]
+    out = Path(out)
+    if len(inputs) == 1 and inputs[0].is_dir() and shard_paths(inputs[0], "train") + shard_paths(inputs[0], "val"):
+        manifest = ingest(inputs[0], out, tokenizer)
+    else:
+        manifest = tokenize_documents(inputs, out, cfg, tokenizer)
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    print(f"tokenize: {out}: vocab {manifest['vocab_size']}, train {train['docs']:,} docs / {train['tokens']:,} "
+          f"tokens, val {val['docs']:,} docs / {val['tokens']:,} tokens")
+    val_bytes = val["sidecar_bytes"] if val["sidecar_bytes"] is not None else val["lut_bytes"]
+    write_json(metrics, {
+        "mode": manifest["mode"],
+        "vocab_size": manifest["vocab_size"],
+        "train_docs": train["docs"], "train_tokens": train["tokens"],
+        "val_docs": val["docs"], "val_tokens": val["tokens"],
+        "val_bytes": val_bytes,
+        "val_bytes_per_token": val_bytes / max(val["tokens"], 1),  # BOS included: every target is scored
+        "val_lut_bytes": val["lut_bytes"],
+        "seconds": round(time.time() - t0, 3),
+    })
+
+
+# --- documents mode ----------------------------------------------------------------------------
+
+def tokenize_documents(inputs: list[Path], out: Path, cfg: TokenizeConfig, tokenizer: Path | None) -> dict:
+    if cfg.val_docs < 1:
+        raise PgolfError(f"val_docs is {cfg.val_docs}; at least one validation document is needed")
+    if cfg.shard_tokens < 1:
+        raise PgolfError(f"shard_tokens is {cfg.shard_tokens}; must be positive")
+    document_files(inputs)  # fail on a missing path or foreign file before any long work
+    if tokenizer is not None:
+        sp = load_tokenizer(tokenizer)  # names the file in its errors
+        model = Path(tokenizer).read_bytes()
+        source = {"trained": False, "path": str(tokenizer)}
+        if sp.vocab_size() != cfg.vocab_size:
+            print(f"tokenize: reusing {tokenizer} with {sp.vocab_size()} pieces (vocab_size {cfg.vocab_size} ignored)")
+    else:
+        train_docs = islice(_training_docs(inputs, cfg.val_docs), cfg.tokenizer_train_docs)
+        model = train_tokenizer(train_docs, cfg.vocab_size, cfg.max_sentence_length)
+        sp = load_tokenizer_bytes(model, "trained tokenizer")
+        source = {"trained": True, "train_docs": cfg.tokenizer_train_docs,
+                  "settings": {**CHALLENGE_TRAINER_SETTINGS, "vocab_size": cfg.vocab_size,
+                               "max_sentence_length": cfg.max_sentence_length}}
+    bos = sp.bos_id()
+    if bos < 0:
+        raise PgolfError(f"{tokenizer}: the tokenizer has no BOS piece; documents are separated by BOS (id 1)")
+
+    with _staging_dir(out) as tmp:
+        write_bytes(tmp / TOKENIZER_NAME, model)
+        counts = _encode_all(inputs, tmp, cfg, model, bos)
+        val_tokens = _concat([read_shard(tmp / n) for n in counts["val"]["files"]])
+        sidecar = _concat([read_shard(tmp / n) for n in counts["val"]["sidecar_files"]])
+        counts["val"]["lut_bytes"] = int(stream_lut_bytes(val_tokens, build_luts(sp)).sum(dtype=np.int64))
+        if int(sidecar.astype(np.int64).sum()) != counts["val"]["raw_bytes"] or sidecar.size != val_tokens.size:
+            raise AssertionError("byte sidecar does not sum to the raw bytes of the validation documents")
+        counts["val"]["sidecar_bytes"] = counts["val"]["raw_bytes"]
+        manifest = _manifest(tmp, "documents", cfg, sp, bos, TOKENIZER_NAME, counts,
+                             {"inputs": [str(p) for p in inputs], "tokenizer": source})
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def _training_docs(inputs: list[Path], val_docs: int) -> Iterator[str]:
+    """Training documents only (input positions >= val_docs): the tokenizer never sees validation text."""
+    return islice(iter_documents(inputs), val_docs, None)
+
+
+def _workers(cfg: TokenizeConfig) -> int:
+    return cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
+
+
+def _chunks(inputs: list[Path], val_docs: int) -> Iterator[tuple[int, list[tuple[bool, str]]]]:
+    """(index of the chunk's first document, [(is_val, text), ...]) in input order."""
+    chunk: list[tuple[bool, str]] = []
+    for i, text in enumerate(iter_documents(inputs)):
+        chunk.append((i < val_docs, text))
+        if len(chunk) == DOCS_PER_TASK:
+            yield i + 1 - len(chunk), chunk
+            chunk = []
+    if chunk:
+        yield i + 1 - len(chunk), chunk
+
+
+def _encode_all(inputs: list[Path], tmp: Path, cfg: TokenizeConfig, model: bytes, bos: int) -> dict:
+    """Encode every document in parallel (order kept) and write the shards; return per-split counts."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    train = _ShardWriter(tmp, "train", cfg.shard_tokens)
+    val = _ShardWriter(tmp, "val", cfg.shard_tokens, with_sidecar=True)
+    stats = {"train": {"docs": 0, "skipped_docs": 0}, "val": {"docs": 0, "skipped_docs": 0, "raw_bytes": 0}}
+    seen = 0
+    methods = mp.get_all_start_methods()
+    # fork: workers need only sentencepiece and numpy, and start instantly (spawn would re-import torch)
+    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+    with ctx.Pool(_workers(cfg), initializer=init_worker, initargs=(model,)) as pool, \
+            Progress(SpinnerColumn(), TextColumn("encoding: {task.fields[docs]:,} docs, "
+                                                 "{task.fields[tokens]:,} tokens"),
+                     TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("encode", total=None, docs=0, tokens=0)
+        for chunk, encoded in _ordered_map(pool, _chunks(inputs, cfg.val_docs), 4 * _workers(cfg)):
+            for (is_val, text), (ids, byte_counts) in zip(chunk, encoded):
+                seen += 1
+                split = "val" if is_val else "train"
+                if not trainer_text(text) or ids.size == 0:
+                    stats[split]["skipped_docs"] += 1  # nothing to predict: blank, or dropped by the normalizer
+                    continue
+                stats[split]["docs"] += 1
+                doc = np.concatenate([np.array([bos], dtype=np.uint16), ids])
+                if is_val:
+                    stats["val"]["raw_bytes"] += len(text.encode("utf-8"))
+                    val.add(doc, np.concatenate([np.zeros(1, dtype=np.uint16), byte_counts]))  # BOS costs 0
+                else:
+                    train.add(doc)
+            bar.update(task, docs=seen, tokens=train.total + val.total)
+    if seen <= cfg.val_docs:
+        raise PgolfError(f"the inputs hold {seen} documents, all of them validation (val_docs = {cfg.val_docs}); "
+                         "lower val_docs so training documents remain")
+    if stats["val"]["docs"] == 0 or stats["train"]["docs"] == 0:
+        raise PgolfError("after skipping blank documents a split is empty; check the inputs or val_docs")
+    train.close()
+    val.close()
+    stats["train"].update(tokens=train.total, files=train.files)
+    stats["val"].update(tokens=val.total, files=val.files, sidecar_files=val.sidecar_files)
+    return stats
+
+
+def _ordered_map(pool, chunks: Iterator[tuple[int, list]], max_pending: int):
+    """pool.imap with bounded read-ahead, so a huge corpus is streamed rather than queued into memory."""
+    pending: collections.deque = collections.deque()
+    for first, chunk in chunks:
+        pending.append((chunk, pool.apply_async(encode_chunk, (first, chunk))))
+        if len(pending) >= max_pending:
+            chunk0, result = pending.popleft()
+            yield chunk0, result.get()
+    while pending:
+        chunk0, result = pending.popleft()
+        yield chunk0, result.get()
+
+
+class _ShardWriter:
+    """Accumulates one split's token stream and writes it as shards of `shard_tokens` tokens."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, with_sidecar: bool = False):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.with_sidecar = with_sidecar
+        self.parts: list[np.ndarray] = []
+        self.side_parts: list[np.ndarray] = []
+        self.buffered = 0
+        self.total = 0
+        self.files: list[str] = []
+        self.sidecar_files: list[str] = []
+
+    def add(self, tokens: np.ndarray, byte_counts: np.ndarray | None = None) -> None:
+        self.parts.append(tokens)
+        if self.with_sidecar:
+            self.side_parts.append(byte_counts)
+        self.buffered += tokens.size
+        self.total += tokens.size
+        while self.buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._flush(self.buffered)
+
+    def _flush(self, n: int) -> None:
+        # The sidecar is cut at the same positions, so val shard k and bytes shard k stay aligned 1:1.
+        tokens, self.parts = _split(self.parts, n)
+        index = len(self.files)
+        self.files.append(shard_name(self.split, index))
+        write_shard(self.out_dir / self.files[-1], tokens)
+        if self.with_sidecar:
+            counts, self.side_parts = _split(self.side_parts, n)
+            self.sidecar_files.append(shard_name("val_bytes", index))
+            write_shard(self.out_dir / self.sidecar_files[-1], counts)
+        self.buffered -= n
+
+
+def _split(parts: list[np.ndarray], n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    whole = np.concatenate(parts)
+    return whole[:n], ([whole[n:]] if whole.size > n else [])
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a) for a in arrays]) if arrays else np.zeros(0, dtype=np.uint16)
+
+
+# --- ingest mode -------------------------------------------------------------------------------
+
+def ingest(src: Path, out: Path, tokenizer: Path | None) -> dict:
+    """Validate existing challenge shards and their tokenizer; describe them with a manifest."""
+    tok_path = _find_tokenizer(src, tokenizer)
+    sp = load_tokenizer(tok_path)
+    vocab = sp.vocab_size()
+    bos = sp.bos_id()
+    files = {split: shard_paths(src, split) for split in ("train", "val", "val_bytes")}
+    for split in ("train", "val"):
+        if not files[split]:
+            raise PgolfError(f"{src}: no fineweb_{split}_*.bin shards; ingest needs both train and val shards")
+    sizes: dict[str, list[int]] = {}
+    counts: dict[str, dict] = {}
+    for split in ("train", "val"):
+        sizes[split] = [read_header(p) for p in files[split]]
+        docs = 0
+        for p in files[split]:
+            tokens = read_shard(p)
+            if tokens.size and int(tokens.max()) >= vocab:
+                raise PgolfError(f"{p}: token id {int(tokens.max())} is outside the tokenizer's {vocab} ids; "
+                                 f"these shards were not made with {tok_path}")
+            docs += int(np.count_nonzero(tokens == bos))
+        counts[split] = {"docs": docs, "skipped_docs": None, "tokens": sum(sizes[split]),
+                         "files": [p.name for p in files[split]]}
+    val_tokens = _concat([read_shard(p) for p in files["val"]])
+    counts["val"]["lut_bytes"] = int(stream_lut_bytes(val_tokens, build_luts(sp)).sum(dtype=np.int64))
+    counts["val"]["raw_bytes"] = None  # the text is not at hand; the sidecar is the canonical count
+    counts["val"]["sidecar_bytes"] = None
+    counts["val"]["sidecar_files"] = []
+    if files["val_bytes"]:
+        side_sizes = [read_header(p) for p in files["val_bytes"]]
+        if side_sizes != sizes["val"]:
+            raise PgolfError(f"{src}: byte sidecar shards hold {side_sizes} entries but the val shards {sizes['val']} "
+                             "tokens; they must be aligned 1:1 (re-export the sidecar)")
+        counts["val"]["sidecar_bytes"] = int(sum(read_shard(p).astype(np.int64).sum() for p in files["val_bytes"]))
+        counts["val"]["sidecar_files"] = [p.name for p in files["val_bytes"]]
+
+    extra = {"source": str(src), "tokenizer_source": str(tok_path)}
+    all_shards = files["train"] + files["val"] + files["val_bytes"]
+    if out.resolve() == src.resolve():
+        tok_name = tok_path.name if tok_path.parent.resolve() == src.resolve() else TOKENIZER_NAME
+        if tok_name == TOKENIZER_NAME and tok_path.parent.resolve() != src.resolve():
+            write_bytes(src / TOKENIZER_NAME, tok_path.read_bytes())
+        manifest = _manifest(src, "ingest", None, sp, bos, tok_name, counts, extra)
+        write_json(src / "manifest.json", manifest)
+        return manifest
+    with _staging_dir(out) as tmp:
+        for p in all_shards:
+            _link_or_copy(p, tmp / p.name)
+        _link_or_copy(tok_path, tmp / TOKENIZER_NAME)
+        manifest = _manifest(tmp, "ingest", None, sp, bos, TOKENIZER_NAME, counts, extra)
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def _find_tokenizer(src: Path, tokenizer: Path | None) -> Path:
+    if tokenizer is not None:
+        return Path(tokenizer)
+    models = sorted(src.glob("*.model"))
+    if len(models) != 1:
+        found = ", ".join(p.name for p in models) or "none"
+        raise PgolfError(f"{src}: ingesting shards needs their tokenizer: found {found} *.model files; "
+                         "pass --tokenizer X.model")
+    return models[0]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # challenge shards are large; a hard link costs nothing
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# --- shared ------------------------------------------------------------------------------------
+
+def _manifest(root: Path, mode: str, cfg: TokenizeConfig | None, sp, bos: int, tok_name: str,
+              counts: dict, extra: dict) -> dict:
+    names = [tok_name] + counts["train"]["files"] + counts["val"]["files"] + counts["val"]["sidecar_files"]
+    hashes = {name: sha256_file(root / name) for name in names}
+    return {
+        "kind": MANIFEST_KIND,
+        "format_version": MANIFEST_VERSION,
+        "mode": mode,
+        "settings": {**(asdict(cfg) if cfg is not None else {}), **extra},
+        "vocab_size": int(sp.vocab_size()),
+        "bos_id": int(bos),
+        "tokenizer": tok_name,
+        "tokenizer_sha256": hashes[tok_name],
+        "splits": counts,
+        "files": hashes,
+    }
+
+
+class _staging_dir:
+    """A temp directory next to `out`, renamed over `out` only when the block succeeds.
+
+    Until that rename the old output (if any) stays untouched; a failure removes the temp directory,
+    and a killed run leaves only a hidden `.NAME.tmp-PID-*` directory, swept by the next run.
+    """
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale(self.out)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.out.exists():
+            if not self.out.is_dir():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise PgolfError(f"{self.out}: exists and is not a directory; remove it or choose another --out")
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-old-", dir=self.out.parent))
+            os.replace(self.out, old / "x")
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove temp directories left by killed runs (their process is gone)."""
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = p.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,272 @@
+"""train: tokenized shards → ckpt.safetensors, train_metrics.json, train_log.csv.
+
+The reference recipe: Muon on block matrices, Adam on the embedding and control tensors, gradient
+accumulation to a fixed global batch, momentum warm-up, linear warmdown (estimated in wall-clock
+under a cap), compile-priming steps that are rolled back. One process, or DDP under torchrun
+(NCCL on CUDA, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .artifacts import PgolfError, atomic_path, read_json, save_tensors, sha256_file, write_json, finite_or_none
+from .config import EvalConfig, ModelConfig, TrainConfig, resolve_device
+from .model import GPT, is_control, prepare_for_device
+from .muon import Muon
+from .shards import DistributedTokenLoader
+
+
+def check_batch_geometry(cfg: TrainConfig, world: int) -> int:
+    """Micro-steps per rank; the global batch stays the same whatever the world size."""
+    if cfg.grad_accum_steps % world:
+        raise PgolfError(f"train.grad_accum_steps={cfg.grad_accum_steps} is not divisible by the world size {world}; "
+                         "use a world size that divides it")
+    accum = cfg.grad_accum_steps // world
+    if cfg.train_batch_tokens % (world * accum * cfg.train_seq_len):
+        raise PgolfError(f"train.train_batch_tokens={cfg.train_batch_tokens} must be a multiple of "
+                         f"world·accum·seq_len = {world * accum * cfg.train_seq_len}")
+    return accum
+
+
+def resolve_vocab(model_cfg: ModelConfig, manifest: dict, manifest_path: Path) -> ModelConfig:
+    vocab = int(manifest["vocab_size"])
+    if model_cfg.vocab_size not in (0, vocab):
+        raise PgolfError(f"model.vocab_size={model_cfg.vocab_size} but {manifest_path} has a {vocab}-token "
+                         "tokenizer; drop model.vocab_size (it defaults to the data's) or re-tokenize")
+    return ModelConfig(**{**asdict(model_cfg), "vocab_size": vocab, "bos_id": int(manifest.get("bos_id", 1))})
+
+
+def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tuple[list[torch.optim.Optimizer], Muon]:
+    """Reference groups: Muon for block matrices, Adam for the embedding (and untied head), Adam for
+    control tensors and skip weights. `base_lr` is what the schedule scales."""
+    block_params = list(model.blocks.named_parameters())
+    matrices = [p for n, p in block_params if not is_control(n, p)]
+    scalars = [p for n, p in block_params if is_control(n, p)] + [model.skip_weights]
+    fused = next(model.parameters()).is_cuda
+
+    def adam(params, lr):
+        return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(cfg.beta1, cfg.beta2),
+                                eps=cfg.adam_eps, fused=fused)
+
+    token_lr = cfg.tied_embed_lr if model.cfg.tie_embeddings else cfg.embed_lr
+    muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
+                ns_dtype=ns_dtype)
+    for group in muon.param_groups:
+        group["base_lr"] = cfg.matrix_lr
+    optimizers: list[torch.optim.Optimizer] = [adam([model.tok_emb.weight], token_lr), muon, adam(scalars, cfg.scalar_lr)]
+    if model.lm_head is not None:
+        optimizers.insert(1, adam([model.lm_head.weight], cfg.head_lr))
+    return optimizers, muon
+
+
+def lr_scale(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
+    """1 until the warmdown, then linear to 0; under a wall-clock cap the warmdown is the last
+    `warmdown_iters` steps' worth of time at the average step time so far."""
+    if cfg.warmdown_iters <= 0:
+        return 1.0
+    if cfg.max_wallclock_seconds <= 0:
+        start = max(cfg.iterations - cfg.warmdown_iters, 0)
+        return max((cfg.iterations - step) / cfg.warmdown_iters, 0.0) if start <= step < cfg.iterations else 1.0
+    warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+class Dist:
+    """The torchrun launch protocol (RANK / WORLD_SIZE / LOCAL_RANK), or a single process."""
+
+    def __init__(self, device_name: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = resolve_device(device_name)
+        if device == "cuda":
+            device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(device)
+        self.device = torch.device(device)
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor(int(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(data: Path, out: Path, model_cfg: ModelConfig, cfg: TrainConfig, metrics: Path, log: Path) -> None:
+    manifest_path = Path(data) / "manifest.json"
+    manifest = read_json(manifest_path, "tokenized-data manifest")
+    model_cfg = resolve_vocab(model_cfg, manifest, manifest_path)
+    d = Dist(cfg.device)
+    try:
+        _train(d, Path(data), manifest_path, model_cfg, cfg, Path(out), Path(metrics), Path(log))
+    finally:
+        d.close()
+
+
+def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg: TrainConfig,
+           out: Path, metrics: Path, log: Path) -> None:
+    from .ttt_eval import EvalData, evaluate_model
+
+    accum = check_batch_geometry(cfg, d.world)
+    cuda = d.device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    if cuda:
+        torch.cuda.manual_seed(cfg.seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats()
+
+    base_model = prepare_for_device(GPT(model_cfg), d.device)
+    n_params = sum(p.numel() for p in base_model.parameters())
+    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if (cuda and cfg.compile) else base_model
+    model = DDP(compiled, device_ids=[d.local_rank] if cuda else None, broadcast_buffers=False) if d.enabled else compiled
+    optimizers, muon = build_optimizers(base_model, cfg, torch.bfloat16 if cuda else torch.float32)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+
+    def zero_grad() -> None:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def train_step(loader: DistributedTokenLoader) -> torch.Tensor:
+        total = torch.zeros((), device=d.device)
+        for micro in range(accum):
+            x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum)
+            sync = contextlib.nullcontext() if (not d.enabled or micro == accum - 1) else model.no_sync()
+            with sync:
+                with autocast():
+                    loss = model(x, y)
+                total += loss.detach()
+                (loss / accum).backward()
+        if cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(base_model.parameters(), cfg.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        zero_grad()
+        return total / accum
+
+    if cfg.warmup_steps > 0:  # prime compiled kernels, then roll model, optimizers and data back
+        initial_model = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+        initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        warm_loader = DistributedTokenLoader(data, d.rank, d.world, d.device)
+        for _ in range(cfg.warmup_steps):
+            train_step(warm_loader)
+        base_model.load_state_dict(initial_model, strict=True)
+        for opt, state in zip(optimizers, initial_opts):
+            opt.load_state_dict(state)
+        zero_grad()
+        del warm_loader
+
+    loader = DistributedTokenLoader(data, d.rank, d.world, d.device)
+    eval_cfg = EvalConfig(seq_len=cfg.train_seq_len, val_tokens=cfg.val_tokens, device=str(d.device))
+    eval_data = EvalData.load(data) if d.main else None
+    rows: list[tuple] = []
+    val_history: list[dict] = []
+    train_ms, stop_after, step, last_loss = 0.0, None, 0, float("nan")
+
+    def validate() -> dict:
+        result = evaluate_model(base_model, eval_data, eval_cfg, progress=False) if d.main else {}
+        val_history.append({"step": step, "val_loss": result.get("val_loss"), "val_bpb": result.get("val_bpb")})
+        return result
+
+    from rich.progress import Progress, BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                        TimeElapsedColumn(), disable=not d.main, transient=True)
+    task = progress.add_task("", total=cfg.iterations)
+    final_val: dict = {}
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with progress:
+        while True:
+            last_step = step == cfg.iterations or (stop_after is not None and step >= stop_after)
+            if last_step or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0 and step > 0):
+                if cuda:
+                    torch.cuda.synchronize()
+                train_ms += 1000.0 * (time.perf_counter() - t0)  # validation time is not training time
+                final_val = validate()
+                if d.main and final_val:
+                    progress.console.print(f"step {step}: val_loss {final_val['val_loss']:.4f} val_bpb {final_val['val_bpb']:.4f}")
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            if last_step:
+                break
+            elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            scale = lr_scale(cfg, step, elapsed_ms)
+            frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0
+            for group in muon.param_groups:
+                group["momentum"] = (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * scale
+            loss = train_step(loader)
+            step += 1
+            approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            if step % cfg.log_every == 0 or step == 1 or step == cfg.iterations:
+                last_loss = float(loss.item())
+                if not math.isfinite(last_loss):
+                    raise PgolfError(f"training diverged at step {step} (loss {last_loss}); lower the learning rates")
+                rows.append((step, last_loss, scale, round(approx_ms, 1), step * cfg.train_batch_tokens))
+                progress.update(task, completed=step, description=f"loss {last_loss:.4f} lr×{scale:.3f} {approx_ms / step:.0f} ms/step")
+            capped = cfg.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * cfg.max_wallclock_seconds
+            if stop_after is None and d.any(capped):
+                stop_after = step
+
+    if not d.main:
+        return
+    peak_mem = torch.cuda.max_memory_allocated() if cuda else None
+    state = {k: v.detach() for k, v in base_model.state_dict().items()}
+    meta = {
+        "model_config": asdict(base_model.cfg),
+        "params": asdict(cfg),
+        "inputs": {"manifest": sha256_file(manifest_path)},
+        "tokenizer_sha256": read_json(manifest_path).get("tokenizer_sha256"),
+        "steps": step,
+        "world_size": d.world,
+    }
+    save_tensors(out, state, "checkpoint", meta)
+    with atomic_path(log) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("step", "train_loss", "lr_scale", "elapsed_ms", "tokens"))
+        writer.writerows(rows)
+    write_json(metrics, {
+        "steps": step,
+        "train_time_ms": round(train_ms, 1),
+        "ms_per_step": round(train_ms / max(step, 1), 2),
+        "tokens_per_s": round(step * cfg.train_batch_tokens / max(train_ms / 1000.0, 1e-9)),
+        "train_loss": finite_or_none(last_loss),
+        "val_loss": final_val.get("val_loss"),
+        "val_bpb": final_val.get("val_bpb"),
+        "val_bpb_lut": final_val.get("val_bpb_lut"),
+        "val_bpb_sidecar": final_val.get("val_bpb_sidecar"),
+        "val_tokens_scored": final_val.get("tokens_scored"),
+        "val_history": val_history,
+        "model_params": n_params,
+        "peak_memory_bytes": peak_mem,
+        "world_size": d.world,
+        "device": torch.cuda.get_device_name(d.device) if cuda else "cpu",
+    })
+    print(f"train: {step} steps, {train_ms / max(step, 1):.1f} ms/step, val_bpb {final_val.get('val_bpb')}, wrote {out}")

@@ -1,0 +1,93 @@
+"""Shared test data: a small generated English-like corpus, and that corpus tokenized once per session."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from stages.config import TokenizeConfig
+
+N_DOCS = 200
+VAL_DOCS = 20
+VOCAB_SIZE = 512
+# Appears only in the validation documents; written in an alphabet no training document uses, so a
+# tokenizer trained on training documents alone cannot have learnt any piece containing it.
+VAL_MARKER = "ΞΨΦΔ"
+
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he I this are or his from at which but "
+    "have an they you were her she there one all we their king queen lord night day love death sword "
+    "crown heart blood fair sweet good noble speak come go thou thee thy hath doth shall will would "
+    "café naïve Größe façade jalapeño Zürich déjà vu ﬁne oﬃce 東京 Ω≈ç √2 — “quoted” ‘single’ … 😀 🎭"
+).split()
+PUNCT = [",", ".", ";", "!", "?", ":", ""]
+
+
+def make_docs(n_docs: int = N_DOCS, seed: int = 0) -> list[str]:
+    """Documents of words, digits and punctuation, with line breaks, blank lines, tabs, runs of spaces,
+    leading/trailing whitespace, non-ASCII text, and a few degenerate documents (blank, NUL, zero-width)."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n_docs):
+        parts = []
+        for _ in range(rng.randint(20, 120)):
+            r = rng.random()
+            if r < 0.06:
+                parts.append(str(rng.randint(0, 99999)))
+            elif r < 0.08:
+                parts.append(f"{rng.randint(0, 9)}.{rng.randint(0, 99)}")
+            else:
+                parts.append(rng.choice(WORDS) + rng.choice(PUNCT))
+            if i < VAL_DOCS and rng.random() < 0.15:
+                parts.append(VAL_MARKER)
+        text = ""
+        for word in parts:
+            sep = rng.choices([" ", "\n", "\n\n", "  ", "\t", " \n "], weights=[80, 6, 4, 3, 2, 1])[0]
+            text += (sep if text else "") + word
+        lead = rng.choice(["", "", " ", "\n", "  \t"])
+        trail = rng.choice(["", "", "\n", " ", "\n\n  "])
+        docs.append(lead + text + trail)
+    # degenerate documents, some inside the validation range
+    degenerate = {
+        3: "   \n\t  ",  # blank: skipped
+        7: "",  # empty: skipped
+        11: "\u200b\u200b",  # zero-width only: the normalizer drops everything, no tokens: skipped
+        25: "hello\x00world  \x00",  # NUL bytes are kept (byte-fallback tokens)
+        40: "\n\n\n" + docs[40] + "\n\n\n" if n_docs > 40 else "",
+    }
+    for i, text in degenerate.items():
+        if i < n_docs:
+            docs[i] = text
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    """A .jsonl file of ~200 generated documents (the first VAL_DOCS hold VAL_MARKER)."""
+    return write_jsonl(tmp_path / "corpus.jsonl", make_docs())
+
+
+def tokenize_config(**overrides) -> TokenizeConfig:
+    base = {"vocab_size": VOCAB_SIZE, "val_docs": VAL_DOCS, "tokenizer_train_docs": 1_000_000,
+            "shard_tokens": 4096, "workers": 2}
+    return TokenizeConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tokenized_dir(tmp_path_factory) -> Path:
+    """The tiny corpus tokenized once (vocab 512, 20 val docs, small shards so there are several)."""
+    from stages import tokenize
+
+    root = tmp_path_factory.mktemp("tokenized")
+    corpus = write_jsonl(root / "corpus.jsonl", make_docs())
+    out = root / "data"
+    tokenize.run([corpus], out, tokenize_config(), None, root / "tokenize_metrics.json")
+    return out

@@ -1,0 +1,225 @@
+"""The packed blob and its codecs: bit-exact round trips, and one clear error for every kind of damage."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from stages import blob, codecs, pack
+from stages.artifacts import PgolfError
+from stages.config import QuantizeConfig
+from stages.quant import dequantize, quantize_state_dict
+
+
+def stored_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    """What quantize produces (int8 codes, fp16/fp32 scales, fp16/fp32 kept tensors) plus odd dtypes."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {"tok_emb.weight": (torch.randn(300, 256, generator=g) * 0.02).to(torch.bfloat16),
+          "blocks.0.mlp.fc.weight": torch.randn(512, 256, generator=g) * 0.02,
+          "blocks.0.attn_scale": torch.rand(256, generator=g),
+          "blocks.0.attn.c_q.weight": torch.randn(64, 64, generator=g)}
+    tensors, schema, _ = quantize_state_dict(sd, QuantizeConfig(bits=6))
+    tensors.update({"odd.int64": torch.arange(-3, 4), "odd.bool": torch.tensor([True, False, True]),
+                    "odd.scalar": torch.tensor(2.5), "odd.empty": torch.zeros(0, 4),
+                    "odd.bf16": torch.randn(5, generator=g).to(torch.bfloat16)})
+    return tensors, schema
+
+
+def header_fields(schema) -> dict:
+    return {"model_config": {"vocab_size": 300}, "schema": schema, "tokenizer_sha256": "ab" * 32,
+            "val_shards": {"fineweb_val_000000.bin": "cd" * 32}}
+
+
+@pytest.mark.parametrize("codec", list(codecs.CODECS) + ["auto"])
+def test_blob_roundtrip_bit_exact(tmp_path, codec):
+    tensors, schema = stored_tensors()
+    path = tmp_path / "model.pgolf"
+    written = blob.write_blob(path, tensors, header_fields(schema), codec)
+    header, back = blob.read_blob(path)
+    assert header == json.loads(json.dumps(written))
+    assert header["codec"] in codecs.CODECS and (codec == "auto" or header["codec"] == codec)
+    assert list(back) == list(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+        # Bit-exact: compare raw bytes, which also covers NaN payloads and signed zeros.
+        assert blob._tensor_bytes(back[name]) == blob._tensor_bytes(t), name
+    restored = dequantize(back, header["schema"])
+    assert torch.equal(restored["blocks.0.mlp.fc.weight"], dequantize(tensors, schema)["blocks.0.mlp.fc.weight"])
+    assert path.read_bytes().startswith(blob.MAGIC)
+
+
+def test_auto_keeps_the_smallest(tmp_path):
+    tensors, schema = stored_tensors(1)
+    data, header, sizes = blob.build_blob(tensors, header_fields(schema), "auto")
+    assert set(sizes) == set(codecs.CODECS)
+    assert header["codec"] == min(sizes, key=sizes.get)
+    assert header["payload"]["compressed_bytes"] == min(sizes.values())
+
+
+@pytest.fixture
+def good_blob(tmp_path):
+    tensors, schema = stored_tensors(2)
+    path = tmp_path / "model.pgolf"
+    blob.write_blob(path, tensors, header_fields(schema), "zlib")
+    return path
+
+
+def header_span(path) -> tuple[int, int]:
+    _, _, header_len, _ = blob.PREFIX.unpack_from(path.read_bytes())
+    return blob.PREFIX.size, blob.PREFIX.size + header_len
+
+
+def flip(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_header_byte(good_blob):
+    start, end = header_span(good_blob)
+    flip(good_blob, (start + end) // 2)
+    with pytest.raises(PgolfError, match=f"{good_blob}: header sha256 mismatch"):
+        blob.read_blob(good_blob)
+
+
+def test_flipped_payload_byte(good_blob):
+    _, end = header_span(good_blob)
+    flip(good_blob, end + (good_blob.stat().st_size - end) // 2)
+    with pytest.raises(PgolfError, match=f"{good_blob}: payload sha256 mismatch"):
+        blob.read_blob(good_blob)
+
+
+def test_forged_header_still_caught(good_blob):
+    """A re-hashed, self-consistent header that hides a tensor cannot make the payload decode shorter."""
+    def drop_last_tensor(h):
+        last = h["tensors"].pop()
+        h["payload"]["raw_bytes"] -= last["nbytes"]
+
+    _rewrite_header(good_blob, drop_last_tensor)
+    with pytest.raises(PgolfError, match=f"{good_blob}: payload does not decode.*expands beyond"):
+        blob.read_blob(good_blob)
+
+
+@pytest.mark.parametrize("keep", [0, 10, blob.PREFIX.size + 5, -1])
+def test_truncated_blob(good_blob, keep):
+    data = good_blob.read_bytes()
+    good_blob.write_bytes(data[:keep] if keep >= 0 else data[:-1])
+    with pytest.raises(PgolfError, match=f"{good_blob}:.*(truncated|shorter)"):
+        blob.read_blob(good_blob)
+
+
+def test_trailing_data(good_blob):
+    good_blob.write_bytes(good_blob.read_bytes() + b"\0")
+    with pytest.raises(PgolfError, match="trailing data"):
+        blob.read_blob(good_blob)
+
+
+def test_wrong_magic(good_blob, tmp_path):
+    data = good_blob.read_bytes()
+    good_blob.write_bytes(b"NOTPGOLF" + data[8:])
+    with pytest.raises(PgolfError, match=f"{good_blob}: bad magic"):
+        blob.read_blob(good_blob)
+    other = tmp_path / "random.bin"
+    other.write_bytes(os.urandom(4096))
+    with pytest.raises(PgolfError, match="bad magic"):
+        blob.read_blob(other)
+
+
+def test_unsupported_version(good_blob):
+    data = bytearray(good_blob.read_bytes())
+    struct.pack_into("<I", data, 8, blob.VERSION + 1)
+    good_blob.write_bytes(bytes(data))
+    with pytest.raises(PgolfError, match="version"):
+        blob.read_blob(good_blob)
+
+
+def test_oversize_blob(good_blob):
+    size = good_blob.stat().st_size
+    blob.read_blob(good_blob, limit=size)
+    with pytest.raises(PgolfError, match=f"{good_blob}: {size:,} bytes exceeds the limit of {size - 1:,}"):
+        blob.read_blob(good_blob, limit=size - 1)
+
+
+def _rewrite_header(path, mutate) -> None:
+    data = path.read_bytes()
+    start, end = header_span(path)
+    header = json.loads(data[start:end])
+    mutate(header)
+    hb = json.dumps(header).encode()
+    path.write_bytes(blob.PREFIX.pack(blob.MAGIC, blob.VERSION, len(hb), bytes.fromhex(blob.sha256_bytes(hb))) + hb + data[end:])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda h: h["tensors"][0].update(dtype="object"), "not allowed"),
+    (lambda h: h["tensors"][1].update(offset=h["tensors"][1]["offset"] + 1), "offset"),
+    (lambda h: h["tensors"][0].update(shape=[10 ** 9]), "nbytes"),
+    (lambda h: h["payload"].update(raw_bytes=1 << 40), "cap"),
+    (lambda h: h.update(codec="pickle"), "unknown codec"),
+    (lambda h: h.pop("tensors"), "tensor table"),
+])
+def test_bad_tensor_table(good_blob, mutate, message):
+    _rewrite_header(good_blob, mutate)
+    with pytest.raises(PgolfError, match=message):
+        blob.read_blob(good_blob)
+
+
+def test_decompression_bomb_refused(good_blob):
+    """A payload that expands beyond the declared raw size is refused before it is held in memory."""
+    bomb = codecs.compress("zlib", b"\0" * 50_000_000)
+
+    def mutate(h):
+        h["payload"].update(compressed_bytes=len(bomb), sha256=blob.sha256_bytes(bomb))
+
+    data = good_blob.read_bytes()
+    _, end = header_span(good_blob)
+    good_blob.write_bytes(data[:end])
+    _rewrite_header(good_blob, mutate)
+    good_blob.write_bytes(good_blob.read_bytes() + bomb)
+    with pytest.raises(PgolfError, match="expands beyond"):
+        blob.read_blob(good_blob)
+
+
+# ---------------------------------------------------------------------------------------------------
+# codecs
+
+@pytest.mark.parametrize("name", list(codecs.CODECS))
+def test_codec_roundtrip_and_max_size(name):
+    data = os.urandom(3000) + bytes(range(256)) * 400 + b"\0" * 100_000
+    packed = codecs.compress(name, data)
+    assert len(packed) < len(data)
+    assert codecs.decompress(name, packed, len(data)) == data
+    assert codecs.decompress(name, codecs.compress(name, b""), 0) == b""
+    with pytest.raises(PgolfError, match="beyond"):
+        codecs.decompress(name, packed, len(data) - 1)
+    with pytest.raises(PgolfError, match=name):
+        codecs.decompress(name, packed[: len(packed) // 2], len(data))
+    with pytest.raises(PgolfError, match=name):
+        codecs.decompress(name, b"this is not compressed data at all", len(data))
+
+
+def test_best_picks_smallest():
+    data = b"abcabcabd" * 5000
+    name, packed = codecs.best(data)
+    assert len(packed) == min(len(codecs.compress(n, data)) for n in codecs.CODECS)
+    assert codecs.decompress(name, packed, len(data)) == data
+    with pytest.raises(PgolfError, match="unknown codec"):
+        codecs.compress("gzip", data)
+
+
+def test_code_files_cover_the_decoder():
+    """Every pgolf module the listed files import is itself listed, so the code bytes are complete."""
+    listed = set(pack.CODE_FILES)
+    for name in pack.CODE_FILES:
+        tree = ast.parse((pack.PACKAGE_DIR / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                mods = [node.module] if node.module else [a.name for a in node.names]
+                for mod in mods:
+                    assert f"{mod}.py" in listed, f"{name} imports .{mod}, which CODE_FILES does not count"
+    code = pack.measure_code("auto")
+    assert code["bytes"] == min(code["sizes"].values()) and code["bytes"] < code["raw_bytes"]

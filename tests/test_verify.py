@@ -1,0 +1,266 @@
+"""verify re-scores an artifact and catches oversize blobs, flipped bytes, the wrong data and false claims.
+
+The data is a generated corpus run through `pgolf tokenize`; the model is a randomly perturbed GPT
+(training is not what is under test), quantized to 6 bits and packed by the real stages.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stages import pack, quantize, tokenize, ttt_eval, verify
+from stages.artifacts import PgolfError, read_json, save_tensors, sha256_file
+from stages.blob import PREFIX
+from stages.config import EvalConfig, ModelConfig, PackConfig, QuantizeConfig, TokenizeConfig, VerifyConfig
+from stages.model import GPT
+from stages.quant import quantize_rtn_tensor
+
+WORDS = ("the quick brown fox jumps over lazy dog alpha beta gamma delta golf parameter model byte token "
+         "shard river mountain castle window stride claim verify blob header").split()
+EVAL = EvalConfig(seq_len=64, device="cpu")
+
+
+def write_corpus(path: Path, seed: int, docs: int = 90) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(docs):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 70)))
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def tokenize_into(tmp: Path, name: str, corpus: Path, tokenizer: Path | None = None) -> Path:
+    out = tmp / name
+    tokenize.run([corpus], out, TokenizeConfig(vocab_size=300, val_docs=8, workers=1), tokenizer, tmp / f"{name}.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("verify")
+    data = tokenize_into(tmp, "data", write_corpus(tmp / "a.jsonl", seed=0))
+    # Same tokenizer, other validation documents: a different val set.
+    other_val = tokenize_into(tmp, "other_val", write_corpus(tmp / "b.jsonl", seed=1), data / "tokenizer.model")
+    # A tokenizer trained on other text: same vocabulary size, different pieces.
+    rng = random.Random(2)
+    shuffled = tmp / "c.jsonl"
+    with open(shuffled, "w") as f:
+        for _ in range(90):
+            f.write(json.dumps({"text": " ".join("".join(rng.sample(w, len(w))) for w in rng.sample(WORDS, 12))}) + "\n")
+    other_tok = tokenize_into(tmp, "other_tok", shuffled)
+
+    cfg = ModelConfig(vocab_size=300, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():  # give every matrix (zero-initialized projections too) some content
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn_like(p) * 0.05)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state["tok_emb.weight"] = state["tok_emb.weight"].to(torch.bfloat16)  # as trained on CUDA
+    ckpt = tmp / "ckpt.safetensors"
+    save_tensors(ckpt, state, "checkpoint", {"model_config": asdict(cfg), "params": {},
+                                             "tokenizer_sha256": read_json(data / "manifest.json")["tokenizer_sha256"]})
+    quantized = tmp / "quantized.safetensors"
+    quantize.run(ckpt, quantized, QuantizeConfig(bits=6), None, tmp / "quantize.json")
+    blob = tmp / "model.pgolf"
+    pack.run(quantized, data, blob, PackConfig(codec="zlib"), tmp / "pack.json")
+    claims = tmp / "ttt_eval_metrics.json"
+    ttt_eval.run(blob, data, EVAL, claims)
+    return {"tmp": tmp, "data": data, "other_val": other_val, "other_tok": other_tok, "blob": blob,
+            "claims": claims, "state": state, "cfg": cfg, "pack": read_json(tmp / "pack.json")}
+
+
+def run_verify(world, blob=None, data=None, cfg=VerifyConfig(), claim=None, claims=None, fmt="auto",
+               eval_cfg=EvalConfig(device="cpu")) -> tuple[dict, bool]:
+    """(report, passed): passed is False when verify exited 1."""
+    report = world["tmp"] / "verify.json"
+    if report.exists():
+        report.unlink()
+    try:
+        verify.run(blob or world["blob"], data or world["data"], cfg, eval_cfg, claim, claims, fmt, report)
+        passed = True
+    except typer.Exit as exc:
+        assert exc.exit_code == 1
+        passed = False
+    rep = read_json(report)  # written whatever the outcome
+    assert rep["passed"] is passed
+    return rep, passed
+
+
+def status(rep: dict) -> dict[str, str]:
+    return {c["name"]: c["status"] for c in rep["checks"]}
+
+
+def copy_with_flip(world, offset_in: str) -> Path:
+    data = bytearray(world["blob"].read_bytes())
+    _, _, header_len, _ = PREFIX.unpack_from(data)
+    start = PREFIX.size + header_len
+    i = PREFIX.size + header_len // 2 if offset_in == "header" else start + (len(data) - start) // 2
+    data[i] ^= 0x10
+    path = world["tmp"] / f"flipped_{offset_in}.pgolf"
+    path.write_bytes(bytes(data))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def test_passes_on_correct_claim(world):
+    rep, passed = run_verify(world, claims=world["claims"])
+    assert passed and set(status(rep).values()) == {"PASS"}, rep["checks"]
+    claimed = read_json(world["claims"])
+    assert rep["measured"]["val_bpb"] == pytest.approx(claimed["val_bpb"], abs=1e-9)
+    # The claim's eval settings were used (the default seq_len would be 1024).
+    assert rep["eval"]["seq_len"] == 64 and rep["eval_sources"]["seq_len"] == "claim"
+    assert rep["sizes"]["model_bytes"] == world["pack"]["model_bytes"]
+    assert rep["sizes"]["code_bytes_recorded"] == world["pack"]["code_bytes"]
+
+
+def test_catches_false_claim(world):
+    measured = read_json(world["claims"])["val_bpb"]
+    rep, passed = run_verify(world, claim=measured + 0.05, eval_cfg=EVAL)
+    st = status(rep)
+    assert not passed and st["bpb"] == "FAIL"
+    assert all(v == "PASS" for k, v in st.items() if k != "bpb")
+    # Within tolerance passes.
+    rep, passed = run_verify(world, claim=measured + 0.001, eval_cfg=EVAL)
+    assert passed and status(rep)["bpb"] == "PASS"
+
+
+def test_catches_oversize_blob(world):
+    total = world["pack"]["total_bytes"]
+    rep, passed = run_verify(world, cfg=VerifyConfig(limit=total - 1), claims=world["claims"])
+    st = status(rep)
+    assert not passed and st["size"] == "FAIL" and "OVER by 1" in next(c["detail"] for c in rep["checks"] if c["name"] == "size")
+    assert st["bpb"] == "PASS"  # still scored: the numbers are informative
+    rep, passed = run_verify(world, cfg=VerifyConfig(limit=total), claims=world["claims"])
+    assert passed
+
+
+@pytest.mark.parametrize("where, failing", [("header", "header"), ("payload", "payload hash")])
+def test_catches_flipped_byte(world, where, failing):
+    rep, passed = run_verify(world, blob=copy_with_flip(world, where), claims=world["claims"])
+    st = status(rep)
+    assert not passed and st[failing] == "FAIL"
+    assert st["decode"] == "SKIP" and st["bpb"] == "SKIP"  # nothing decoded from a damaged file
+
+
+def test_catches_truncated_and_foreign_files(world):
+    truncated = world["tmp"] / "truncated.pgolf"
+    truncated.write_bytes(world["blob"].read_bytes()[:-100])
+    rep, passed = run_verify(world, blob=truncated)
+    assert not passed and status(rep)["payload hash"] == "FAIL"
+    foreign = world["tmp"] / "foreign.bin"
+    foreign.write_bytes(b"GIF89a" + bytes(500))
+    rep, passed = run_verify(world, blob=foreign)
+    assert not passed and status(rep)["header"] == "FAIL" and "bad magic" in rep["checks"][0]["detail"]
+
+
+def test_catches_wrong_val_set(world):
+    rep, passed = run_verify(world, data=world["other_val"], claims=world["claims"])
+    st = status(rep)
+    assert not passed and st["val shards"] == "FAIL"
+    assert st["tokenizer"] == "PASS" and st["bpb"] == "SKIP"
+
+
+def test_catches_wrong_tokenizer(world):
+    rep, passed = run_verify(world, data=world["other_tok"], claims=world["claims"])
+    st = status(rep)
+    assert not passed and st["tokenizer"] == "FAIL" and st["val shards"] == "FAIL"
+
+
+def test_official_int8_artifact(world):
+    """The challenge's own export format, auto-detected, scored with the baseline architecture."""
+    from test_quant import reference_dequantize, reference_int8_export, write_ptz
+
+    obj = reference_int8_export(world["state"])
+    assert "tok_emb.weight" in obj["quantized"] and "blocks.0.mlp.fc.weight" in obj["quantized"]
+    ptz = world["tmp"] / "final_model.int8.ptz"
+    write_ptz(ptz, obj)
+    # The expected score: the independently dequantized weights in the known architecture.
+    expected = ttt_eval.evaluate_state_dict(reference_dequantize(obj), world["cfg"], world["data"], EVAL, progress=False)
+    rep, passed = run_verify(world, blob=ptz, claim=expected["val_bpb"], eval_cfg=EVAL)
+    st = status(rep)
+    assert passed and rep["format"] == "official-int8", rep["checks"]
+    assert st["bpb"] == "PASS" and st["tokenizer"] == "SKIP" and st["val shards"] == "SKIP"
+    assert rep["measured"]["val_bpb"] == pytest.approx(expected["val_bpb"], abs=1e-9)
+    assert rep["model_config"]["num_layers"] == 2 and rep["model_config"]["model_dim"] == 256
+    # The int8 export scores differently from the 6-bit blob: different weights really were evaluated.
+    assert rep["measured"]["val_bpb"] != read_json(world["claims"])["val_bpb"]
+
+    rep, passed = run_verify(world, blob=ptz, fmt="pgolf")
+    assert not passed and status(rep)["header"] == "FAIL"
+
+
+def test_official_int8_vocab_mismatch(world):
+    from test_quant import reference_int8_export, write_ptz
+
+    state = dict(world["state"])
+    state["tok_emb.weight"] = torch.cat([state["tok_emb.weight"], state["tok_emb.weight"][:20]])
+    ptz = world["tmp"] / "wrong_vocab.int8.ptz"
+    write_ptz(ptz, reference_int8_export(state))
+    rep, passed = run_verify(world, blob=ptz, eval_cfg=EVAL)
+    assert not passed and status(rep)["decode"] == "FAIL" and "vocab" in rep["checks"][3]["detail"]
+
+
+def test_claim_inputs_validated(world, tmp_path):
+    bad = tmp_path / "claims.json"
+    bad.write_text(json.dumps({"loss": 1.0}))
+    with pytest.raises(PgolfError, match="val_bpb"):
+        run_verify(world, claims=bad)
+    with pytest.raises(PgolfError, match="not both"):
+        run_verify(world, claim=1.0, claims=world["claims"])
+    with pytest.raises(PgolfError, match="manifest"):
+        run_verify(world, data=tmp_path)
+
+
+def test_cli_exit_codes(world):
+    from stages.cli import app
+
+    runner = CliRunner()
+    report = world["tmp"] / "cli_verify.json"
+    base = ["verify", str(world["blob"]), "--data", str(world["data"]), "--report", str(report),
+            "--params", str(world["tmp"] / "no_params.yaml"), "--set", "device=cpu"]
+    ok = runner.invoke(app, base + ["--claims", str(world["claims"])])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, base + ["--claim", "0.5", "--set", "seq_len=64"])
+    assert bad.exit_code == 1 and read_json(report)["passed"] is False
+    missing = runner.invoke(app, ["verify", str(world["tmp"] / "nope.pgolf"), "--data", str(world["data"])])
+    assert missing.exit_code == 2
+
+
+def test_pack_over_limit_leaves_no_blob(world, tmp_path):
+    quantized = world["tmp"] / "quantized.safetensors"
+    out = tmp_path / "model.pgolf"
+    out.write_bytes(b"stale blob from an earlier run")
+    with pytest.raises(typer.Exit) as exc:
+        pack.run(quantized, world["data"], out, PackConfig(codec="zlib", limit=100_000), tmp_path / "pack.json")
+    assert exc.value.exit_code == 1
+    assert not out.exists()
+    rep = read_json(tmp_path / "pack.json")
+    assert rep["fits"] is False and rep["total_bytes"] == rep["model_bytes"] + rep["code_bytes"] > 100_000
+
+
+def test_pack_refuses_other_tokenizer(world, tmp_path):
+    quantized = world["tmp"] / "quantized.safetensors"
+    with pytest.raises(PgolfError, match="tokenizer mismatch"):
+        pack.run(quantized, world["other_tok"], tmp_path / "m.pgolf", PackConfig(codec="zlib"), tmp_path / "p.json")
+    assert not (tmp_path / "m.pgolf").exists()
+
+
+def test_blob_matches_quantizer(world):
+    """What verify scored is what quantize produced: the blob's codes equal a direct 6-bit RTN."""
+    from stages.blob import read_blob
+
+    _, tensors = read_blob(world["blob"])
+    q, s, _ = quantize_rtn_tensor(world["state"]["blocks.1.mlp.fc.weight"], 6)
+    assert torch.equal(tensors["blocks.1.mlp.fc.weight#codes"], q) and torch.equal(tensors["blocks.1.mlp.fc.weight#scales"], s)
+    assert sha256_file(world["blob"]) == world["pack"]["blob_sha256"]

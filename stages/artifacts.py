@@ -20,6 +20,8 @@ import torch
 
 FORMAT_VERSION = 1
 META_KEY = "pgolf"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class PgolfError(Exception):
@@ -37,6 +39,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -130,6 +130,11 @@ class GPT(nn.Module):
         for module in self.modules():
             if getattr(module, "zero_init", False):
                 nn.init.zeros_(module.weight)
+        # The reference builds the model in bf16 and then restores fp32 masters, so its initial
+        # weights are bf16-representable; round the same way (with equal seeds the inits match bit for bit).
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(p.bfloat16().float())
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states [B, T, D] (the LM head's input)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import io
 import math
 import os
 import time
@@ -230,7 +229,10 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
                 if not math.isfinite(last_loss):
                     raise PgolfError(f"training diverged at step {step} (loss {last_loss}); lower the learning rates")
                 rows.append((step, last_loss, scale, round(approx_ms, 1), step * cfg.train_batch_tokens))
-                progress.update(task, completed=step, description=f"loss {last_loss:.4f} lr×{scale:.3f} {approx_ms / step:.0f} ms/step")
+                status = f"loss {last_loss:.4f} lr×{scale:.3f} {approx_ms / step:.0f} ms/step"
+                progress.update(task, completed=step, description=status)
+                if d.main and (step % cfg.log_every == 0 or step == 1):
+                    progress.console.print(f"step {step}/{cfg.iterations}: {status}")
             capped = cfg.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * cfg.max_wallclock_seconds
             if stop_after is None and d.any(capped):
                 stop_after = step
@@ -269,4 +271,8 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
         "world_size": d.world,
         "device": torch.cuda.get_device_name(d.device) if cuda else "cpu",
     })
-    print(f"train: {step} steps, {train_ms / max(step, 1):.1f} ms/step, val_bpb {final_val.get('val_bpb')}, wrote {out}")
+    mem = f", peak {peak_mem / 2**30:.2f} GiB" if peak_mem else ""
+    lut = final_val.get("val_bpb_lut")
+    print(f"train: {step} steps, {train_ms / max(step, 1):.1f} ms/step, "
+          f"{step * cfg.train_batch_tokens / max(train_ms / 1000.0, 1e-9):,.0f} tokens/s{mem}; "
+          f"val_bpb {final_val.get('val_bpb'):.4f} (LUT {lut:.4f}); wrote {out}")

@@ -14,9 +14,10 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are touched, so `pgolf --help` starts fast
+    import torch
 
 FORMAT_VERSION = 1
 META_KEY = "pgolf"
@@ -117,6 +118,7 @@ def read_meta(path: str | Path, kind: str) -> dict[str, Any]:
 
 def load_tensors(path: str | Path, kind: str, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a pgolf safetensors file of `kind`; refuse NaN/inf in float tensors when `check_finite`."""
+    import torch
     from safetensors.torch import load_file
 
     meta = read_meta(path, kind)

@@ -86,7 +86,6 @@ def run(ckpt: Path, data: Path, out: Path, cfg: CalibrateConfig, metrics: Path) 
         "model_config": asdict(model_cfg),
         "params": asdict(cfg),
         "inputs": {"checkpoint": ckpt_sha},
-        "checkpoint_sha256": ckpt_sha,
         "tokenizer_sha256": meta.get("tokenizer_sha256"),
         "tokens": n_tokens,
     })

@@ -200,7 +200,7 @@ def verify(
         eval_sets = {k: v for k, v in s.items() if k in ("val_tokens", "seq_len", "stride", "batch_seqs", "device")}
         verify_sets = {k: v for k, v in s.items() if k not in eval_sets}
         stage.run(blob, data, stage_config(VerifyConfig, "verify", p, verify_sets, params),
-                  stage_config(EvalConfig, "ttt_eval", p, eval_sets, params), claim, claims, fmt, report)
+                  stage_config(EvalConfig, "ttt_eval", p, {}, params), claim, claims, fmt, report, eval_sets)
     _run(go)
 
 

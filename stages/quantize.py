@@ -23,7 +23,7 @@ def check_hessians(path: Path, ckpt_sha256: str) -> str:
     """sha256 of a pgolf hessians file made from this very checkpoint; an error otherwise."""
     meta = read_meta(path, kind="hessians")
     inputs = meta.get("inputs") or {}
-    made_from = meta.get("checkpoint_sha256") or inputs.get("checkpoint") or inputs.get("checkpoint_sha256")
+    made_from = inputs.get("checkpoint")
     if made_from is None:
         raise PgolfError(f"{path}: does not record which checkpoint it was calibrated on; re-run `pgolf calibrate`")
     if made_from != ckpt_sha256:

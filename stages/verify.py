@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +18,7 @@ import torch
 
 from . import blob as blobfmt
 from .artifacts import PgolfError, read_json, sha256_file, write_json
-from .config import EvalConfig, ModelConfig, VerifyConfig
+from .config import EvalConfig, ModelConfig, VerifyConfig, build
 from .shards import shard_paths
 
 FORMATS = ("auto", "pgolf", "official-int8")
@@ -97,21 +97,15 @@ def load_claim(claim: float | None, claims: Path | None) -> tuple[float | None, 
     return float(value), settings, str(claims)
 
 
-def eval_settings(eval_cfg: EvalConfig, claimed: dict[str, Any]) -> tuple[EvalConfig, dict[str, str]]:
-    """The claim's seq_len/stride/val_tokens, except where the given config departs from the defaults.
-
-    The command line cannot tell an explicit value from a default, so a value equal to EvalConfig's
-    default counts as "not overridden"; the report says where each setting came from.
-    """
-    defaults = EvalConfig()
-    used, sources = {}, {}
-    for f in fields(EvalConfig):
-        mine = getattr(eval_cfg, f.name)
-        if f.name in claimed and mine == getattr(defaults, f.name):
-            used[f.name], sources[f.name] = claimed[f.name], "claim"
-        else:
-            used[f.name], sources[f.name] = mine, "config"
-    return replace(eval_cfg, **used), sources
+def eval_settings(eval_cfg: EvalConfig, claimed: dict[str, Any], overrides: dict[str, Any] | None
+                  ) -> tuple[EvalConfig, dict[str, str]]:
+    """Eval settings: params < the claim's own (seq_len, stride, val_tokens) < explicit command-line
+    overrides, so a claim is re-scored the way it was measured unless the user says otherwise."""
+    overrides = overrides or {}
+    cfg = build(EvalConfig, (asdict(eval_cfg), "params"), (claimed, "claims file"), (overrides, "--set"))
+    sources = {f.name: "command line" if f.name in overrides else "claim" if f.name in claimed else "params"
+               for f in fields(EvalConfig)}
+    return cfg, sources
 
 
 def infer_baseline_config(state_dict: dict[str, torch.Tensor], vocab_size: int) -> ModelConfig:
@@ -160,7 +154,7 @@ def print_table(checks: list[Check], blob: Path) -> None:
 
 
 def run(blob: Path, data: Path, cfg: VerifyConfig, eval_cfg: EvalConfig, claim: float | None,
-        claims: Path | None, fmt: str, report: Path) -> None:
+        claims: Path | None, fmt: str, report: Path, eval_overrides: dict[str, Any] | None = None) -> None:
     import typer
 
     if fmt not in FORMATS:
@@ -175,7 +169,7 @@ def run(blob: Path, data: Path, cfg: VerifyConfig, eval_cfg: EvalConfig, claim: 
     manifest_path = data / "manifest.json"
     manifest = read_json(manifest_path, "tokenized-data manifest")
     claimed, claim_settings, claim_source = load_claim(claim, claims)
-    ecfg, eval_sources = eval_settings(eval_cfg, claim_settings)
+    ecfg, eval_sources = eval_settings(eval_cfg, claim_settings, eval_overrides)
     raw = blob.read_bytes()
     fmt = detect_format(raw) if fmt == "auto" else fmt
     checks = Checks()

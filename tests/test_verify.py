@@ -264,3 +264,12 @@ def test_blob_matches_quantizer(world):
     q, s, _ = quantize_rtn_tensor(world["state"]["blocks.1.mlp.fc.weight"], 6)
     assert torch.equal(tensors["blocks.1.mlp.fc.weight#codes"], q) and torch.equal(tensors["blocks.1.mlp.fc.weight#scales"], s)
     assert sha256_file(world["blob"]) == world["pack"]["blob_sha256"]
+
+
+def test_eval_settings_follow_the_claim_unless_overridden():
+    from stages.config import EvalConfig
+    from stages.verify import eval_settings
+
+    cfg, sources = eval_settings(EvalConfig(seq_len=1024, stride=0), {"seq_len": 64, "stride": 32}, {"stride": 16})
+    assert (cfg.seq_len, cfg.stride, cfg.val_tokens) == (64, 16, 0)
+    assert sources["seq_len"] == "claim" and sources["stride"] == "command line" and sources["val_tokens"] == "params"

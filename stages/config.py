@@ -100,11 +100,27 @@ class CalibrateConfig:
 @dataclass
 class QuantizeConfig:
     bits: int = 8
-    method: str = "rtn"  # rtn (gptq arrives with the quantization issue)
+    method: str = "rtn"  # rtn | gptq (gptq needs the calibrate stage's Hessians; without them: rtn)
     clip: str = "percentile"  # percentile | sdclip
     clip_percentile: float = 99.99984  # the challenge's int8 export
     sdclip_k: float = 12.85
     keep_float_max_numel: int = 65_536  # smaller float tensors stay float (fp16; control tensors fp32)
+    # Per-group overrides (0: use bits / sdclip_k). Groups by name: embed (tok_emb, lm_head),
+    # attn (attn.c_q/c_k/c_v/proj), mlp (mlp.fc/proj). The k overrides apply with clip=sdclip.
+    embed_bits: int = 0
+    attn_bits: int = 0
+    mlp_bits: int = 0
+    embed_k: float = 0.0
+    attn_k: float = 0.0
+    mlp_k: float = 0.0
+    # GPTQ (TECHNIQUES.md §4.2): H += gptq_damp·mean(diag H)·I; columns in blocks; act-order optional.
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = False
+    # LQER (§4.5): low-rank correction of the lqer_top_k tensors with the largest ‖W − Ŵ‖_F (0: off).
+    lqer_top_k: int = 0
+    lqer_rank: int = 4
+    device: str = "auto"  # where GPTQ runs: auto | cpu | cuda
 
 
 @dataclass

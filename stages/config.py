@@ -90,9 +90,11 @@ class TrainConfig:
 
 @dataclass
 class CalibrateConfig:
+    source: str = "train"  # train: batches of training shards | self: text the model generates itself
     n_batches: int = 16
     batch_seqs: int = 8
     seq_len: int = 1024
+    temperature: float = 0.8  # sampling temperature of self-generated calibration text
     seed: int = 0
     device: str = "auto"
 

@@ -6,22 +6,24 @@ per-tensor schema that makes them self-describing; `dequantize` needs nothing bu
 (TECHNIQUES.md §5.2): per-row clip at the 99.99984th percentile of |w|, fp16 row scales floored at
 1/127, small float tensors kept (fp16; control tensors fp32).
 
-Methods (how codes are chosen) and encodings (how stored parts decode) live in two registries, so
-GPTQ, LQER or mixed bit widths can add entries without touching the file format.
+Methods (how codes are chosen: `rtn`, `gptq`) and encodings (how stored parts decode) live in two
+registries. Per-group bit widths and clips are resolved per tensor name before a method runs; LQER
+(stages/lqer.py) adds a low-rank correction to the worst tensors afterwards, stored under its own
+encoding so that a reader which does not know it refuses the file instead of dropping the correction.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .artifacts import PgolfError
-from .config import QuantizeConfig
+from .config import QuantizeConfig, resolve_device
 
 # Name fragments of the small tensors that steer the residual stream; the reference keeps them fp32.
 CONTROL_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
@@ -73,6 +75,39 @@ def validate_config(cfg: QuantizeConfig, source: str = "quantize params") -> Non
         raise PgolfError(f"{source}: sdclip_k={cfg.sdclip_k} must be a positive number")
     if cfg.keep_float_max_numel < 0:
         raise PgolfError(f"{source}: keep_float_max_numel={cfg.keep_float_max_numel} must be >= 0")
+    for group in GROUPS:
+        bits, k = getattr(cfg, f"{group}_bits"), getattr(cfg, f"{group}_k")
+        if bits != 0 and not MIN_BITS <= bits <= MAX_BITS:
+            raise PgolfError(f"{source}: {group}_bits={bits} is out of range; choose 0 (use bits) or {MIN_BITS}..{MAX_BITS}")
+        if not (k >= 0 and math.isfinite(k)):
+            raise PgolfError(f"{source}: {group}_k={k} must be 0 (use sdclip_k) or a positive number")
+    if not (cfg.gptq_damp >= 0 and math.isfinite(cfg.gptq_damp)) or cfg.gptq_block_size < 1:
+        raise PgolfError(f"{source}: gptq_damp must be >= 0 and gptq_block_size >= 1")
+    if cfg.lqer_top_k < 0 or cfg.lqer_rank < 1:
+        raise PgolfError(f"{source}: lqer_top_k must be >= 0 and lqer_rank >= 1")
+
+
+# Tensor groups that may get their own bits / SDClip k: name → group, by the baseline's parameter names.
+GROUPS = ("embed", "attn", "mlp")
+
+
+def tensor_group(name: str) -> str | None:
+    if name.startswith(("tok_emb.", "lm_head.")):
+        return "embed"
+    if any(f".attn.{m}." in f".{name}" for m in ("c_q", "c_k", "c_v", "proj")):
+        return "attn"
+    if any(f".mlp.{m}." in f".{name}" for m in ("fc", "proj")):
+        return "mlp"
+    return None
+
+
+def config_for(name: str, cfg: QuantizeConfig) -> QuantizeConfig:
+    """cfg with bits and sdclip_k replaced by the overrides of the tensor's group, where set."""
+    group = tensor_group(name)
+    if group is None:
+        return cfg
+    bits, k = getattr(cfg, f"{group}_bits"), getattr(cfg, f"{group}_k")
+    return replace(cfg, bits=bits or cfg.bits, sdclip_k=k or cfg.sdclip_k)
 
 
 def is_control(name: str) -> bool:
@@ -147,25 +182,48 @@ class Encoded:
     entry: dict[str, Any]
 
 
+def _clip_entry(cfg: QuantizeConfig) -> dict[str, Any]:
+    return ({"kind": "percentile", "percentile": cfg.clip_percentile} if cfg.clip == "percentile"
+            else {"kind": "sdclip", "k": cfg.sdclip_k})
+
+
 def _rtn(name: str, t: torch.Tensor, cfg: QuantizeConfig, hessian: torch.Tensor | None) -> Encoded:
     q, scale, scheme = quantize_rtn_tensor(t, cfg.bits, cfg.clip, cfg.clip_percentile, cfg.sdclip_k)
-    clip = ({"kind": "percentile", "percentile": cfg.clip_percentile} if cfg.clip == "percentile"
-            else {"kind": "sdclip", "k": cfg.sdclip_k})
     floor = REFERENCE_INT8_SCALE_FLOOR if (cfg.bits == 8 and cfg.clip == "percentile" and scheme == "per_row") else None
-    entry = {"encoding": "int_" + scheme, "method": "rtn", "bits": cfg.bits, "clip": clip, "scheme": scheme,
+    entry = {"encoding": "int_" + scheme, "method": "rtn", "bits": cfg.bits, "clip": _clip_entry(cfg), "scheme": scheme,
              "scale_floor": floor}
     return Encoded({"codes": q, "scales": scale}, entry)
 
 
-# method name -> fn(name, tensor, cfg, hessian or None) -> Encoded. GPTQ registers here later.
-QUANTIZERS: dict[str, Callable[[str, torch.Tensor, QuantizeConfig, torch.Tensor | None], Encoded]] = {"rtn": _rtn}
+def _gptq(name: str, t: torch.Tensor, cfg: QuantizeConfig, hessian: torch.Tensor | None) -> Encoded:
+    """GPTQ on the grid RTN would use (same clip, same fp16 row scales); RTN where it cannot run."""
+    from .gptq import gptq_quantize
+
+    if hessian is None or t.ndim != 2:
+        enc = _rtn(name, t, cfg, hessian)
+        enc.entry["fallback"] = "no Hessian for this tensor" if t.ndim == 2 else "GPTQ needs a 2-D weight"
+        return enc
+    w = t.float()
+    scale16 = (clip_values(w, True, cfg.clip, cfg.clip_percentile, cfg.sdclip_k) / levels(cfg.bits)
+               ).clamp_min(ZERO_ROW_GUARD).to(torch.float16)
+    device = torch.device(resolve_device(cfg.device))
+    q = gptq_quantize(w, hessian.to(device), scale16.float(), cfg.bits, cfg.gptq_damp, cfg.gptq_block_size,
+                      cfg.gptq_act_order, name)
+    entry = {"encoding": "int_per_row", "method": "gptq", "bits": cfg.bits, "clip": _clip_entry(cfg),
+             "scheme": "per_row", "scale_floor": None, "act_order": cfg.gptq_act_order, "damp": cfg.gptq_damp}
+    return Encoded({"codes": q, "scales": scale16.contiguous()}, entry)
+
+
+# method name -> fn(name, tensor, cfg resolved for that tensor, hessian or None) -> Encoded.
+QUANTIZERS: dict[str, Callable[[str, torch.Tensor, QuantizeConfig, torch.Tensor | None], Encoded]] = {
+    "rtn": _rtn, "gptq": _gptq}
 
 
 def _decode_int(parts: dict[str, torch.Tensor], entry: dict[str, Any], source: str) -> torch.Tensor:
     q, s = parts["codes"], parts["scales"]
     if q.dtype != torch.int8 or not s.is_floating_point():
         raise PgolfError(f"{source}: codes must be int8 and scales float (got {q.dtype}, {s.dtype})")
-    if entry["encoding"] == "int_per_row":
+    if entry["encoding"] != "int_per_tensor":  # int_per_row, with or without a low-rank correction
         if q.ndim < 1 or tuple(s.shape) != (q.shape[0],):
             raise PgolfError(f"{source}: per-row scales of shape {tuple(s.shape)} do not fit codes {tuple(q.shape)}")
         return q.float() * s.float().view(q.shape[0], *([1] * (q.ndim - 1)))
@@ -178,9 +236,38 @@ def _decode_value(parts: dict[str, torch.Tensor], entry: dict[str, Any], source:
     return parts["value"]
 
 
-# encoding -> (required part roles, decoder). LQER would add e.g. "int_per_row+lowrank".
+LQER_ROLES = ("lqer_a", "lqer_a_scales", "lqer_b", "lqer_b_scales")
+
+
+def decode_lqer_factor(q: torch.Tensor, s: torch.Tensor, group: int, source: str) -> torch.Tensor:
+    """One int8-held factor: one scale (s.numel() == 1), one per row, or one per `group` flattened values."""
+    if q.dtype != torch.int8 or q.ndim != 2 or not s.is_floating_point():
+        raise PgolfError(f"{source}: LQER factors must be 2-D int8 with float scales (got {q.dtype}, {s.dtype})")
+    s = s.float().flatten()
+    if s.numel() == 1:
+        return q.float() * s[0]
+    if s.numel() == q.shape[0]:
+        return q.float() * s[:, None]
+    if group > 0 and q.numel() == s.numel() * group:
+        return (q.float().reshape(-1, group) * s[:, None]).reshape(q.shape)
+    raise PgolfError(f"{source}: {s.numel()} LQER scales do not fit a factor of shape {tuple(q.shape)}")
+
+
+def _decode_int_lqer(parts: dict[str, torch.Tensor], entry: dict[str, Any], source: str) -> torch.Tensor:
+    """W = Q·s + (q_A·s_A)(q_B·s_B) (TECHNIQUES.md §4.5)."""
+    group = (entry.get("lqer") or {}).get("group", 0)
+    a = decode_lqer_factor(parts["lqer_a"], parts["lqer_a_scales"], 0, source)
+    b = decode_lqer_factor(parts["lqer_b"], parts["lqer_b_scales"], int(group or 0), source)
+    base = _decode_int(parts, entry, source)
+    if a.shape[1] != b.shape[0] or (a.shape[0], b.shape[1]) != tuple(base.shape):
+        raise PgolfError(f"{source}: LQER factors {tuple(a.shape)}·{tuple(b.shape)} do not fit {tuple(base.shape)}")
+    return base + a @ b
+
+
+# encoding -> (required part roles, decoder).
 ENCODINGS: dict[str, tuple[tuple[str, ...], Callable[[dict, dict, str], torch.Tensor]]] = {
     "int_per_row": (("codes", "scales"), _decode_int),
+    "int_per_row+lqer": (("codes", "scales") + LQER_ROLES, _decode_int_lqer),
     "int_per_tensor": (("codes", "scales"), _decode_int),
     "float": (("value",), _decode_value),
     "raw": (("value",), _decode_value),
@@ -206,7 +293,7 @@ def encode_tensor(name: str, t: torch.Tensor, cfg: QuantizeConfig, hessian: torc
     elif t.numel() <= cfg.keep_float_max_numel or t.numel() == 0:
         enc = keep_float(name, t)
     else:
-        enc = QUANTIZERS[cfg.method](name, t, cfg, hessian)
+        enc = QUANTIZERS[cfg.method](name, t, config_for(name, cfg), hessian)
     enc.entry.update({"dtype": dtype_name(t.dtype), "shape": list(t.shape)})
     for role, part in enc.parts.items():
         if part.is_floating_point() and not bool(torch.isfinite(part).all()):
@@ -236,13 +323,28 @@ def _error_stats(original: torch.Tensor, restored: torch.Tensor) -> dict[str, fl
 def quantize_state_dict(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig,
                         hessians: dict[str, torch.Tensor] | None = None
                         ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, Any]]:
-    """(tensors for quantized.safetensors, schema {name: entry}, report with per-tensor errors)."""
+    """(tensors for quantized.safetensors, schema {name: entry}, report with per-tensor errors).
+
+    The report's weighted error, trace((W − Ŵ) H (W − Ŵ)ᵀ), is given wherever `hessians` has the tensor's H.
+    """
+    from .gptq import weighted_error
+
     validate_config(cfg)
+    hessians = hessians or {}
+    encoded = {name: encode_tensor(name, t, cfg, hessians.get(name)) for name, t in state_dict.items()}
+    if cfg.lqer_top_k:
+        from .lqer import add_lqer
+        add_lqer(encoded, state_dict, cfg)
+    fallbacks = {name: enc.entry["fallback"] for name, enc in encoded.items() if "fallback" in enc.entry}
+    if fallbacks:
+        print(f"quantize: note: {cfg.method} fell back to rtn for {len(fallbacks)} tensor(s): "
+              + ", ".join(f"{n} ({why})" for n, why in fallbacks.items())
+              + ("; give --hessians from `pgolf calibrate`" if any("Hessian" in w for w in fallbacks.values()) else ""))
     tensors: dict[str, torch.Tensor] = {}
     schema: dict[str, dict[str, Any]] = {}
     rows = []
-    for name, t in state_dict.items():
-        enc = encode_tensor(name, t, cfg, (hessians or {}).get(name))
+    for name, enc in encoded.items():
+        t = state_dict[name]
         keys = {}
         for role, part in enc.parts.items():
             key = part_key(name, role)
@@ -256,21 +358,31 @@ def quantize_state_dict(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig
         original = t.detach().cpu()
         stats = (_error_stats(original, restored) if original.is_floating_point()
                  else {"max_abs_err": 0.0, "rmse": 0.0, "rel_err": 0.0})
-        stored_as = (f"int{enc.entry['bits']} {enc.entry['scheme'].replace('_', '-')}" if enc.entry["bits"]
+        h = hessians.get(name)
+        fits = h is not None and original.ndim == 2 and tuple(h.shape) == (original.shape[1],) * 2
+        entry = enc.entry
+        stored_as = (f"int{entry['bits']} {entry['scheme'].replace('_', '-')}" if entry["bits"]
                      else dtype_name(next(iter(enc.parts.values())).dtype))
-        rows.append({"name": name, "method": enc.entry["method"], "bits": enc.entry["bits"], "stored_as": stored_as,
-                     "shape": enc.entry["shape"], "dtype": enc.entry["dtype"], "numel": original.numel(),
+        if "lqer" in entry:
+            stored_as += f" +lqer r{entry['lqer']['rank']}"
+        rows.append({"name": name, "method": entry["method"], "bits": entry["bits"], "clip": entry["clip"],
+                     "fallback": entry.get("fallback"), "stored_as": stored_as,
+                     "shape": entry["shape"], "dtype": entry["dtype"], "numel": original.numel(),
                      "original_bytes": original.numel() * original.element_size(),
-                     "stored_bytes": sum(p.numel() * p.element_size() for p in enc.parts.values()), **stats})
+                     "stored_bytes": sum(p.numel() * p.element_size() for p in enc.parts.values()),
+                     "weighted_err": weighted_error(original, restored, h) if fits else None, **stats})
     quantized = [r for r in rows if r["method"] not in ("keep_float", "passthrough")]
     sq_err = sum(r["rmse"] ** 2 * r["numel"] for r in quantized)
     n_q = sum(r["numel"] for r in quantized)
+    weighted = [r["weighted_err"] for r in quantized if r["weighted_err"] is not None]
     totals = {
         "tensors": len(rows), "quantized_tensors": len(quantized), "params": sum(r["numel"] for r in rows),
         "quantized_params": n_q, "original_bytes": sum(r["original_bytes"] for r in rows),
         "stored_bytes": sum(r["stored_bytes"] for r in rows),
         "max_abs_err": max((r["max_abs_err"] for r in rows), default=0.0),
         "quantized_rmse": math.sqrt(sq_err / n_q) if n_q else 0.0,
+        "weighted_err": sum(weighted) if weighted else None, "weighted_tensors": len(weighted),
+        "fallback_tensors": sorted(fallbacks), "lqer_tensors": sorted(n for n, e in schema.items() if "lqer" in e),
     }
     return tensors, schema, {"tensors": rows, "totals": totals}
 

@@ -2,7 +2,8 @@
 
 The output is self-describing: its metadata carries the per-tensor schema that `quant.dequantize`
 needs, the model config and tokenizer hash copied from the checkpoint, the params, and the sha256 of
-every input.
+every input. Given Hessians, the report also holds each tensor's weighted error trace((W − Ŵ) H (W − Ŵ)ᵀ),
+whatever the method.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .artifacts import PgolfError, load_tensors, read_meta, save_tensors, sha256_file, write_json
 from .config import QuantizeConfig
 from .quant import quantize_state_dict, validate_config
 
-# Methods that read the Hessians; for the others a given --hessians file is checked, recorded, unused.
-HESSIAN_METHODS: tuple[str, ...] = ()
+# Methods that read the Hessians; for the others a given --hessians file only feeds the report.
+HESSIAN_METHODS: tuple[str, ...] = ("gptq",)
 
 
 def check_hessians(path: Path, ckpt_sha256: str) -> str:
@@ -32,20 +35,39 @@ def check_hessians(path: Path, ckpt_sha256: str) -> str:
     return sha256_file(path)
 
 
+def check_hessian_shapes(path: Path, hessians: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Every H must be in×in for the weight of the same name; a mismatch means another model."""
+    for name, h in hessians.items():
+        w = state.get(name)
+        if w is None:
+            continue  # e.g. a Hessian for a buffer the checkpoint does not save: unused
+        if w.ndim != 2 or tuple(h.shape) != (w.shape[1], w.shape[1]):
+            raise PgolfError(f"{path}: the Hessian of {name!r} has shape {tuple(h.shape)}, but the weight is "
+                             f"{tuple(w.shape)} (expected {w.shape[-1]}×{w.shape[-1]}); re-run `pgolf calibrate` "
+                             "on this checkpoint")
+
+
 def print_report(report: dict[str, Any], cfg: QuantizeConfig, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"quantize: {cfg.method}, {cfg.bits} bits, clip {cfg.clip} → {out}")
-    for col in ("tensor", "shape", "stored as", "bytes", "max |err|", "rmse", "rel err"):
-        table.add_column(col, justify="left" if col in ("tensor", "stored as") else "right")
+    for col in ("tensor", "shape", "method", "stored as", "bytes", "max |err|", "rmse", "rel err", "H-weighted err"):
+        table.add_column(col, justify="left" if col in ("tensor", "method", "stored as") else "right")
+
+    def weighted(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3g}"
+
     for r in report["tensors"]:
-        table.add_row(r["name"], "×".join(map(str, r["shape"])) or "scalar", r["stored_as"], f"{r['stored_bytes']:,}",
-                      f"{r['max_abs_err']:.3g}", f"{r['rmse']:.3g}", f"{r['rel_err']:.3g}")
+        method = r["method"] + (" (fallback)" if r.get("fallback") else "")
+        table.add_row(r["name"], "×".join(map(str, r["shape"])) or "scalar", method, r["stored_as"],
+                      f"{r['stored_bytes']:,}", f"{r['max_abs_err']:.3g}", f"{r['rmse']:.3g}", f"{r['rel_err']:.3g}",
+                      weighted(r["weighted_err"]))
     t = report["totals"]
     table.add_section()
-    table.add_row("total", f"{t['params']:,} params", f"{t['quantized_tensors']}/{t['tensors']} quantized",
-                  f"{t['stored_bytes']:,}", f"{t['max_abs_err']:.3g}", f"{t['quantized_rmse']:.3g}", "")
+    table.add_row("total", f"{t['params']:,} params", "", f"{t['quantized_tensors']}/{t['tensors']} quantized",
+                  f"{t['stored_bytes']:,}", f"{t['max_abs_err']:.3g}", f"{t['quantized_rmse']:.3g}", "",
+                  weighted(t["weighted_err"]))
     console = Console()
     if not console.is_terminal:  # logs and CI: wide enough that names are not cut
         console = Console(width=120)
@@ -61,10 +83,14 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, hessians: Path | None, metri
     hessians_sha, hessian_tensors = None, None
     if hessians is not None:
         hessians_sha = check_hessians(hessians, ckpt_sha)
-        if cfg.method in HESSIAN_METHODS:
-            hessian_tensors, _ = load_tensors(hessians, kind="hessians")
-        else:
-            print(f"quantize: note: method {cfg.method!r} does not use Hessians; {hessians} is checked and recorded only")
+        hessian_tensors, _ = load_tensors(hessians, kind="hessians")  # refuses NaN/inf
+        check_hessian_shapes(hessians, hessian_tensors, state)
+        if cfg.method not in HESSIAN_METHODS:
+            print(f"quantize: note: method {cfg.method!r} does not use Hessians; {hessians} feeds the report's "
+                  "weighted error only")
+    elif cfg.method in HESSIAN_METHODS:
+        print(f"quantize: note: no --hessians given, so {cfg.method} falls back to rtn for every tensor; "
+              "run `pgolf calibrate` and pass its output with --hessians")
 
     tensors, schema, report = quantize_state_dict(state, cfg, hessian_tensors)
     inputs = {"checkpoint": ckpt_sha, "hessians": hessians_sha}

@@ -12,17 +12,16 @@ import contextlib
 import copy
 import csv
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .artifacts import PgolfError, atomic_path, read_json, save_tensors, sha256_file, write_json, finite_or_none
-from .config import EvalConfig, ModelConfig, TrainConfig, resolve_device
+from .config import EvalConfig, ModelConfig, TrainConfig
+from .distributed import Dist
 from .model import GPT, is_control, prepare_for_device
 from .muon import Muon
 from .shards import DistributedTokenLoader
@@ -82,35 +81,6 @@ def lr_scale(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
     warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
     remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
-
-
-class Dist:
-    """The torchrun launch protocol (RANK / WORLD_SIZE / LOCAL_RANK), or a single process."""
-
-    def __init__(self, device_name: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = resolve_device(device_name)
-        if device == "cuda":
-            device = f"cuda:{self.local_rank}"
-            torch.cuda.set_device(device)
-        self.device = torch.device(device)
-        self.enabled = self.world > 1
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-        self.main = self.rank == 0
-
-    def any(self, flag: bool) -> bool:
-        if not self.enabled:
-            return flag
-        t = torch.tensor(int(flag), device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run(data: Path, out: Path, model_cfg: ModelConfig, cfg: TrainConfig, metrics: Path, log: Path) -> None:

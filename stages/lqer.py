@@ -1,0 +1,83 @@
+"""LQER: a low-rank correction of the quantization error of the worst tensors (TECHNIQUES.md §4.5).
+
+For the `lqer_top_k` quantized matrices with the largest ‖W − Ŵ‖_F, the error E = W − Ŵ is
+approximated by its top `lqer_rank` singular directions, A = U_r·S_r (rows × r) and B = V_rᵀ (r × cols),
+and both factors are stored as small integers. Dequantization (quant.py, encoding "int_per_row+lqer")
+adds (q_A·s_A)(q_B·s_B) to Q·s.
+
+Packing: when B.numel() is a multiple of 64, A is int2 ({−2, −1, 0, 1}, one fp16 scale max|A|/1.5) and
+B int4 ([−8, 7], one fp16 scale max|group|/7.5 per 64 consecutive values of flattened B): A is tall and
+cheap to keep coarse, B holds the directions. Otherwise both are symmetric int4 (±7) with per-row scales.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import QuantizeConfig
+from .quant import ZERO_ROW_GUARD, Encoded, decode_lqer_factor
+
+GROUP = 64
+
+
+def error_factors(error: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with A @ B the best rank-`rank` approximation of `error` (Eckart–Young)."""
+    u, s, vh = torch.linalg.svd(error.double(), full_matrices=False)
+    r = min(rank, s.numel())
+    return (u[:, :r] * s[:r]).float(), vh[:r].float()
+
+
+def _round(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, fp16 scale): codes are rounded with the fp16 scale that is stored."""
+    scale16 = scale.clamp_min(ZERO_ROW_GUARD).to(torch.float16)
+    return torch.clamp(torch.round(x / scale16.float()), lo, hi).to(torch.int8), scale16
+
+
+def quantize_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+    """(stored parts, schema meta) of the two factors."""
+    if b.numel() % GROUP == 0:
+        qa, sa = _round(a, a.abs().max() / 1.5, -2, 1)
+        groups = b.reshape(-1, GROUP)
+        qb, sb = _round(groups, groups.abs().amax(dim=1, keepdim=True) / 7.5, -8, 7)
+        parts = {"lqer_a": qa, "lqer_a_scales": sa.reshape(1), "lqer_b": qb.reshape(b.shape),
+                 "lqer_b_scales": sb.flatten()}
+        meta = {"packing": "asym", "group": GROUP, "a_bits": 2, "b_bits": 4}
+    else:
+        qa, sa = _round(a, a.abs().amax(dim=1, keepdim=True) / 7, -7, 7)
+        qb, sb = _round(b, b.abs().amax(dim=1, keepdim=True) / 7, -7, 7)
+        parts = {"lqer_a": qa, "lqer_a_scales": sa.flatten(), "lqer_b": qb, "lqer_b_scales": sb.flatten()}
+        meta = {"packing": "sym", "group": 0, "a_bits": 4, "b_bits": 4}
+    return {k: v.contiguous() for k, v in parts.items()}, meta
+
+
+def lowrank_term(parts: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+    a = decode_lqer_factor(parts["lqer_a"], parts["lqer_a_scales"], 0, "lqer")
+    b = decode_lqer_factor(parts["lqer_b"], parts["lqer_b_scales"], meta["group"], "lqer")
+    return a @ b
+
+
+def add_lqer(encoded: dict[str, Encoded], originals: dict[str, torch.Tensor], cfg: QuantizeConfig) -> list[str]:
+    """Give the top-k per-row quantized tensors (by ‖W − Ŵ‖_F) a low-rank correction, in place.
+
+    A correction that would not lower ‖W − Ŵ‖_F (possible in principle once the factors are rounded) is
+    left out with a notice. Returns the names corrected.
+    """
+    errors: dict[str, torch.Tensor] = {}
+    for name, enc in encoded.items():
+        if enc.entry["encoding"] == "int_per_row" and enc.parts["codes"].ndim == 2:
+            w_hat = enc.parts["codes"].float() * enc.parts["scales"].float()[:, None]
+            errors[name] = originals[name].detach().cpu().float() - w_hat
+    ranked = sorted(errors, key=lambda n: float(errors[n].norm()), reverse=True)[:cfg.lqer_top_k]
+    corrected = []
+    for name in ranked:
+        e = errors[name]
+        parts, meta = quantize_factors(*error_factors(e, cfg.lqer_rank))
+        if float((e - lowrank_term(parts, meta)).norm()) >= float(e.norm()):
+            print(f"quantize: note: LQER left out for {name}: its rounded factors do not lower the error")
+            continue
+        enc = encoded[name]
+        enc.parts.update(parts)
+        enc.entry.update({"encoding": "int_per_row+lqer",
+                          "lqer": {"rank": int(parts["lqer_a"].shape[1]), **meta}})
+        corrected.append(name)
+    return corrected

@@ -78,6 +78,8 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
     metrics: Path = typer.Option(Path("artifacts/train_metrics.json"), help="Metrics JSON to write."),
     loss_log: Path = typer.Option(Path("artifacts/train_log.csv"), help="Per-step loss table (for `dvc plots`)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved state "
+                                "(saved every train.checkpoint_every steps beside --out)."),
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
 ) -> None:
@@ -89,7 +91,7 @@ def train(
         p, s = _sets(params, sets, {"preset": preset, "iterations": iterations,
                                    "max_wallclock_seconds": max_wallclock_seconds, "device": device})
         stage.run(data, out, stage_config(ModelConfig, "model", p, s, params),
-                  stage_config(TrainConfig, "train", p, s, params), metrics, loss_log)
+                  stage_config(TrainConfig, "train", p, s, params), metrics, loss_log, resume)
     _run(go)
 
 

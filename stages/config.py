@@ -84,6 +84,7 @@ class TrainConfig:
     val_loss_every: int = 0  # 0: only at the end
     val_tokens: int = 0  # in-training validation on the first N val tokens; 0: all
     log_every: int = 50
+    checkpoint_every: int = 0  # save the full training state every N steps (for --resume); 0: never
     device: str = "auto"
     compile: bool = True  # torch.compile on CUDA (never on CPU)
 

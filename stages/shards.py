@@ -127,8 +127,9 @@ class DistributedTokenLoader:
     micro-batch, so equal global batches see the same tokens whatever W is.
     """
 
-    def __init__(self, data_dir: str | Path, rank: int, world_size: int, device: torch.device | str):
-        self.stream = TokenStream(require_shards(data_dir, "train"))
+    def __init__(self, data_dir: str | Path, rank: int, world_size: int, device: torch.device | str,
+                 position: tuple[int, int] = (0, 0)):
+        self.stream = TokenStream(require_shards(data_dir, "train"), position)
         self.rank, self.world_size, self.device = rank, world_size, device
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .artifacts import PgolfError, atomic_path, read_json, save_tensors, sha256_file, write_json, finite_or_none
 from .config import EvalConfig, ModelConfig, TrainConfig
 from .distributed import Dist
+from . import trainstate
 from .model import GPT, is_control, prepare_for_device
 from .muon import Muon
 from .shards import DistributedTokenLoader
@@ -83,19 +84,20 @@ def lr_scale(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
 
-def run(data: Path, out: Path, model_cfg: ModelConfig, cfg: TrainConfig, metrics: Path, log: Path) -> None:
+def run(data: Path, out: Path, model_cfg: ModelConfig, cfg: TrainConfig, metrics: Path, log: Path,
+        resume: bool = False) -> None:
     manifest_path = Path(data) / "manifest.json"
     manifest = read_json(manifest_path, "tokenized-data manifest")
     model_cfg = resolve_vocab(model_cfg, manifest, manifest_path)
     d = Dist(cfg.device)
     try:
-        _train(d, Path(data), manifest_path, model_cfg, cfg, Path(out), Path(metrics), Path(log))
+        _train(d, Path(data), manifest_path, model_cfg, cfg, Path(out), Path(metrics), Path(log), resume)
     finally:
         d.close()
 
 
 def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg: TrainConfig,
-           out: Path, metrics: Path, log: Path) -> None:
+           out: Path, metrics: Path, log: Path, resume: bool) -> None:
     from .ttt_eval import EvalData, evaluate_model
 
     accum = check_batch_geometry(cfg, d.world)
@@ -147,12 +149,18 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
         zero_grad()
         del warm_loader
 
-    loader = DistributedTokenLoader(data, d.rank, d.world, d.device)
+    resume_file = trainstate.state_path(out)
+    train_ms, stop_after, step, last_loss = 0.0, None, 0, float("nan")
+    rows: list[tuple] = []
+    position = (0, 0)
+    if resume:
+        step, train_ms, position, rows = trainstate.load(resume_file, base_model, optimizers, model_cfg, cfg, d.world)
+        if d.main:
+            print(f"train: resuming at step {step} ({train_ms / 1000:.1f} s trained) from {resume_file}")
+    loader = DistributedTokenLoader(data, d.rank, d.world, d.device, position)
     eval_cfg = EvalConfig(seq_len=cfg.train_seq_len, val_tokens=cfg.val_tokens, device=str(d.device))
     eval_data = EvalData.load(data) if d.main else None
-    rows: list[tuple] = []
     val_history: list[dict] = []
-    train_ms, stop_after, step, last_loss = 0.0, None, 0, float("nan")
 
     def validate() -> dict:
         result = evaluate_model(base_model, eval_data, eval_cfg, progress=False) if d.main else {}
@@ -163,7 +171,7 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
 
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                         TimeElapsedColumn(), disable=not d.main, transient=True)
-    task = progress.add_task("", total=cfg.iterations)
+    task = progress.add_task("", total=cfg.iterations, completed=step)
     final_val: dict = {}
     if cuda:
         torch.cuda.synchronize()
@@ -203,6 +211,12 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
                 progress.update(task, completed=step, description=status)
                 if d.main and (step % cfg.log_every == 0 or step == 1):
                     progress.console.print(f"step {step}/{cfg.iterations}: {status}")
+            if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
+                pause = time.perf_counter()  # saving is not training time
+                if d.main:
+                    trainstate.save(resume_file, base_model, optimizers, step, approx_ms, loader.stream.state(),
+                                    rows, model_cfg, cfg, d.world)
+                t0 += time.perf_counter() - pause
             capped = cfg.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * cfg.max_wallclock_seconds
             if stop_after is None and d.any(capped):
                 stop_after = step
@@ -243,6 +257,7 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
     })
     mem = f", peak {peak_mem / 2**30:.2f} GiB" if peak_mem else ""
     lut = final_val.get("val_bpb_lut")
+    resume_file.unlink(missing_ok=True)  # finished: nothing left to resume
     print(f"train: {step} steps, {train_ms / max(step, 1):.1f} ms/step, "
           f"{step * cfg.train_batch_tokens / max(train_ms / 1000.0, 1e-9):,.0f} tokens/s{mem}; "
           f"val_bpb {final_val.get('val_bpb'):.4f} (LUT {lut:.4f}); wrote {out}")

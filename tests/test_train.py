@@ -94,3 +94,44 @@ def test_two_process_torchrun_matches_one_process(tokenized_dir, tmp_path):
             (name, (one[name].float() - two[name].float()).abs().max().item())
     assert json.loads((tmp_path / "two" / "m.json").read_text())["world_size"] == 2
     assert one["blocks.0.attn.proj.weight"].abs().max() > 0  # trained away from its zero init
+
+
+def test_a_killed_run_resumes_to_the_same_result(tokenized_dir, tmp_path, monkeypatch):
+    from stages.shards import DistributedTokenLoader
+
+    cfg = replace(TRAIN, iterations=12, checkpoint_every=4)
+    full, _, _ = train_once(tokenized_dir, tmp_path / "full", cfg)
+    assert not (tmp_path / "full" / "ckpt.safetensors.resume").exists()  # removed once finished
+
+    real, calls = DistributedTokenLoader.next_batch, {"n": 0}
+
+    def dies_in_step_11(self, *args):
+        calls["n"] += 1
+        if calls["n"] > 10 * cfg.grad_accum_steps:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    monkeypatch.setattr(DistributedTokenLoader, "next_batch", dies_in_step_11)
+    with pytest.raises(KeyboardInterrupt):
+        run(tokenized_dir, killed / "ckpt.safetensors", MODEL, cfg, killed / "metrics.json", killed / "log.csv")
+    monkeypatch.undo()
+    assert not (killed / "ckpt.safetensors").exists() and (killed / "ckpt.safetensors.resume").exists()
+
+    run(tokenized_dir, killed / "ckpt.safetensors", MODEL, cfg, killed / "metrics.json", killed / "log.csv", resume=True)
+    resumed, meta = load_tensors(killed / "ckpt.safetensors", "checkpoint")
+    assert meta["steps"] == 12
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    table = lambda path: [(r["step"], r["train_loss"], r["lr_scale"]) for r in csv.DictReader(open(path))]  # noqa: E731
+    assert table(killed / "log.csv") == table(tmp_path / "full" / "log.csv")  # all but the wall-clock column
+    # a state saved under other params is refused
+    monkeypatch.setattr(DistributedTokenLoader, "next_batch", dies_in_step_11)
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        run(tokenized_dir, killed / "ckpt.safetensors", MODEL, cfg, killed / "metrics.json", killed / "log.csv")
+    monkeypatch.undo()
+    with pytest.raises(PgolfError, match="another params"):
+        run(tokenized_dir, killed / "ckpt.safetensors", MODEL, replace(cfg, matrix_lr=0.02), killed / "metrics.json",
+            killed / "log.csv", resume=True)

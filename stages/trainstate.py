@@ -1,0 +1,74 @@
+"""A training run's full state, saved periodically so that a killed run can resume.
+
+It holds what the next step depends on: weights, every optimizer's state (Adam moments, Muon momentum),
+the data stream's position, the step, and the schedule's clock (training milliseconds so far). With
+these restored, a resumed run takes exactly the steps an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifacts import PgolfError, load_tensors, save_tensors
+from .config import ModelConfig, TrainConfig
+
+KIND = "train-state"
+# Params that may differ between the killed run and its resumption without changing the result.
+RESUMABLE_CHANGES = ("checkpoint_every", "log_every", "device", "compile", "val_loss_every")
+
+
+def state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".resume")
+
+
+def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, world: int) -> dict[str, Any]:
+    params = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    return {"model_config": asdict(model_cfg), "params": params, "world_size": world}
+
+
+def save(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], step: int, train_ms: float,
+         stream_position: tuple[int, int], loss_rows: list[tuple], model_cfg: ModelConfig, cfg: TrainConfig,
+         world: int) -> None:
+    tensors = {f"model/{k}": v.detach() for k, v in model.state_dict().items()}
+    groups = []
+    for i, opt in enumerate(optimizers):
+        sd = opt.state_dict()
+        for pid, pstate in sd["state"].items():
+            for key, value in pstate.items():
+                tensors[f"opt{i}/{pid}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        groups.append(sd["param_groups"])
+    save_tensors(path, tensors, KIND, {
+        "step": step, "train_ms": train_ms, "stream_position": list(stream_position),
+        "param_groups": json.dumps(groups), "loss_rows": loss_rows, **_fingerprint(model_cfg, cfg, world),
+    })
+
+
+def load(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], model_cfg: ModelConfig,
+         cfg: TrainConfig, world: int) -> tuple[int, float, tuple[int, int], list[tuple]]:
+    """Restore model and optimizers in place; return (step, train_ms, stream position, loss-table rows)."""
+    if not path.is_file():
+        raise PgolfError(f"{path}: no saved training state to resume from; run without --resume "
+                         "(and with train.checkpoint_every > 0 so that a killed run can resume)")
+    tensors, meta = load_tensors(path, KIND)
+    want = _fingerprint(model_cfg, cfg, world)
+    for key in want:
+        if meta.get(key) != want[key]:
+            raise PgolfError(f"{path}: saved by a run with another {key.replace('_', ' ')}; resume with the same "
+                             "params and world size, or delete the file to start afresh")
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+    groups = json.loads(meta["param_groups"])
+    for i, opt in enumerate(optimizers):
+        state: dict[int, dict[str, Any]] = {}
+        prefix = f"opt{i}/"
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                pid, name = key[len(prefix):].split("/", 1)
+                state.setdefault(int(pid), {})[name] = value
+        opt.load_state_dict({"state": state, "param_groups": groups[i]})
+    rows = [tuple(r) for r in meta.get("loss_rows", [])]
+    return int(meta["step"]), float(meta["train_ms"]), tuple(meta["stream_position"]), rows

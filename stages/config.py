@@ -34,6 +34,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
     bos_id: int = 1
+    doc_mask: bool = False  # attention never crosses a BOS into the previous document
 
     def validate(self, source: str = "model config") -> None:
         if self.model_dim % self.num_heads:
@@ -123,6 +124,7 @@ class QuantizeConfig:
     # LQER (§4.5): low-rank correction of the lqer_top_k tensors with the largest ‖W − Ŵ‖_F (0: off).
     lqer_top_k: int = 0
     lqer_rank: int = 4
+    lqer_weighted: bool = False  # fit the H-weighted error (E·H^½) instead of E; needs the Hessians
     device: str = "auto"  # where GPTQ runs: auto | cpu | cuda
 
 

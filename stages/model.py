@@ -63,7 +63,7 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
         self.rotary = Rotary(self.head_dim, cfg.rope_base)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -72,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(T, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -99,10 +99,10 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # (x, x0) weights
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), mask)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
 
 
@@ -138,16 +138,17 @@ class GPT(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states [B, T, D] (the LM head's input)."""
+        mask = document_mask(input_ids, self.cfg.bos_id) if self.cfg.doc_mask else None
         x = rms_norm(self.tok_emb(input_ids))
         x0 = x
         skips = []
         for block in self.blocks[:self.num_encoder_layers]:
-            x = block(x, x0)
+            x = block(x, x0, mask)
             skips.append(x)
         for i, block in enumerate(self.blocks[self.num_encoder_layers:]):
             if skips:
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+            x = block(x, x0, mask)
         return rms_norm(x)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -161,6 +162,17 @@ class GPT(nn.Module):
         """Mean cross-entropy (nats) over all positions."""
         logits = self.logits(input_ids)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
+
+
+def document_mask(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """[B, 1, T, T] boolean: causal, and only within the query's document (documents start at BOS).
+
+    Tokens before a window's first BOS form a document of their own (the tail of one cut by the window).
+    """
+    doc = torch.cumsum(input_ids == bos_id, dim=1)  # document index of every position
+    T = input_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
 def prepare_for_device(model: GPT, device: torch.device | str) -> GPT:

@@ -117,3 +117,24 @@ def test_muon_step_moves_each_matrix_by_an_orthogonal_update():
     opt.step()
     s = torch.linalg.svdvals(-t.detach())
     assert 0.5 * 2 < s.min() and s.max() < 1.25 * 2
+
+
+def test_document_mask_isolates_each_document():
+    """With doc_mask a document's logits are the same whether or not another document precedes it."""
+    cfg = ModelConfig(**{**TINY.__dict__, "doc_mask": True})
+    model = randomized(cfg)
+    bos = cfg.bos_id
+    torch.manual_seed(1)
+    doc_a = torch.cat([torch.tensor([bos]), torch.randint(4, cfg.vocab_size, (20,))])
+    doc_b = torch.cat([torch.tensor([bos]), torch.randint(4, cfg.vocab_size, (15,))])
+    alone = model.logits(doc_b[None])[0]
+    after_a = model.logits(torch.cat([doc_a, doc_b])[None])[0, len(doc_a):]
+    assert torch.allclose(alone, after_a, atol=1e-5), (alone - after_a).abs().max()
+    # without the mask the preceding document leaks in
+    leaky = randomized(TINY)
+    assert not torch.allclose(leaky.logits(doc_b[None])[0], leaky.logits(torch.cat([doc_a, doc_b])[None])[0, len(doc_a):], atol=1e-3)
+    # and the masked model is still causal within a document
+    x = torch.cat([doc_a, doc_b])[None]
+    x2 = x.clone()
+    x2[0, 30] = (x2[0, 30] + 1) % cfg.vocab_size
+    assert torch.equal(model.logits(x)[:, :30], model.logits(x2)[:, :30])

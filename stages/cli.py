@@ -114,12 +114,18 @@ def calibrate(
     _run(go)
 
 
-@app.command(epilog="Example: pgolf quantize --bits 6 artifacts/ckpt.safetensors")
+@app.command(epilog="Example: pgolf quantize --bits 6 artifacts/ckpt.safetensors   "
+             "(GPTQ: --method gptq --hessians artifacts/hessians.safetensors --clip sdclip --embed-bits 7)")
 def quantize(
     ckpt: Path = typer.Argument(..., help="Checkpoint from `pgolf train`."),
     bits: Optional[int] = typer.Option(None, help="Bits per weight, 2..8 (params: quantize.bits)."),
-    method: Optional[str] = typer.Option(None, help="Quantization method: rtn."),
-    hessians: Optional[Path] = typer.Option(None, help="Hessians from `pgolf calibrate` (used by Hessian-aware methods)."),
+    method: Optional[str] = typer.Option(None, help="rtn | gptq (gptq needs --hessians; without them it falls back to rtn)."),
+    clip: Optional[str] = typer.Option(None, help="percentile (the reference's) | sdclip (k·std per row)."),
+    embed_bits: Optional[int] = typer.Option(None, help="Bits for the embedding/head (0 = --bits)."),
+    attn_bits: Optional[int] = typer.Option(None, help="Bits for attention matrices (0 = --bits)."),
+    mlp_bits: Optional[int] = typer.Option(None, help="Bits for MLP matrices (0 = --bits)."),
+    lqer_top_k: Optional[int] = typer.Option(None, help="Low-rank (LQER) correction of the k tensors with the largest error; 0 = off."),
+    hessians: Optional[Path] = typer.Option(None, help="Hessians from `pgolf calibrate` (used by gptq; weighted errors in the report)."),
     out: Optional[Path] = typer.Option(None, help="Output file [default: quantized.safetensors beside CKPT]."),
     metrics: Optional[Path] = typer.Option(None, help="Report JSON [default: quantize_metrics.json beside the output]."),
     params: Path = PARAMS,
@@ -130,7 +136,8 @@ def quantize(
         from . import quantize as stage
         from .config import QuantizeConfig, stage_config
 
-        p, s = _sets(params, sets, {"bits": bits, "method": method})
+        p, s = _sets(params, sets, {"bits": bits, "method": method, "clip": clip, "embed_bits": embed_bits,
+                                   "attn_bits": attn_bits, "mlp_bits": mlp_bits, "lqer_top_k": lqer_top_k})
         target = out or ckpt.with_name("quantized.safetensors")
         stage.run(ckpt, target, stage_config(QuantizeConfig, "quantize", p, s, params), hessians,
                   metrics or target.with_name("quantize_metrics.json"))

@@ -8,6 +8,12 @@ adds (q_A·s_A)(q_B·s_B) to Q·s.
 Packing: when B.numel() is a multiple of 64, A is int2 ({−2, −1, 0, 1}, one fp16 scale max|A|/1.5) and
 B int4 ([−8, 7], one fp16 scale max|group|/7.5 per 64 consecutive values of flattened B): A is tall and
 cheap to keep coarse, B holds the directions. Otherwise both are symmetric int4 (±7) with per-row scales.
+
+The reference factors E itself, which minimises ‖E − AB‖_F. GPTQ, though, deliberately leaves its error
+in the input directions H weighs least, so that rank-r fit can raise the output error
+trace(E H Eᵀ) that GPTQ minimised. With `lqer_weighted` the factors fit E·H^½ instead (the best rank-r
+correction in the H-weighted norm; same storage, same decoding). Either way a correction is kept only
+where it lowers the H-weighted error (the Frobenius error when H is unknown).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .config import QuantizeConfig
+from .gptq import weighted_error
 from .quant import ZERO_ROW_GUARD, Encoded, decode_lqer_factor
 
 GROUP = 64
@@ -25,6 +32,17 @@ def error_factors(error: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     u, s, vh = torch.linalg.svd(error.double(), full_matrices=False)
     r = min(rank, s.numel())
     return (u[:, :r] * s[:r]).float(), vh[:r].float()
+
+
+def weighted_error_factors(error: torch.Tensor, hessian: torch.Tensor, rank: int, damp: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) minimising trace((E − AB) H (E − AB)ᵀ): factor E·H^½, then map B back with H^−½."""
+    h = hessian.double()
+    h = h + max(damp, 1e-6) * float(torch.diag(h).mean().clamp_min(1e-12)) * torch.eye(h.shape[0], dtype=h.dtype)
+    eigvals, eigvecs = torch.linalg.eigh(h)
+    root = eigvals.clamp_min(1e-12).sqrt()
+    a, b = error_factors(error.double() @ (eigvecs * root) @ eigvecs.T, rank)
+    return a, (b.double() @ (eigvecs / root) @ eigvecs.T).float()
 
 
 def _round(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,12 +74,14 @@ def lowrank_term(parts: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
     return a @ b
 
 
-def add_lqer(encoded: dict[str, Encoded], originals: dict[str, torch.Tensor], cfg: QuantizeConfig) -> list[str]:
+def add_lqer(encoded: dict[str, Encoded], originals: dict[str, torch.Tensor], cfg: QuantizeConfig,
+             hessians: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Give the top-k per-row quantized tensors (by ‖W − Ŵ‖_F) a low-rank correction, in place.
 
-    A correction that would not lower ‖W − Ŵ‖_F (possible in principle once the factors are rounded) is
-    left out with a notice. Returns the names corrected.
+    A correction that would not lower the error (H-weighted where H is known, else Frobenius) is left
+    out with a notice. Returns the names corrected.
     """
+    hessians = hessians or {}
     errors: dict[str, torch.Tensor] = {}
     for name, enc in encoded.items():
         if enc.entry["encoding"] == "int_per_row" and enc.parts["codes"].ndim == 2:
@@ -70,14 +90,25 @@ def add_lqer(encoded: dict[str, Encoded], originals: dict[str, torch.Tensor], cf
     ranked = sorted(errors, key=lambda n: float(errors[n].norm()), reverse=True)[:cfg.lqer_top_k]
     corrected = []
     for name in ranked:
-        e = errors[name]
-        parts, meta = quantize_factors(*error_factors(e, cfg.lqer_rank))
-        if float((e - lowrank_term(parts, meta)).norm()) >= float(e.norm()):
-            print(f"quantize: note: LQER left out for {name}: its rounded factors do not lower the error")
+        e, h = errors[name], hessians.get(name)
+        if h is not None and tuple(h.shape) != (e.shape[1], e.shape[1]):
+            h = None
+        if cfg.lqer_weighted and h is not None:
+            parts, meta = quantize_factors(*weighted_error_factors(e, h, cfg.lqer_rank, cfg.gptq_damp))
+        else:
+            parts, meta = quantize_factors(*error_factors(e, cfg.lqer_rank))
+        left = e - lowrank_term(parts, meta)
+        if h is not None:
+            worse = weighted_error(left, torch.zeros_like(left), h) >= weighted_error(e, torch.zeros_like(e), h)
+        else:
+            worse = float(left.norm()) >= float(e.norm())
+        if worse:
+            print(f"quantize: note: LQER left out for {name}: its correction would raise the "
+                  f"{'H-weighted' if h is not None else 'Frobenius'} error")
             continue
         enc = encoded[name]
         enc.parts.update(parts)
-        enc.entry.update({"encoding": "int_per_row+lqer",
-                          "lqer": {"rank": int(parts["lqer_a"].shape[1]), **meta}})
+        enc.entry.update({"encoding": "int_per_row+lqer", "lqer": {
+            "rank": int(parts["lqer_a"].shape[1]), "weighted": bool(cfg.lqer_weighted and h is not None), **meta}})
         corrected.append(name)
     return corrected

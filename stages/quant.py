@@ -334,7 +334,7 @@ def quantize_state_dict(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig
     encoded = {name: encode_tensor(name, t, cfg, hessians.get(name)) for name, t in state_dict.items()}
     if cfg.lqer_top_k:
         from .lqer import add_lqer
-        add_lqer(encoded, state_dict, cfg)
+        add_lqer(encoded, state_dict, cfg, hessians)
     fallbacks = {name: enc.entry["fallback"] for name, enc in encoded.items() if "fallback" in enc.entry}
     if fallbacks:
         print(f"quantize: note: {cfg.method} fell back to rtn for {len(fallbacks)} tensor(s): "

@@ -53,7 +53,8 @@ def print_report(report: dict[str, Any], cfg: QuantizeConfig, out: Path) -> None
 
     table = Table(title=f"quantize: {cfg.method}, {cfg.bits} bits, clip {cfg.clip} → {out}")
     for col in ("tensor", "shape", "method", "stored as", "bytes", "max |err|", "rmse", "rel err", "H-weighted err"):
-        table.add_column(col, justify="left" if col in ("tensor", "method", "stored as") else "right")
+        table.add_column(col, justify="left" if col in ("tensor", "method", "stored as") else "right",
+                         no_wrap=col == "tensor")
 
     def weighted(x: float | None) -> str:
         return "-" if x is None else f"{x:.3g}"
@@ -70,7 +71,7 @@ def print_report(report: dict[str, Any], cfg: QuantizeConfig, out: Path) -> None
                   weighted(t["weighted_err"]))
     console = Console()
     if not console.is_terminal:  # logs and CI: wide enough that names are not cut
-        console = Console(width=120)
+        console = Console(width=160)
     console.print(table)
 
 

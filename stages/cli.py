@@ -115,7 +115,8 @@ def calibrate(
 
 
 @app.command(epilog="Example: pgolf quantize --bits 6 artifacts/ckpt.safetensors   "
-             "(GPTQ: --method gptq --hessians artifacts/hessians.safetensors --clip sdclip --embed-bits 7)")
+             "(GPTQ: --method gptq --hessians artifacts/hessians.safetensors --clip sdclip --embed-bits 7; "
+             "to a byte budget: --budget 16000000)")
 def quantize(
     ckpt: Path = typer.Argument(..., help="Checkpoint from `pgolf train`."),
     bits: Optional[int] = typer.Option(None, help="Bits per weight, 2..8 (params: quantize.bits)."),
@@ -125,6 +126,10 @@ def quantize(
     attn_bits: Optional[int] = typer.Option(None, help="Bits for attention matrices (0 = --bits)."),
     mlp_bits: Optional[int] = typer.Option(None, help="Bits for MLP matrices (0 = --bits)."),
     lqer_top_k: Optional[int] = typer.Option(None, help="Low-rank (LQER) correction of the k tensors with the largest error; 0 = off."),
+    budget: Optional[int] = typer.Option(None, help="Choose per-tensor bits so the packed artifact (model + code) fits "
+                                         "this many bytes with the least Hessian-weighted error; 0 = off."),
+    data: Optional[Path] = typer.Option(Path("data/tokenized"), help="Tokenized data (with --budget: exact packed sizes; "
+                                        "skipped if absent)."),
     hessians: Optional[Path] = typer.Option(None, help="Hessians from `pgolf calibrate` (used by gptq; weighted errors in the report)."),
     out: Optional[Path] = typer.Option(None, help="Output file [default: quantized.safetensors beside CKPT]."),
     metrics: Optional[Path] = typer.Option(None, help="Report JSON [default: quantize_metrics.json beside the output]."),
@@ -134,13 +139,16 @@ def quantize(
     """Quantize a checkpoint's weights to integer codes plus scales (self-describing safetensors)."""
     def go() -> None:
         from . import quantize as stage
-        from .config import QuantizeConfig, stage_config
+        from .config import PackConfig, QuantizeConfig, stage_config
 
         p, s = _sets(params, sets, {"bits": bits, "method": method, "clip": clip, "embed_bits": embed_bits,
-                                   "attn_bits": attn_bits, "mlp_bits": mlp_bits, "lqer_top_k": lqer_top_k})
+                                   "attn_bits": attn_bits, "mlp_bits": mlp_bits, "lqer_top_k": lqer_top_k,
+                                   "budget": budget})
         target = out or ckpt.with_name("quantized.safetensors")
+        pack_codec = stage_config(PackConfig, "pack", p, {}, params).codec  # the budget is measured as pack will pack
         stage.run(ckpt, target, stage_config(QuantizeConfig, "quantize", p, s, params), hessians,
-                  metrics or target.with_name("quantize_metrics.json"))
+                  metrics or target.with_name("quantize_metrics.json"), pack_codec=pack_codec,
+                  data=data if data is not None and (data / "manifest.json").is_file() else None)
     _run(go)
 
 

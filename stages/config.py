@@ -35,6 +35,10 @@ class ModelConfig:
     tied_embed_init_std: float = 0.005
     bos_id: int = 1
     doc_mask: bool = False  # attention never crosses a BOS into the previous document
+    activation: str = "relu2"  # relu2 | leaky_relu2 (LeakyReLU(0.5)²)
+    rope_dims: int = 0  # rotate only the first N dims of each head (partial RoPE); 0: all
+    ln_scale: bool = False  # scale block l's normed inputs by 1/√(l+1)
+    xsa_layers: int = 0  # exclusive self-attention on the last N layers
 
     def validate(self, source: str = "model config") -> None:
         if self.model_dim % self.num_heads:
@@ -45,6 +49,13 @@ class ModelConfig:
             raise PgolfError(f"{source}: head dim {self.model_dim // self.num_heads} must be even for RoPE")
         if self.num_layers < 1 or self.mlp_mult < 1:
             raise PgolfError(f"{source}: num_layers and mlp_mult must be >= 1")
+        if self.activation not in ("relu2", "leaky_relu2"):
+            raise PgolfError(f"{source}: activation {self.activation!r}; choose relu2 or leaky_relu2")
+        head_dim = self.model_dim // self.num_heads
+        if self.rope_dims < 0 or self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise PgolfError(f"{source}: rope_dims {self.rope_dims} must be even and at most the head dim {head_dim}")
+        if not 0 <= self.xsa_layers <= self.num_layers:
+            raise PgolfError(f"{source}: xsa_layers {self.xsa_layers} must be between 0 and num_layers {self.num_layers}")
 
 
 @dataclass
@@ -126,6 +137,13 @@ class QuantizeConfig:
     lqer_rank: int = 4
     lqer_weighted: bool = False  # fit the H-weighted error (E·H^½) instead of E; needs the Hessians
     device: str = "auto"  # where GPTQ runs: auto | cpu | cuda
+    # Bit allocation to a byte budget (stages/budget.py): packed blob + code bytes <= budget (0: off).
+    # Each quantized tensor gets a width from budget_bits; bits is then unused, a group's *_bits pins it.
+    budget: int = 0
+    budget_bits: str = "4,5,6,7,8"
+    # Bytes held back when quantize is not given the tokenized data: pack's header lists the val shards
+    # (about 90 bytes each), which quantize then cannot see.
+    budget_reserve: int = 1024
 
 
 @dataclass

@@ -5,10 +5,15 @@ weighted) → RMSNorm → tied LM head → softcap 30·tanh(z/30). Each block mi
 embedding stream x0, then runs attention (GQA, QK RMSNorm, RoPE, learned per-head q gain) and a relu²
 MLP, each scaled by a learned per-channel vector. Output projections start at zero.
 
+Options beyond the baseline (all off by default): document masking, LeakyReLU(0.5)², partial RoPE,
+layerwise norm scaling 1/√(l+1), and exclusive self-attention (XSA) on the last layers.
+
 Parameter names match the challenge's `train_gpt.py`, so its int8 artifacts load directly.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,16 +49,28 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    """Rotate the first 2·cos.size(-1) dims (half-split pairs); the rest carry no position."""
+    rot = 2 * cos.size(-1)
+    half = rot // 2
+    x1, x2, rest = x[..., :half], x[..., half:rot], x[..., rot:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def exclusive(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output y [B,H,T,D] its component along the same position's own
+    value v [B,Hkv,T,D], so heads must carry information from other positions."""
+    B, H, T, D = y.shape
+    y = y.view(B, v.size(1), H // v.size(1), T, D)
+    vn = F.normalize(v, dim=-1)[:, :, None]
+    return (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, H, T, D)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, xsa: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
+        self.xsa = xsa
         kv_dim = cfg.num_kv_heads * self.head_dim
         self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim, bias=False)
         self.c_k = CastedLinear(cfg.model_dim, kv_dim, bias=False)
@@ -61,7 +78,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, bias=False)
         self.proj.zero_init = True
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.rope_dims or self.head_dim, cfg.rope_base)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -74,6 +91,8 @@ class CausalSelfAttention(nn.Module):
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.xsa:
+            y = exclusive(y, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -84,16 +103,20 @@ class MLP(nn.Module):
         self.fc = CastedLinear(cfg.model_dim, hidden, bias=False)
         self.proj = CastedLinear(hidden, cfg.model_dim, bias=False)
         self.proj.zero_init = True
+        self.leaky = cfg.activation == "leaky_relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
+        h = self.fc(x)
+        h = F.leaky_relu(h, 0.5) if self.leaky else torch.relu(h)
+        return self.proj(h.square())
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         dim = cfg.model_dim
-        self.attn = CausalSelfAttention(cfg)
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.attn = CausalSelfAttention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_layers)
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -102,8 +125,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), mask)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, mask)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
 
 class GPT(nn.Module):
@@ -117,7 +140,7 @@ class GPT(nn.Module):
         self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
         num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.num_layers))
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head.zero_init = True

@@ -76,6 +76,24 @@ def data_identity(data: Path) -> dict[str, Any]:
             "val_shards": val, "manifest_sha256": sha256_file(manifest_path)}
 
 
+def blob_header_fields(meta: dict[str, Any], ident: dict[str, Any], quantized_sha256: str,
+                       code: dict[str, Any]) -> dict[str, Any]:
+    """The blob header's own fields, from the quantized file's metadata, the data identity and the code
+    measurement (quantize's --budget builds the same header to predict the packed size)."""
+    return {
+        "model_config": meta["model_config"],
+        "schema": meta["schema"],
+        "quantize_params": meta.get("params"),
+        "tokenizer_sha256": ident["tokenizer_sha256"],
+        "vocab_size": ident["vocab_size"],
+        "val_shards": ident["val_shards"],
+        "inputs": {"quantized": quantized_sha256, "manifest": ident["manifest_sha256"],
+                   "checkpoint": (meta.get("inputs") or {}).get("checkpoint")},
+        "code": {k: code[k] for k in ("files", "codec", "bytes")},
+        "producer": producer_versions(),
+    }
+
+
 def print_report(rep: dict[str, Any], out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -122,19 +140,7 @@ def run(quantized: Path, data: Path, out: Path, cfg: PackConfig, metrics: Path) 
     tried = ", ".join(codecs.CODECS) if cfg.codec == "auto" else cfg.codec
     print(f"pack: compressing {len(tensors)} tensors with {tried} (brotli-11 and lzma take a minute on a full model)")
     code = measure_code(cfg.codec)
-    header_fields = {
-        "model_config": meta["model_config"],
-        "schema": meta["schema"],
-        "quantize_params": meta.get("params"),
-        "tokenizer_sha256": ident["tokenizer_sha256"],
-        "vocab_size": ident["vocab_size"],
-        "val_shards": ident["val_shards"],
-        "inputs": {"quantized": sha256_file(quantized), "manifest": ident["manifest_sha256"],
-                   "checkpoint": (meta.get("inputs") or {}).get("checkpoint")},
-        "code": {k: code[k] for k in ("files", "codec", "bytes")},
-        "producer": producer_versions(),
-    }
-    blob, header, sizes = build_blob(tensors, header_fields, cfg.codec)
+    blob, header, sizes = build_blob(tensors, blob_header_fields(meta, ident, sha256_file(quantized), code), cfg.codec)
     total = len(blob) + code["bytes"]
     rep = {
         "model_bytes": len(blob), "code_bytes": code["bytes"], "total_bytes": total, "limit": cfg.limit,

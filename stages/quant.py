@@ -286,11 +286,16 @@ def keep_float(name: str, t: torch.Tensor) -> Encoded:
                                                     "clip": None, "scheme": None})
 
 
+def is_quantized(t: torch.Tensor, cfg: QuantizeConfig) -> bool:
+    """Whether `t` gets integer codes (large float tensors) rather than being kept as it is."""
+    return t.is_floating_point() and t.numel() > max(cfg.keep_float_max_numel, 0)
+
+
 def encode_tensor(name: str, t: torch.Tensor, cfg: QuantizeConfig, hessian: torch.Tensor | None = None) -> Encoded:
     t = t.detach().cpu().contiguous()
     if not t.is_floating_point():
         enc = Encoded({"value": t}, {"encoding": "raw", "method": "passthrough", "bits": None, "clip": None, "scheme": None})
-    elif t.numel() <= cfg.keep_float_max_numel or t.numel() == 0:
+    elif not is_quantized(t, cfg):
         enc = keep_float(name, t)
     else:
         enc = QUANTIZERS[cfg.method](name, t, config_for(name, cfg), hessian)
@@ -320,31 +325,13 @@ def _error_stats(original: torch.Tensor, restored: torch.Tensor) -> dict[str, fl
             "rel_err": float(diff.norm()) / norm if norm > 0 else float(diff.norm())}
 
 
-def quantize_state_dict(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig,
-                        hessians: dict[str, torch.Tensor] | None = None
-                        ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, Any]]:
-    """(tensors for quantized.safetensors, schema {name: entry}, report with per-tensor errors).
-
-    The report's weighted error, trace((W − Ŵ) H (W − Ŵ)ᵀ), is given wherever `hessians` has the tensor's H.
-    """
-    from .gptq import weighted_error
-
-    validate_config(cfg)
-    hessians = hessians or {}
-    encoded = {name: encode_tensor(name, t, cfg, hessians.get(name)) for name, t in state_dict.items()}
-    if cfg.lqer_top_k:
-        from .lqer import add_lqer
-        add_lqer(encoded, state_dict, cfg, hessians)
-    fallbacks = {name: enc.entry["fallback"] for name, enc in encoded.items() if "fallback" in enc.entry}
-    if fallbacks:
-        print(f"quantize: note: {cfg.method} fell back to rtn for {len(fallbacks)} tensor(s): "
-              + ", ".join(f"{n} ({why})" for n, why in fallbacks.items())
-              + ("; give --hessians from `pgolf calibrate`" if any("Hessian" in w for w in fallbacks.values()) else ""))
+def store_encoded(encoded: dict[str, Encoded], state_dict: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """(stored tensors keyed by part_key, schema {name: entry with its part keys}), in state-dict order."""
     tensors: dict[str, torch.Tensor] = {}
     schema: dict[str, dict[str, Any]] = {}
-    rows = []
-    for name, enc in encoded.items():
-        t = state_dict[name]
+    for name in state_dict:
+        enc = encoded[name]
         keys = {}
         for role, part in enc.parts.items():
             key = part_key(name, role)
@@ -354,6 +341,35 @@ def quantize_state_dict(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig
             keys[role] = key
         enc.entry["parts"] = keys
         schema[name] = enc.entry
+    return tensors, schema
+
+
+def quantize_state_dict(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig,
+                        hessians: dict[str, torch.Tensor] | None = None, encoded: dict[str, Encoded] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, Any]]:
+    """(tensors for quantized.safetensors, schema {name: entry}, report with per-tensor errors).
+
+    The report's weighted error, trace((W − Ŵ) H (W − Ŵ)ᵀ), is given wherever `hessians` has the tensor's H.
+    `encoded`: every tensor already encoded (the budget search's choice, stages/budget.py); used as given.
+    """
+    from .gptq import weighted_error
+
+    validate_config(cfg)
+    hessians = hessians or {}
+    if encoded is None:
+        encoded = {name: encode_tensor(name, t, cfg, hessians.get(name)) for name, t in state_dict.items()}
+        if cfg.lqer_top_k:
+            from .lqer import add_lqer
+            add_lqer(encoded, state_dict, cfg, hessians)
+    fallbacks = {name: enc.entry["fallback"] for name, enc in encoded.items() if "fallback" in enc.entry}
+    if fallbacks:
+        print(f"quantize: note: {cfg.method} fell back to rtn for {len(fallbacks)} tensor(s): "
+              + ", ".join(f"{n} ({why})" for n, why in fallbacks.items())
+              + ("; give --hessians from `pgolf calibrate`" if any("Hessian" in w for w in fallbacks.values()) else ""))
+    tensors, schema = store_encoded(encoded, state_dict)
+    rows = []
+    for name, enc in encoded.items():
+        t = state_dict[name]
         restored = decode_entry(name, enc.entry, tensors, "quantize")
         original = t.detach().cpu()
         stats = (_error_stats(original, restored) if original.is_floating_point()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import codecs
 from .artifacts import PgolfError, load_tensors, read_meta, save_tensors, sha256_file, write_json
 from .config import QuantizeConfig
 from .quant import quantize_state_dict, validate_config
@@ -52,7 +53,13 @@ def print_report(report: dict[str, Any], cfg: QuantizeConfig, out: Path) -> None
     from rich.table import Table
 
     table = Table(title=f"quantize: {cfg.method}, {cfg.bits} bits, clip {cfg.clip} → {out}")
-    for col in ("tensor", "shape", "method", "stored as", "bytes", "max |err|", "rmse", "rel err", "H-weighted err"):
+    budget = report.get("budget")
+    if budget:
+        table.title = f"quantize: {cfg.method}, bits chosen for a budget of {budget['budget']:,} bytes → {out}"
+    columns = ["tensor", "shape", "method", "stored as", "bytes", "max |err|", "rmse", "rel err", "H-weighted err"]
+    if budget:
+        columns.insert(5, f"est. {budget['estimate_codec']}")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("tensor", "method", "stored as") else "right",
                          no_wrap=col == "tensor")
 
@@ -61,22 +68,42 @@ def print_report(report: dict[str, Any], cfg: QuantizeConfig, out: Path) -> None
 
     for r in report["tensors"]:
         method = r["method"] + (" (fallback)" if r.get("fallback") else "")
+        est = [f"{r['est_bytes']:,}" if r.get("est_bytes") is not None else "-"] if budget else []
         table.add_row(r["name"], "×".join(map(str, r["shape"])) or "scalar", method, r["stored_as"],
-                      f"{r['stored_bytes']:,}", f"{r['max_abs_err']:.3g}", f"{r['rmse']:.3g}", f"{r['rel_err']:.3g}",
-                      weighted(r["weighted_err"]))
+                      f"{r['stored_bytes']:,}", *est, f"{r['max_abs_err']:.3g}", f"{r['rmse']:.3g}",
+                      f"{r['rel_err']:.3g}", weighted(r["weighted_err"]))
     t = report["totals"]
     table.add_section()
     table.add_row("total", f"{t['params']:,} params", "", f"{t['quantized_tensors']}/{t['tensors']} quantized",
-                  f"{t['stored_bytes']:,}", f"{t['max_abs_err']:.3g}", f"{t['quantized_rmse']:.3g}", "",
-                  weighted(t["weighted_err"]))
+                  f"{t['stored_bytes']:,}", *([""] if budget else []), f"{t['max_abs_err']:.3g}",
+                  f"{t['quantized_rmse']:.3g}", "", weighted(t["weighted_err"]))
     console = Console()
     if not console.is_terminal:  # logs and CI: wide enough that names are not cut
-        console = Console(width=160)
+        console = Console(width=180)
     console.print(table)
+    if budget:
+        b = budget
+        console.print(f"budget {b['budget']:,} bytes (codec {b['codec']}): packed size predicted "
+                      f"{b['predicted_bytes']:,}, measured {b['measured_bytes']:,} (blob + {b['code_bytes']:,} code"
+                      + (f" + {b['reserve_bytes']:,} reserve, data identity not given" if b["reserve_bytes"] else "")
+                      + f"); {b['upgrades']}/{b['path_length']} upgrades taken, {b['undone']} undone after measuring; "
+                      f"range {b['smallest_bytes']:,}..{b['largest_bytes']:,} bytes")
 
 
-def run(ckpt: Path, out: Path, cfg: QuantizeConfig, hessians: Path | None, metrics: Path) -> None:
+def run(ckpt: Path, out: Path, cfg: QuantizeConfig, hessians: Path | None, metrics: Path, *,
+        pack_codec: str = "zlib", data: Path | None = None) -> None:
+    """pack_codec: the codec pack will use (params pack.codec), which --budget measures sizes with;
+    data: the tokenized data pack will be given, so that --budget predicts pack's header exactly
+    (without it, budget_reserve bytes are held back)."""
     validate_config(cfg, "quantize params")
+    if cfg.budget:
+        from .budget import validate_budget
+
+        validate_budget(cfg)
+        try:
+            codecs.check_name(pack_codec, allow_auto=True)
+        except PgolfError as exc:
+            raise PgolfError(f"pack params: {exc}") from None
     state, meta = load_tensors(ckpt, kind="checkpoint")  # refuses NaN/inf weights
     if not isinstance(meta.get("model_config"), dict):
         raise PgolfError(f"{ckpt}: checkpoint metadata has no model config; re-run `pgolf train`")
@@ -93,14 +120,22 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, hessians: Path | None, metri
         print(f"quantize: note: no --hessians given, so {cfg.method} falls back to rtn for every tensor; "
               "run `pgolf calibrate` and pass its output with --hessians")
 
-    tensors, schema, report = quantize_state_dict(state, cfg, hessian_tensors)
     inputs = {"checkpoint": ckpt_sha, "hessians": hessians_sha}
-    save_tensors(out, tensors, "quantized", {
-        "model_config": meta["model_config"],
-        "tokenizer_sha256": meta.get("tokenizer_sha256"),
-        "params": asdict(cfg),
-        "inputs": inputs,
-        "schema": schema,
-    })
+    out_meta = {"model_config": meta["model_config"], "tokenizer_sha256": meta.get("tokenizer_sha256"),
+                "params": asdict(cfg), "inputs": inputs}
+    chosen = None
+    if cfg.budget:
+        from .budget import BudgetSearch
+        from .pack import data_identity
+
+        ident = data_identity(Path(data)) if data is not None else None
+        chosen = BudgetSearch(state, cfg, hessian_tensors, pack_codec, out_meta, ident).fit(cfg.budget)
+    tensors, schema, report = quantize_state_dict(state, cfg, hessian_tensors,
+                                                  encoded=chosen.encoded if chosen else None)
+    if chosen:
+        report["budget"] = chosen.report
+        for row in report["tensors"]:
+            row["est_bytes"] = (chosen.report["tensors"].get(row["name"]) or {}).get("est_bytes")
+    save_tensors(out, tensors, "quantized", {**out_meta, "schema": schema})
     write_json(metrics, {"params": asdict(cfg), "inputs": inputs, "output": str(out), **report})
     print_report(report, cfg, out)

@@ -138,3 +138,55 @@ def test_document_mask_isolates_each_document():
     x2 = x.clone()
     x2[0, 30] = (x2[0, 30] + 1) % cfg.vocab_size
     assert torch.equal(model.logits(x)[:, :30], model.logits(x2)[:, :30])
+
+
+OPTIONS = [{"activation": "leaky_relu2"}, {"rope_dims": 8}, {"ln_scale": True}, {"xsa_layers": 2},
+           {"doc_mask": True, "xsa_layers": 3, "rope_dims": 4, "ln_scale": True, "activation": "leaky_relu2"}]
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: ",".join(o))
+def test_every_option_keeps_the_model_causal_and_changes_its_function(option):
+    cfg = ModelConfig(**{**TINY.__dict__, **option})
+    model, plain = randomized(cfg), randomized(TINY)  # same seed: same weights
+    x = torch.randint(2, cfg.vocab_size, (2, 32))
+    x2 = x.clone()
+    x2[:, 20] = (x2[:, 20] + 5) % cfg.vocab_size
+    assert torch.equal(model.logits(x)[:, :20], model.logits(x2)[:, :20])
+    assert not torch.allclose(model.logits(x), plain.logits(x), atol=1e-4)  # the option is really applied
+
+
+def test_xsa_removes_each_heads_component_along_its_own_value():
+    from stages.model import exclusive
+
+    torch.manual_seed(0)
+    B, H, Hkv, T, D = 2, 8, 2, 5, 16
+    y, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D)
+    out = exclusive(y, v)
+    for h in range(H):
+        g = h // (H // Hkv)  # the KV head serving query head h
+        vn = v[:, g] / v[:, g].norm(dim=-1, keepdim=True)
+        assert torch.allclose((out[:, h] * vn).sum(-1), torch.zeros(B, T), atol=1e-5)
+        assert torch.allclose(out[:, h], y[:, h] - (y[:, h] * vn).sum(-1, keepdim=True) * vn, atol=1e-6)
+
+
+def test_partial_rope_rotates_only_the_first_dims():
+    from stages.model import Rotary, apply_rotary
+
+    x = torch.randn(1, 2, 6, 16)
+    cos, sin = Rotary(4, 10000.0)(6, torch.float32)
+    out = apply_rotary(x, cos, sin)
+    assert torch.equal(out[..., 4:], x[..., 4:])
+    assert torch.allclose(out[..., :4].norm(dim=-1), x[..., :4].norm(dim=-1), atol=1e-6)
+    assert torch.equal(out[:, :, 0], x[:, :, 0])  # position 0 is not rotated
+    assert not torch.allclose(out[:, :, 3, :4], x[:, :, 3, :4])
+
+
+def test_layerwise_norm_scale_and_leaky_activation():
+    model = GPT(ModelConfig(**{**TINY.__dict__, "ln_scale": True, "activation": "leaky_relu2"}))
+    assert [b.norm_scale for b in model.blocks] == pytest.approx([1.0, 2 ** -0.5, 3 ** -0.5])
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        mlp.fc.weight.copy_(torch.eye(TINY.model_dim).repeat(2, 1))  # pre-activation = x
+        mlp.proj.weight.copy_(torch.eye(TINY.model_dim).repeat(1, 2) / 2)
+    x = torch.full((1, 1, TINY.model_dim), -2.0)
+    assert torch.allclose(mlp(x), torch.full_like(x, 1.0))  # (0.5 · −2)² = 1, where relu² gives 0

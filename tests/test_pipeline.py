@@ -73,6 +73,13 @@ def test_cli_chain_on_a_generated_corpus(tmp_path):
     bad = run("verify", "model.pgolf", "--data", "tok", "--claim", str(evaluated["val_bpb"] + 0.5),
               "--report", "bad.json", ok=False)
     assert bad.returncode != 0 and json.loads((tmp_path / "bad.json").read_text())["passed"] is False
+    # GPTQ to a byte budget below the int8 artifact's size: the packed result fits it
+    budget = pack["total_bytes"] - 5_000
+    run("quantize", "ckpt.safetensors", "--method", "gptq", "--hessians", "hessians.safetensors", "--data", "tok",
+        "--budget", str(budget), "--out", "qb.safetensors", "--set", "keep_float_max_numel=1024",
+        "--set", "budget_bits=2,3,4,5,6,7,8")
+    run("pack", "qb.safetensors", "--data", "tok", "--out", "qb.pgolf", "--metrics", "packb.json")
+    assert json.loads((tmp_path / "packb.json").read_text())["total_bytes"] <= budget
     # a lower bit width packs smaller
     run("quantize", "--bits", "4", "ckpt.safetensors", "--out", "q4.safetensors", "--set", "keep_float_max_numel=1024")
     run("pack", "q4.safetensors", "--data", "tok", "--out", "q4.pgolf", "--metrics", "pack4.json")

@@ -1,0 +1,241 @@
+"""Bit allocation to a byte budget (`quantize --budget BYTES`, issue 4).
+
+Every quantized tensor is encoded once at every width of `budget_bits`, and each encoding is scored by
+its output error trace((W − Ŵ) H (W − Ŵ)ᵀ) (where no Hessian fits the tensor: ‖W − Ŵ‖²_F, i.e. H = I)
+and by the compressed size of its stored parts. From the lowest widths everywhere, the search keeps
+taking the move (one tensor to any of its encodings with a lower error) with the largest error
+reduction per extra byte. That path does not depend on the budget; the budget only says where to stop
+on it, so a larger budget stops later and never ends with a larger error.
+
+Sizes along the path are predicted from the per-tensor sizes, calibrated by two real builds of the
+packed artifact (at the path's start and end: pack's header, codec and code measurement, via
+blob.build_blob and pack.measure_code). The chosen point is then built for real and, while it is over
+the budget, its last upgrades are undone one by one.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from . import codecs
+from .artifacts import PgolfError
+from .blob import build_blob, encode_payload
+from .config import QuantizeConfig
+from .gptq import weighted_error
+from .quant import (MAX_BITS, MIN_BITS, Encoded, decode_entry, encode_tensor, is_quantized, store_encoded,
+                    tensor_group)
+
+# Fast codecs estimate their own sizes; the slow ones (brotli, lzma, auto) are estimated with zlib and
+# corrected by the two calibrating builds.
+FAST_CODECS = ("zlib", "zstd")
+PLACEHOLDER_SHA = "0" * 64
+
+
+def candidate_bits(cfg: QuantizeConfig) -> list[int]:
+    try:
+        bits = sorted({int(b) for b in str(cfg.budget_bits).split(",") if b.strip()})
+    except ValueError:
+        bits = []
+    if not bits or not all(MIN_BITS <= b <= MAX_BITS for b in bits):
+        raise PgolfError(f"quantize params: budget_bits={cfg.budget_bits!r} must list widths in "
+                         f"{MIN_BITS}..{MAX_BITS}, e.g. '4,5,6,7,8'")
+    return bits
+
+
+def validate_budget(cfg: QuantizeConfig) -> None:
+    if cfg.budget < 0 or cfg.budget_reserve < 0:
+        raise PgolfError(f"quantize params: budget={cfg.budget} and budget_reserve={cfg.budget_reserve} "
+                         "must be >= 0 (budget 0: off)")
+    if cfg.lqer_top_k:
+        raise PgolfError("quantize params: --budget does not choose LQER corrections; set lqer_top_k=0 with it")
+    candidate_bits(cfg)
+
+
+def placeholder_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """pack.data_identity's fields with same-length stand-ins, for when quantize does not see the data:
+    one val shard (the challenge has one); budget_reserve covers the names and hashes of more."""
+    return {"tokenizer_sha256": meta.get("tokenizer_sha256") or PLACEHOLDER_SHA,
+            "vocab_size": (meta.get("model_config") or {}).get("vocab_size"),
+            "val_shards": {"fineweb_val_000000.bin": PLACEHOLDER_SHA}, "manifest_sha256": PLACEHOLDER_SHA}
+
+
+@dataclass
+class Option:
+    """One tensor at one width: its encoding, error and estimated compressed bytes."""
+
+    bits: int
+    enc: Encoded
+    err: float
+    est_bytes: int
+
+
+def tensor_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> tuple[float, str]:
+    if h is not None and w.ndim == 2 and tuple(h.shape) == (w.shape[1],) * 2:
+        return weighted_error(w, w_hat, h), "hessian"
+    return float((w.double() - w_hat.double()).pow(2).sum()), "plain"
+
+
+def upgrade_path(options: dict[str, list[Option]]) -> list[tuple[str, int]]:
+    """(tensor, option index) moves from option 0 everywhere, each the best error reduction per extra byte.
+
+    Only moves that lower a tensor's error count, so the path ends at each tensor's lowest-error option.
+    """
+    at = {name: 0 for name in options}
+    path: list[tuple[str, int]] = []
+    while True:
+        best, best_key = None, None
+        for name, opts in options.items():
+            cur = opts[at[name]]
+            for i, opt in enumerate(opts):
+                gain, cost = cur.err - opt.err, opt.est_bytes - cur.est_bytes
+                if gain <= 0:
+                    continue
+                key = (math.inf if cost <= 0 else gain / cost, gain)  # smaller and better: take it first
+                if best_key is None or key > best_key:
+                    best, best_key = (name, i), key
+        if best is None:
+            return path
+        path.append(best)
+        at[best[0]] = best[1]
+
+
+@dataclass
+class Allocation:
+    encoded: dict[str, Encoded]  # every tensor of the state dict, as it will be stored
+    report: dict[str, Any]
+
+
+class BudgetSearch:
+    """The encodings, the upgrade path and its measured ends for one checkpoint; `fit(budget)` picks."""
+
+    def __init__(self, state: dict[str, torch.Tensor], cfg: QuantizeConfig, hessians: dict[str, torch.Tensor] | None,
+                 codec: str, meta: dict[str, Any], ident: dict[str, Any] | None = None) -> None:
+        """meta: the quantized file's metadata less the schema; ident: pack.data_identity of the data, or
+        None (a placeholder, with cfg.budget_reserve bytes held back)."""
+        from .pack import measure_code
+
+        validate_budget(cfg)
+        codecs.check_name(codec, allow_auto=True)
+        self.state, self.cfg, self.codec, self.meta = state, cfg, codec, meta
+        self.exact = ident is not None
+        self.ident = ident or placeholder_identity(meta)
+        self.reserve = 0 if ident else cfg.budget_reserve
+        self.estimate_codec = codec if codec in FAST_CODECS else "zlib"
+        hessians = hessians or {}
+        if not hessians:
+            print("quantize: note: --budget without --hessians minimises the plain squared error ‖W − Ŵ‖² "
+                  "(every input direction weighted alike); give --hessians for the output error")
+        self.fixed, self.options, self.error_kind = self._encode(hessians)
+        self.path = upgrade_path(self.options)
+        self.code = measure_code(codec)
+        est = [sum(opts[0].est_bytes for opts in self.options.values())]
+        at = {name: 0 for name in self.options}
+        for name, i in self.path:
+            est.append(est[-1] + self.options[name][i].est_bytes - self.options[name][at[name]].est_bytes)
+            at[name] = i
+        self._real: dict[int, int] = {}
+        # Calibrate the estimate by the real sizes at both ends (an affine map; independent of the budget).
+        lo, hi, span = self.measure(0), self.measure(len(self.path)), est[-1] - est[0]
+        slope = (hi - lo) / span if span and (hi - lo) * span > 0 else 1.0
+        self.predicted = [lo + (e - est[0]) * slope for e in est]
+
+    def _encode(self, hessians: dict[str, torch.Tensor]):
+        from rich.progress import track
+
+        widths = candidate_bits(self.cfg)
+        free = replace(self.cfg, embed_bits=0, attn_bits=0, mlp_bits=0)  # config_for then uses `bits`
+        fixed: dict[str, Encoded] = {}
+        searched = []
+        for name, t in self.state.items():
+            group = tensor_group(name)
+            if is_quantized(t, self.cfg) and not (group and getattr(self.cfg, f"{group}_bits")):
+                searched.append(name)
+            else:  # kept float, or pinned by a group override: one encoding
+                fixed[name] = encode_tensor(name, t, self.cfg, hessians.get(name))
+        jobs = [(name, b) for name in searched for b in widths]
+        encoded, errors, kinds = {}, {}, {}
+        for name, b in track(jobs, description=f"budget: {len(searched)} tensors × widths {widths}",
+                             disable=not jobs):
+            enc = encode_tensor(name, self.state[name], replace(free, bits=b), hessians.get(name))
+            tensors, schema = store_encoded({name: enc}, {name: self.state[name]})
+            restored = decode_entry(name, schema[name], tensors, "budget")
+            errors[name, b], kinds[name] = tensor_error(self.state[name].detach().cpu(), restored, hessians.get(name))
+            encoded[name, b] = enc
+        # The codec libraries release the GIL: compress the encodings in parallel.
+        with ThreadPoolExecutor() as pool:
+            sizes = dict(zip(jobs, pool.map(
+                lambda job: len(codecs.compress(self.estimate_codec, encode_payload(encoded[job].parts)[0])), jobs)))
+        options = {name: [Option(b, encoded[name, b], errors[name, b], sizes[name, b]) for b in widths]
+                   for name in searched}
+        return fixed, options, kinds
+
+    def choice(self, k: int) -> dict[str, int]:
+        """Option index per searched tensor after the first k upgrades."""
+        at = {name: 0 for name in self.options}
+        for name, i in self.path[:k]:
+            at[name] = i
+        return at
+
+    def encoded_at(self, k: int) -> dict[str, Encoded]:
+        at = self.choice(k)
+        return {name: self.fixed[name] if name in self.fixed else self.options[name][at[name]].enc
+                for name in self.state}
+
+    def measure(self, k: int) -> int:
+        """Packed bytes (blob + code, + the reserve) after k upgrades: the blob built as pack builds it."""
+        import tempfile
+
+        from safetensors.torch import load_file, save_file
+
+        from .pack import blob_header_fields
+
+        if k not in self._real:
+            tensors, schema = store_encoded(self.encoded_at(k), self.state)
+            with tempfile.TemporaryDirectory() as tmp:  # the order in which pack reads them from the file
+                save_file(tensors, f"{tmp}/q.safetensors")
+                tensors = load_file(f"{tmp}/q.safetensors")
+            fields = blob_header_fields({**self.meta, "schema": schema}, self.ident, PLACEHOLDER_SHA, self.code)
+            self._real[k] = len(build_blob(tensors, fields, self.codec)[0]) + self.code["bytes"] + self.reserve
+        return self._real[k]
+
+    def fit(self, budget: int) -> Allocation:
+        """The longest prefix of the path predicted to fit, then upgrades undone until the real size fits."""
+        smallest = self.measure(0)
+        if smallest > budget:
+            raise PgolfError(
+                f"--budget {budget:,} bytes is below the smallest packed size this checkpoint reaches: "
+                f"{smallest:,} bytes (every searched tensor at {min(candidate_bits(self.cfg))} bits, codec "
+                f"{self.codec}, code {self.code['bytes']:,} bytes"
+                + (f", reserve {self.reserve:,}" if self.reserve else "") + "); raise the budget, allow fewer "
+                "bits in budget_bits, or keep fewer tensors float")
+        k = 0
+        while k < len(self.path) and self.predicted[k + 1] <= budget:
+            k += 1
+        stop = k
+        while self.measure(k) > budget:
+            k -= 1
+        at = self.choice(k)
+        tensors = {}
+        for name, opts in self.options.items():
+            opt = opts[at[name]]
+            tensors[name] = {"bits": opt.bits, "est_bytes": opt.est_bytes, "err": opt.err,
+                             "error": self.error_kind[name]}
+        report = {
+            "budget": budget, "codec": self.codec, "estimate_codec": self.estimate_codec,
+            "candidate_bits": candidate_bits(self.cfg), "upgrades": k, "path_length": len(self.path),
+            "undone": stop - k, "predicted_bytes": round(self.predicted[k]), "measured_bytes": self.measure(k),
+            "code_bytes": self.code["bytes"], "reserve_bytes": self.reserve,
+            "data_identity": "exact" if self.exact else "placeholder",
+            "smallest_bytes": smallest, "largest_bytes": self.measure(len(self.path)),
+            "error": sum(t["err"] for t in tensors.values()),
+            "error_kind": "hessian" if all(v == "hessian" for v in self.error_kind.values()) else
+            ("plain" if all(v == "plain" for v in self.error_kind.values()) else "mixed"),
+            "fixed_tensors": sorted(n for n in self.fixed if is_quantized(self.state[n], self.cfg)),
+            "tensors": tensors,
+        }
+        return Allocation(self.encoded_at(k), report)

@@ -1,0 +1,139 @@
+"""quantize --budget: per-tensor bit widths chosen so that the packed artifact fits a byte budget."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+import pytest
+
+from stages import calibrate, pack, quant, quantize, train
+from stages.artifacts import PgolfError, load_tensors, read_json, sha256_file
+from stages.budget import BudgetSearch
+from stages.config import CalibrateConfig, ModelConfig, PackConfig, QuantizeConfig, TrainConfig
+
+MODEL = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
+TRAIN = TrainConfig(iterations=30, max_wallclock_seconds=0, warmdown_iters=6, warmup_steps=0,
+                    train_batch_tokens=2048, train_seq_len=64, grad_accum_steps=1,
+                    muon_momentum_warmup_steps=5, log_every=10, val_tokens=1024, device="cpu")
+CALIBRATE = CalibrateConfig(n_batches=4, batch_seqs=8, seq_len=64, device="cpu")
+# All 13 matrices quantized (the tiny model's are below the default keep-float threshold); GPTQ with
+# SDClip, whose error falls with every added bit, so the path's end is uniform 8 bits.
+BASE = QuantizeConfig(keep_float_max_numel=256, device="cpu", method="gptq", clip="sdclip", sdclip_k=4.0,
+                      budget_bits="2,3,4,5,6,7,8")
+
+
+@pytest.fixture(scope="module")
+def trained(tokenized_dir, tmp_path_factory) -> dict:
+    """A GPT trained for 30 steps on the session corpus, its Hessians, and a budget search over it."""
+    root = tmp_path_factory.mktemp("budget")
+    ckpt, hess = root / "ckpt.safetensors", root / "hessians.safetensors"
+    train.run(tokenized_dir, ckpt, MODEL, TRAIN, root / "train_metrics.json", root / "log.csv")
+    calibrate.run(ckpt, tokenized_dir, hess, CALIBRATE, root / "calibrate_metrics.json")
+    state, meta = load_tensors(ckpt, "checkpoint")
+    hessians, _ = load_tensors(hess, "hessians")
+    # The metadata quantize.run writes (less the schema), so that the predicted header is pack's.
+    out_meta = {"model_config": meta["model_config"], "tokenizer_sha256": meta.get("tokenizer_sha256"),
+                "params": asdict(BASE), "inputs": {"checkpoint": sha256_file(ckpt), "hessians": sha256_file(hess)}}
+    search = BudgetSearch(state, BASE, hessians, "zlib", out_meta, pack.data_identity(tokenized_dir))
+    return {"root": root, "ckpt": ckpt, "hess": hess, "state": state, "hessians": hessians, "search": search}
+
+
+def packed_total(trained, tokenized_dir, quantized, budget: int, codec: str = "zlib") -> int:
+    """Bytes of blob + code as the real pack stage measures them (its limit set to the budget)."""
+    report = trained["root"] / "pack_metrics.json"
+    try:
+        pack.run(quantized, tokenized_dir, trained["root"] / "model.pgolf", PackConfig(codec=codec, limit=budget),
+                 report)
+    except BaseException:  # typer.Exit(1) when over the limit; the report is written either way
+        pass
+    return read_json(report)["total_bytes"]
+
+
+@pytest.mark.parametrize("with_data", [True, False])
+def test_budget_output_packs_within_the_budget(trained, tokenized_dir, with_data):
+    search = trained["search"]
+    lo, hi = search.measure(0), search.measure(len(search.path))
+    budget = (lo + hi) // 2
+    root = trained["root"]
+    out, metrics = root / f"budget_{with_data}.safetensors", root / f"budget_{with_data}.json"
+    quantize.run(trained["ckpt"], out, replace(BASE, budget=budget), trained["hess"], metrics, pack_codec="zlib",
+                 data=tokenized_dir if with_data else None)
+    report = read_json(metrics)["budget"]
+    total = packed_total(trained, tokenized_dir, out, budget)
+    assert total <= budget and report["measured_bytes"] <= budget
+    if with_data:  # quantize saw pack's inputs: its measurement is pack's, byte for byte
+        assert report["measured_bytes"] == total and report["data_identity"] == "exact"
+    else:  # the val-shard list is unknown: held back as a reserve, never undercounted
+        assert report["reserve_bytes"] == BASE.budget_reserve and total <= report["measured_bytes"]
+    # The file is self-describing: per-tensor widths in its schema, and dequantize needs nothing else.
+    tensors, meta = load_tensors(out, "quantized")
+    schema = meta["schema"]
+    for name, chosen in report["tensors"].items():
+        assert schema[name]["bits"] == chosen["bits"] and chosen["est_bytes"] > 0
+    assert set(quant.dequantize(tensors, schema)) == set(trained["state"])
+    assert abs(read_json(metrics)["totals"]["weighted_err"] - report["error"]) <= 1e-9 * report["error"]
+
+
+def test_more_budget_never_gives_a_larger_error(trained):
+    search = trained["search"]
+    lo, hi = search.measure(0), search.measure(len(search.path))
+    budgets = [lo + (hi - lo) * i // 9 for i in range(10)]
+    fits = [search.fit(b).report for b in budgets]
+    errors = [r["error"] for r in fits]
+    for budget, r in zip(budgets, fits):
+        assert r["measured_bytes"] <= budget
+    assert all(later <= earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.1 * errors[0]
+    assert len(set(errors)) >= 5  # the budget steers the search across the whole range
+
+
+def test_mid_budget_mixes_widths_and_a_generous_one_is_uniform_max_bits(trained):
+    search = trained["search"]
+    lo, hi = search.measure(0), search.measure(len(search.path))
+    mid = search.fit((lo + hi) // 2).report
+    widths = {t["bits"] for t in mid["tensors"].values()}
+    assert len(widths) >= 2, widths
+    assert len(mid["tensors"]) == 13 and not mid["fixed_tensors"] and mid["error_kind"] == "hessian"
+
+    generous = search.fit(2 * hi)
+    assert all(t["bits"] == 8 for t in generous.report["tensors"].values())
+    _, _, uniform = quant.quantize_state_dict(trained["state"], replace(BASE, bits=8), trained["hessians"])
+    assert generous.report["error"] == pytest.approx(uniform["totals"]["weighted_err"], rel=1e-9)
+    # The chosen encodings are the stage's own: re-assembled, they give the same report numbers.
+    _, _, assembled = quant.quantize_state_dict(trained["state"], BASE, trained["hessians"], encoded=generous.encoded)
+    assert assembled["totals"]["weighted_err"] == pytest.approx(uniform["totals"]["weighted_err"], rel=1e-12)
+
+
+def test_impossible_budget_is_a_clear_error_and_writes_nothing(trained):
+    search = trained["search"]
+    smallest = search.measure(0)
+    root = trained["root"]
+    out, metrics = root / "impossible.safetensors", root / "impossible.json"
+    with pytest.raises(PgolfError, match=rf"--budget {smallest - 1:,} bytes is below the smallest packed size"
+                                         rf".*{smallest:,} bytes"):
+        search.fit(smallest - 1)
+    with pytest.raises(PgolfError, match=r"--budget 1,000 bytes is below"):
+        quantize.run(trained["ckpt"], out, replace(BASE, budget=1000), trained["hess"], metrics, data=None)
+    assert not out.exists() and not metrics.exists()
+
+
+def test_budget_params_are_checked_and_group_bits_pin_tensors(trained, capsys):
+    root = trained["root"]
+    for bad, match in ((dict(budget_bits="4,9"), "budget_bits"), (dict(budget_bits="x"), "budget_bits"),
+                       (dict(lqer_top_k=2), "lqer_top_k=0"), (dict(budget=-5), "budget=-5")):
+        with pytest.raises(PgolfError, match=match):
+            quantize.run(trained["ckpt"], root / "bad.safetensors", replace(BASE, **{"budget": 10**6, **bad}),
+                         trained["hess"], root / "bad.json")
+    with pytest.raises(PgolfError, match="unknown codec"):
+        quantize.run(trained["ckpt"], root / "bad.safetensors", replace(BASE, budget=10**6), trained["hess"],
+                     root / "bad.json", pack_codec="gzip")
+    assert not (root / "bad.safetensors").exists()
+
+    # Without Hessians: the plain squared error, said so; an embed override keeps tok_emb out of the search.
+    cfg = replace(BASE, method="rtn", embed_bits=6, budget_bits="3,5,8")
+    search = BudgetSearch(trained["state"], cfg, None, "zlib", {"model_config": {"vocab_size": 512}})
+    assert "plain squared error" in capsys.readouterr().out
+    fit = search.fit(search.measure(len(search.path))).report
+    assert fit["error_kind"] == "plain" and fit["fixed_tensors"] == ["tok_emb.weight"]
+    assert "tok_emb.weight" not in fit["tensors"] and search.encoded_at(0)["tok_emb.weight"].entry["bits"] == 6
+    assert {t["bits"] for t in fit["tensors"].values()} == {8} and fit["reserve_bytes"] == cfg.budget_reserve

@@ -39,6 +39,7 @@ class ModelConfig:
     rope_dims: int = 0  # rotate only the first N dims of each head (partial RoPE); 0: all
     ln_scale: bool = False  # scale block l's normed inputs by 1/√(l+1)
     xsa_layers: int = 0  # exclusive self-attention on the last N layers
+    smear_gate: bool = False  # mix the previous token's embedding in through a learned gate (never across a BOS)
 
     def validate(self, source: str = "model config") -> None:
         if self.model_dim % self.num_heads:
@@ -97,6 +98,7 @@ class TrainConfig:
     val_tokens: int = 0  # in-training validation on the first N val tokens; 0: all
     log_every: int = 50
     checkpoint_every: int = 0  # save the full training state every N steps (for --resume); 0: never
+    ema_decay: float = 0.0  # keep an fp32 EMA of the weights (saved and evaluated instead of them); 0: off
     device: str = "auto"
     compile: bool = True  # torch.compile on CUDA (never on CPU)
 

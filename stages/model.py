@@ -5,8 +5,8 @@ weighted) → RMSNorm → tied LM head → softcap 30·tanh(z/30). Each block mi
 embedding stream x0, then runs attention (GQA, QK RMSNorm, RoPE, learned per-head q gain) and a relu²
 MLP, each scaled by a learned per-channel vector. Output projections start at zero.
 
-Options beyond the baseline (all off by default): document masking, LeakyReLU(0.5)², partial RoPE,
-layerwise norm scaling 1/√(l+1), and exclusive self-attention (XSA) on the last layers.
+Options beyond the baseline (all off by default): document masking, SmearGate, LeakyReLU(0.5)², partial
+RoPE, layerwise norm scaling 1/√(l+1), and exclusive self-attention (XSA) on the last layers.
 
 Parameter names match the challenge's `train_gpt.py`, so its int8 artifacts load directly.
 """
@@ -22,7 +22,8 @@ from torch import nn
 from .config import ModelConfig
 
 # Small per-channel tensors that steer the residual stream: fp32, Adam, never quantized below fp32.
-CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
+CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "smear")
+SMEAR_WINDOW = 12  # the gate reads the current token's first 12 embedding dims
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +130,23 @@ class Block(nn.Module):
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
 
+class SmearGate(nn.Module):
+    """e_t ← e_t + λ·σ(w·e_t[:12])·e_{t−1}, except where token t is BOS: a document's first token never
+    sees the previous document's last. w and λ start at zero, so the gate starts as the identity."""
+
+    def __init__(self, dim: int, bos_id: int):
+        super().__init__()
+        self.bos_id = bos_id
+        self.smear_w = nn.Parameter(torch.zeros(1, min(SMEAR_WINDOW, dim)))
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+
+    def forward(self, e: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(F.linear(e[..., :self.smear_w.size(1)], self.smear_w.to(e.dtype)))  # [B, T, 1]
+        keep = (input_ids[:, 1:] != self.bos_id).unsqueeze(-1).to(e.dtype)
+        prev = self.smear_lambda.to(e.dtype) * gate[:, 1:] * e[:, :-1] * keep
+        return torch.cat([e[:, :1], e[:, 1:] + prev], dim=1)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -136,6 +154,7 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (train fills it from the data manifest)")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.smear = SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate else None
         self.num_encoder_layers = cfg.num_layers // 2
         self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
         num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
@@ -162,7 +181,10 @@ class GPT(nn.Module):
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states [B, T, D] (the LM head's input)."""
         mask = document_mask(input_ids, self.cfg.bos_id) if self.cfg.doc_mask else None
-        x = rms_norm(self.tok_emb(input_ids))
+        e = self.tok_emb(input_ids)
+        if self.smear is not None:
+            e = self.smear(e, input_ids)
+        x = rms_norm(e)
         x0 = x
         skips = []
         for block in self.blocks[:self.num_encoder_layers]:

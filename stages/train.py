@@ -54,6 +54,8 @@ def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tup
     block_params = list(model.blocks.named_parameters())
     matrices = [p for n, p in block_params if not is_control(n, p)]
     scalars = [p for n, p in block_params if is_control(n, p)] + [model.skip_weights]
+    if model.smear is not None:
+        scalars += list(model.smear.parameters())
     fused = next(model.parameters()).is_cuda
 
     def adam(params, lr):
@@ -68,6 +70,9 @@ def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tup
     optimizers: list[torch.optim.Optimizer] = [adam([model.tok_emb.weight], token_lr), muon, adam(scalars, cfg.scalar_lr)]
     if model.lm_head is not None:
         optimizers.insert(1, adam([model.lm_head.weight], cfg.head_lr))
+    grouped = [id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    if sorted(grouped) != sorted(id(p) for p in model.parameters()):  # a new component must join a group
+        raise RuntimeError("every parameter must be in exactly one optimizer group")
     return optimizers, muon
 
 
@@ -153,8 +158,11 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
     train_ms, stop_after, step, last_loss = 0.0, None, 0, float("nan")
     rows: list[tuple] = []
     position = (0, 0)
+    # fp32 shadow of every weight; it, not the live weights, is evaluated and saved at the end
+    ema = {k: v.detach().float().clone() for k, v in base_model.state_dict().items()} if cfg.ema_decay > 0 else None
     if resume:
-        step, train_ms, position, rows = trainstate.load(resume_file, base_model, optimizers, model_cfg, cfg, d.world)
+        step, train_ms, position, rows = trainstate.load(resume_file, base_model, optimizers, model_cfg, cfg,
+                                                         d.world, ema)
         if d.main:
             print(f"train: resuming at step {step} ({train_ms / 1000:.1f} s trained) from {resume_file}")
     loader = DistributedTokenLoader(data, d.rank, d.world, d.device, position)
@@ -173,6 +181,7 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
                         TimeElapsedColumn(), disable=not d.main, transient=True)
     task = progress.add_task("", total=cfg.iterations, completed=step)
     final_val: dict = {}
+    live_val: dict = {}
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -183,6 +192,9 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
                 if cuda:
                     torch.cuda.synchronize()
                 train_ms += 1000.0 * (time.perf_counter() - t0)  # validation time is not training time
+                if last_step and ema is not None:
+                    live_val = validate()
+                    base_model.load_state_dict({k: v.to(base_model.state_dict()[k].dtype) for k, v in ema.items()})
                 final_val = validate()
                 if d.main and final_val:
                     progress.console.print(f"step {step}: val_loss {final_val['val_loss']:.4f} val_bpb {final_val['val_bpb']:.4f}")
@@ -200,6 +212,10 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * scale
             loss = train_step(loader)
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in base_model.state_dict().items():
+                        ema[k].lerp_(v.float(), 1.0 - cfg.ema_decay)
             step += 1
             approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
             if step % cfg.log_every == 0 or step == 1 or step == cfg.iterations:
@@ -215,7 +231,7 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
                 pause = time.perf_counter()  # saving is not training time
                 if d.main:
                     trainstate.save(resume_file, base_model, optimizers, step, approx_ms, loader.stream.state(),
-                                    rows, model_cfg, cfg, d.world)
+                                    rows, model_cfg, cfg, d.world, ema)
                 t0 += time.perf_counter() - pause
             capped = cfg.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * cfg.max_wallclock_seconds
             if stop_after is None and d.any(capped):
@@ -248,6 +264,7 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
         "val_bpb": final_val.get("val_bpb"),
         "val_bpb_lut": final_val.get("val_bpb_lut"),
         "val_bpb_sidecar": final_val.get("val_bpb_sidecar"),
+        "val_bpb_live_weights": live_val.get("val_bpb") if ema is not None else None,  # before the EMA swap
         "val_tokens_scored": final_val.get("tokens_scored"),
         "val_history": val_history,
         "model_params": n_params,

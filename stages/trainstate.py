@@ -1,8 +1,9 @@
 """A training run's full state, saved periodically so that a killed run can resume.
 
 It holds what the next step depends on: weights, every optimizer's state (Adam moments, Muon momentum),
-the data stream's position, the step, and the schedule's clock (training milliseconds so far). With
-these restored, a resumed run takes exactly the steps an uninterrupted one would.
+the EMA shadow of the weights (when on), the data stream's position, the step, and the schedule's clock
+(training milliseconds so far). With these restored, a resumed run takes exactly the steps an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, world: int) -> dict[s
 
 def save(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], step: int, train_ms: float,
          stream_position: tuple[int, int], loss_rows: list[tuple], model_cfg: ModelConfig, cfg: TrainConfig,
-         world: int) -> None:
+         world: int, ema: dict[str, torch.Tensor] | None = None) -> None:
     tensors = {f"model/{k}": v.detach() for k, v in model.state_dict().items()}
+    tensors.update({f"ema/{k}": v for k, v in (ema or {}).items()})
     groups = []
     for i, opt in enumerate(optimizers):
         sd = opt.state_dict()
@@ -49,8 +51,9 @@ def save(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimi
 
 
 def load(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], model_cfg: ModelConfig,
-         cfg: TrainConfig, world: int) -> tuple[int, float, tuple[int, int], list[tuple]]:
-    """Restore model and optimizers in place; return (step, train_ms, stream position, loss-table rows)."""
+         cfg: TrainConfig, world: int, ema: dict[str, torch.Tensor] | None = None
+         ) -> tuple[int, float, tuple[int, int], list[tuple]]:
+    """Restore model, optimizers and EMA shadow in place; return (step, train_ms, stream position, loss rows)."""
     if not path.is_file():
         raise PgolfError(f"{path}: no saved training state to resume from; run without --resume "
                          "(and with train.checkpoint_every > 0 so that a killed run can resume)")
@@ -61,6 +64,8 @@ def load(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimi
             raise PgolfError(f"{path}: saved by a run with another {key.replace('_', ' ')}; resume with the same "
                              "params and world size, or delete the file to start afresh")
     model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+    for k in ema or {}:
+        ema[k].copy_(tensors[f"ema/{k}"])
     groups = json.loads(meta["param_groups"])
     for i, opt in enumerate(optimizers):
         state: dict[int, dict[str, Any]] = {}

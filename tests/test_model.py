@@ -140,7 +140,7 @@ def test_document_mask_isolates_each_document():
     assert torch.equal(model.logits(x)[:, :30], model.logits(x2)[:, :30])
 
 
-OPTIONS = [{"activation": "leaky_relu2"}, {"rope_dims": 8}, {"ln_scale": True}, {"xsa_layers": 2},
+OPTIONS = [{"activation": "leaky_relu2"}, {"smear_gate": True}, {"rope_dims": 8}, {"ln_scale": True}, {"xsa_layers": 2},
            {"doc_mask": True, "xsa_layers": 3, "rope_dims": 4, "ln_scale": True, "activation": "leaky_relu2"}]
 
 
@@ -190,3 +190,23 @@ def test_layerwise_norm_scale_and_leaky_activation():
         mlp.proj.weight.copy_(torch.eye(TINY.model_dim).repeat(1, 2) / 2)
     x = torch.full((1, 1, TINY.model_dim), -2.0)
     assert torch.allclose(mlp(x), torch.full_like(x, 1.0))  # (0.5 · −2)² = 1, where relu² gives 0
+
+
+def test_smear_gate_mixes_the_previous_token_but_never_across_bos():
+    cfg = ModelConfig(**{**TINY.__dict__, "smear_gate": True, "doc_mask": True})
+    model = randomized(cfg)
+    with torch.no_grad():
+        model.smear.smear_lambda.fill_(1.0)
+    torch.manual_seed(2)
+    doc_a = torch.cat([torch.tensor([cfg.bos_id]), torch.randint(4, cfg.vocab_size, (12,))])
+    doc_b = torch.cat([torch.tensor([cfg.bos_id]), torch.randint(4, cfg.vocab_size, (9,))])
+    alone = model.logits(doc_b[None])[0]
+    after_a = model.logits(torch.cat([doc_a, doc_b])[None])[0, len(doc_a):]
+    assert torch.allclose(alone, after_a, atol=1e-5)  # the BOS of doc b did not take doc a's last token
+    # inside a document the previous token does flow in
+    e = model.tok_emb(doc_b[None])
+    assert not torch.allclose(model.smear(e, doc_b[None])[:, 1:], e[:, 1:])
+    assert torch.equal(model.smear(e, doc_b[None])[:, 0], e[:, 0])
+    # zero-initialised: a fresh gate is the identity
+    fresh = GPT(cfg)
+    assert torch.equal(fresh.smear(e, doc_b[None]), e)

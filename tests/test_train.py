@@ -96,10 +96,11 @@ def test_two_process_torchrun_matches_one_process(tokenized_dir, tmp_path):
     assert one["blocks.0.attn.proj.weight"].abs().max() > 0  # trained away from its zero init
 
 
-def test_a_killed_run_resumes_to_the_same_result(tokenized_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_a_killed_run_resumes_to_the_same_result(tokenized_dir, tmp_path, monkeypatch, ema_decay):
     from stages.shards import DistributedTokenLoader
 
-    cfg = replace(TRAIN, iterations=12, checkpoint_every=4)
+    cfg = replace(TRAIN, iterations=12, checkpoint_every=4, ema_decay=ema_decay)
     full, _, _ = train_once(tokenized_dir, tmp_path / "full", cfg)
     assert not (tmp_path / "full" / "ckpt.safetensors.resume").exists()  # removed once finished
 
@@ -135,3 +136,19 @@ def test_a_killed_run_resumes_to_the_same_result(tokenized_dir, tmp_path, monkey
     with pytest.raises(PgolfError, match="another params"):
         run(tokenized_dir, killed / "ckpt.safetensors", MODEL, replace(cfg, matrix_lr=0.02), killed / "metrics.json",
             killed / "log.csv", resume=True)
+
+
+def test_ema_weights_are_saved_and_evaluated(tokenized_dir, tmp_path):
+    from stages.model import GPT
+
+    one_step = replace(TRAIN, iterations=1)
+    live, meta, _ = train_once(tokenized_dir, tmp_path / "live", one_step)
+    ema, _, out = train_once(tokenized_dir, tmp_path / "ema", replace(one_step, ema_decay=0.75))
+    torch.manual_seed(TRAIN.seed)  # the run's initial weights, rebuilt
+    init = GPT(replace(MODEL, vocab_size=meta["model_config"]["vocab_size"])).state_dict()
+    for name in live:  # after one step the shadow is 0.75·init + 0.25·live
+        assert torch.allclose(ema[name], 0.75 * init[name] + 0.25 * live[name], atol=1e-6), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    live_metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert metrics["val_bpb_live_weights"] == pytest.approx(live_metrics["val_bpb"], abs=1e-9)
+    assert metrics["val_bpb"] != metrics["val_bpb_live_weights"]

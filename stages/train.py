@@ -40,6 +40,23 @@ def check_batch_geometry(cfg: TrainConfig, world: int) -> int:
     return accum
 
 
+def validate_train_config(cfg: TrainConfig, source: str = "train params") -> None:
+    from .muon import NS_COEFFICIENTS
+
+    if cfg.muon_ns not in NS_COEFFICIENTS:
+        raise PgolfError(f"{source}: muon_ns={cfg.muon_ns!r}; choose one of {', '.join(NS_COEFFICIENTS)}")
+    for name in ("muon_wd", "embed_wd", "scalar_wd", "lr_warmup_steps", "checkpoint_every"):
+        if getattr(cfg, name) < 0:
+            raise PgolfError(f"{source}: {name}={getattr(cfg, name)} must be >= 0")
+    for name in ("warmdown_frac", "min_lr"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise PgolfError(f"{source}: {name}={getattr(cfg, name)} must be in [0, 1]")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise PgolfError(f"{source}: ema_decay={cfg.ema_decay} must be in [0, 1) (0: off)")
+    if cfg.iterations < 0 or cfg.train_seq_len < 1 or cfg.train_batch_tokens < 1:
+        raise PgolfError(f"{source}: iterations >= 0, train_seq_len >= 1 and train_batch_tokens >= 1 are required")
+
+
 def resolve_vocab(model_cfg: ModelConfig, manifest: dict, manifest_path: Path) -> ModelConfig:
     vocab = int(manifest["vocab_size"])
     if model_cfg.vocab_size not in (0, vocab):
@@ -58,18 +75,21 @@ def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tup
         scalars += list(model.smear.parameters())
     fused = next(model.parameters()).is_cuda
 
-    def adam(params, lr):
-        return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(cfg.beta1, cfg.beta2),
-                                eps=cfg.adam_eps, fused=fused)
+    def adam(params, lr, wd):
+        # AdamW's decay is decoupled (W ← W·(1 − lr·wd)); without decay, plain Adam as the reference
+        kind, extra = (torch.optim.AdamW, {"weight_decay": wd}) if wd > 0 else (torch.optim.Adam, {})
+        return kind([{"params": params, "lr": lr, "base_lr": lr}], betas=(cfg.beta1, cfg.beta2),
+                    eps=cfg.adam_eps, fused=fused, **extra)
 
     token_lr = cfg.tied_embed_lr if model.cfg.tie_embeddings else cfg.embed_lr
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
-                ns_dtype=ns_dtype)
+                ns_dtype=ns_dtype, coefficients=cfg.muon_ns, row_norm=cfg.muon_row_norm, weight_decay=cfg.muon_wd)
     for group in muon.param_groups:
         group["base_lr"] = cfg.matrix_lr
-    optimizers: list[torch.optim.Optimizer] = [adam([model.tok_emb.weight], token_lr), muon, adam(scalars, cfg.scalar_lr)]
+    optimizers: list[torch.optim.Optimizer] = [adam([model.tok_emb.weight], token_lr, cfg.embed_wd), muon,
+                                               adam(scalars, cfg.scalar_lr, cfg.scalar_wd)]
     if model.lm_head is not None:
-        optimizers.insert(1, adam([model.lm_head.weight], cfg.head_lr))
+        optimizers.insert(1, adam([model.lm_head.weight], cfg.head_lr, cfg.embed_wd))
     grouped = [id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]]
     if sorted(grouped) != sorted(id(p) for p in model.parameters()):  # a new component must join a group
         raise RuntimeError("every parameter must be in exactly one optimizer group")
@@ -77,20 +97,30 @@ def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tup
 
 
 def lr_scale(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
-    """1 until the warmdown, then linear to 0; under a wall-clock cap the warmdown is the last
-    `warmdown_iters` steps' worth of time at the average step time so far."""
-    if cfg.warmdown_iters <= 0:
-        return 1.0
-    if cfg.max_wallclock_seconds <= 0:
+    """The LR multiplier: a linear warm-up over `lr_warmup_steps`, then 1, then a linear warmdown to 0
+    floored at `min_lr`. The warmdown is the last `warmdown_frac` of the run (by steps, or by wall-clock
+    under a cap), or else the last `warmdown_iters` steps — under a cap, that many steps' worth of time
+    at the average step time so far (the reference's rule)."""
+    warmup = min((step + 1) / cfg.lr_warmup_steps, 1.0) if cfg.lr_warmup_steps > 0 else 1.0
+    capped = cfg.max_wallclock_seconds > 0
+    if cfg.warmdown_frac > 0:
+        frac = elapsed_ms / (1000.0 * cfg.max_wallclock_seconds) if capped else step / max(cfg.iterations, 1)
+        decay = min((1.0 - frac) / cfg.warmdown_frac, 1.0)
+    elif cfg.warmdown_iters <= 0:
+        decay = 1.0
+    elif not capped:
         start = max(cfg.iterations - cfg.warmdown_iters, 0)
-        return max((cfg.iterations - step) / cfg.warmdown_iters, 0.0) if start <= step < cfg.iterations else 1.0
-    warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+        decay = max((cfg.iterations - step) / cfg.warmdown_iters, 0.0) if start <= step < cfg.iterations else 1.0
+    else:
+        warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
+        remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
+        decay = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    return warmup * max(decay, cfg.min_lr)
 
 
 def run(data: Path, out: Path, model_cfg: ModelConfig, cfg: TrainConfig, metrics: Path, log: Path,
         resume: bool = False) -> None:
+    validate_train_config(cfg)
     manifest_path = Path(data) / "manifest.json"
     manifest = read_json(manifest_path, "tokenized-data manifest")
     model_cfg = resolve_vocab(model_cfg, manifest, manifest_path)

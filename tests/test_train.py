@@ -12,7 +12,7 @@ import torch
 
 from stages.artifacts import PgolfError, load_tensors
 from stages.config import ModelConfig, TrainConfig
-from stages.train import check_batch_geometry, lr_scale, run
+from stages.train import build_optimizers, check_batch_geometry, lr_scale, run, validate_train_config
 
 MODEL = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
 TRAIN = TrainConfig(iterations=12, max_wallclock_seconds=0, warmdown_iters=4, warmup_steps=0,
@@ -152,3 +152,25 @@ def test_ema_weights_are_saved_and_evaluated(tokenized_dir, tmp_path):
     live_metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert metrics["val_bpb_live_weights"] == pytest.approx(live_metrics["val_bpb"], abs=1e-9)
     assert metrics["val_bpb"] != metrics["val_bpb_live_weights"]
+
+
+def test_lr_warmup_warmdown_fraction_and_floor():
+    cfg = replace(TRAIN, iterations=100, lr_warmup_steps=10, warmdown_frac=0.5, min_lr=0.1)
+    assert lr_scale(cfg, 0, 0) == pytest.approx(0.1) and lr_scale(cfg, 4, 0) == pytest.approx(0.5)
+    assert lr_scale(cfg, 30, 0) == 1.0 and lr_scale(cfg, 50, 0) == pytest.approx(1.0)
+    assert lr_scale(cfg, 75, 0) == pytest.approx(0.5) and lr_scale(cfg, 99, 0) == pytest.approx(0.1)  # floored
+    capped = replace(cfg, max_wallclock_seconds=10.0, lr_warmup_steps=0)
+    assert lr_scale(capped, 500, 7500.0) == pytest.approx(0.5)  # by wall-clock: 75 % of the budget spent
+
+
+def test_weight_decay_groups_and_bad_train_params():
+    from stages.model import GPT
+
+    model = GPT(replace(MODEL, vocab_size=64))
+    plain, _ = build_optimizers(model, TRAIN, torch.float32)
+    decayed, muon = build_optimizers(model, replace(TRAIN, embed_wd=0.1, scalar_wd=0.02, muon_wd=0.05), torch.float32)
+    assert [type(o).__name__ for o in plain] == ["Adam", "Muon", "Adam"]
+    assert [type(o).__name__ for o in decayed] == ["AdamW", "Muon", "AdamW"] and muon.param_groups[0]["weight_decay"] == 0.05
+    for bad in ({"muon_ns": "cubic"}, {"warmdown_frac": 1.5}, {"ema_decay": 1.0}, {"muon_wd": -1.0}):
+        with pytest.raises(PgolfError, match=next(iter(bad))):
+            validate_train_config(replace(TRAIN, **bad))

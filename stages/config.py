@@ -8,6 +8,7 @@ params.yaml's top-level `preset` (model and train only), the stage's params.yaml
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,7 +28,7 @@ class ModelConfig:
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: int = 2
+    mlp_mult: float = 2.0  # MLP hidden size = int(mlp_mult · model_dim)
     rope_base: float = 10000.0
     qk_gain_init: float = 1.5
     logit_softcap: float = 30.0
@@ -40,6 +41,16 @@ class ModelConfig:
     ln_scale: bool = False  # scale block l's normed inputs by 1/√(l+1)
     xsa_layers: int = 0  # exclusive self-attention on the last N layers
     smear_gate: bool = False  # mix the previous token's embedding in through a learned gate (never across a BOS)
+    skip_gates: bool = False  # U-Net skip merge as a lerp x ← σ(g)·x + (1−σ(g))·(w ⊙ skip), g init 0
+    parallel_from: int = 0  # two-lane parallel residuals in physical layers >= K (attention lane, MLP lane); 0: off
+    # Depth recurrence: layers loop_start..loop_end (inclusive) run num_loops extra times, weights shared.
+    loop_start: int = 0
+    loop_end: int = 0
+    num_loops: int = 0  # 0: off
+    sparse_attn_gate: bool = False  # per-head output gate σ(scale · W·n[:12]) after XSA, W zero-init
+    sparse_gate_scale: float = 0.5
+    gated_attn_dim: int = 0  # headwise gated attention: c_q widened by this many rows (a multiple of num_heads); 0: off
+    ortho_init: bool = False  # orthogonal init (gain 1) of every non-zero-init block matrix
 
     def validate(self, source: str = "model config") -> None:
         if self.model_dim % self.num_heads:
@@ -48,8 +59,11 @@ class ModelConfig:
             raise PgolfError(f"{source}: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if (self.model_dim // self.num_heads) % 2:
             raise PgolfError(f"{source}: head dim {self.model_dim // self.num_heads} must be even for RoPE")
-        if self.num_layers < 1 or self.mlp_mult < 1:
-            raise PgolfError(f"{source}: num_layers and mlp_mult must be >= 1")
+        if self.num_layers < 1:
+            raise PgolfError(f"{source}: num_layers must be >= 1")
+        if not (math.isfinite(self.mlp_mult) and int(self.mlp_mult * self.model_dim) >= 1):
+            raise PgolfError(f"{source}: mlp_mult {self.mlp_mult} must give an MLP of at least one unit "
+                             f"(hidden = int(mlp_mult · model_dim))")
         if self.activation not in ("relu2", "leaky_relu2"):
             raise PgolfError(f"{source}: activation {self.activation!r}; choose relu2 or leaky_relu2")
         head_dim = self.model_dim // self.num_heads
@@ -57,6 +71,23 @@ class ModelConfig:
             raise PgolfError(f"{source}: rope_dims {self.rope_dims} must be even and at most the head dim {head_dim}")
         if not 0 <= self.xsa_layers <= self.num_layers:
             raise PgolfError(f"{source}: xsa_layers {self.xsa_layers} must be between 0 and num_layers {self.num_layers}")
+        if self.num_loops < 0:
+            raise PgolfError(f"{source}: num_loops {self.num_loops} must be >= 0 (0: no depth recurrence)")
+        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+            raise PgolfError(f"{source}: loop_start {self.loop_start} and loop_end {self.loop_end} must satisfy "
+                             f"0 <= loop_start <= loop_end < num_layers {self.num_layers}")
+        if self.parallel_from:
+            # Lanes start at the first parallel layer and last to the end: the parallel layers must be a
+            # suffix of the decoder in both the plain and the looped layer order.
+            low = max(self.num_layers // 2, self.loop_end + 1 if self.num_loops else 0, 1)
+            if not low <= self.parallel_from < self.num_layers:
+                raise PgolfError(f"{source}: parallel_from {self.parallel_from} must be 0 (off) or between {low} and "
+                                 f"{self.num_layers - 1}: parallel layers must be decoder layers after any looped ones")
+        if not (math.isfinite(self.sparse_gate_scale) and self.sparse_gate_scale > 0):
+            raise PgolfError(f"{source}: sparse_gate_scale {self.sparse_gate_scale} must be a positive number")
+        if self.gated_attn_dim < 0 or self.gated_attn_dim % self.num_heads:
+            raise PgolfError(f"{source}: gated_attn_dim {self.gated_attn_dim} must be 0 (off) or a positive multiple "
+                             f"of num_heads {self.num_heads} (each head's gate reads gated_attn_dim / num_heads rows)")
 
 
 @dataclass
@@ -94,6 +125,14 @@ class TrainConfig:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.0
+    muon_ns: str = "classic"  # Newton–Schulz coefficients: classic (3.4445, −4.7750, 2.0315) | polar_express
+    muon_row_norm: bool = False  # MuonEq-R: normalise every row of the update before orthogonalising
+    muon_wd: float = 0.0  # decoupled weight decay of the Muon matrices (×lr)
+    embed_wd: float = 0.0  # decoupled weight decay of the embedding/head (AdamW when > 0)
+    scalar_wd: float = 0.0  # decoupled weight decay of the control tensors (AdamW when > 0)
+    lr_warmup_steps: int = 0  # linear LR warm-up from 0 over the first N steps
+    warmdown_frac: float = 0.0  # > 0: the warmdown is this fraction of the run (steps or wall-clock), not warmdown_iters
+    min_lr: float = 0.0  # floor of the LR multiplier during the warmdown
     val_loss_every: int = 0  # 0: only at the end
     val_tokens: int = 0  # in-training validation on the first N val tokens; 0: all
     log_every: int = 50

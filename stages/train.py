@@ -70,9 +70,9 @@ def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tup
     control tensors and skip weights. `base_lr` is what the schedule scales."""
     block_params = list(model.blocks.named_parameters())
     matrices = [p for n, p in block_params if not is_control(n, p)]
-    scalars = [p for n, p in block_params if is_control(n, p)] + [model.skip_weights]
-    if model.smear is not None:
-        scalars += list(model.smear.parameters())
+    # control tensors inside blocks, plus every model-level one (skip weights/gates, smear gate, ...)
+    scalars = [p for n, p in block_params if is_control(n, p)]
+    scalars += [p for n, p in model.named_parameters() if not n.startswith(("blocks.", "tok_emb.", "lm_head."))]
     fused = next(model.parameters()).is_cuda
 
     def adam(params, lr, wd):

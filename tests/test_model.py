@@ -140,8 +140,16 @@ def test_document_mask_isolates_each_document():
     assert torch.equal(model.logits(x)[:, :30], model.logits(x2)[:, :30])
 
 
+# Every option of the record stack on TINY's three layers, all at once (looping on: a model starts looped).
+ALL_OPTIONS = {"doc_mask": True, "xsa_layers": 3, "rope_dims": 4, "ln_scale": True, "activation": "leaky_relu2",
+               "smear_gate": True, "skip_gates": True, "parallel_from": 2, "loop_start": 0, "loop_end": 1,
+               "num_loops": 1, "sparse_attn_gate": True, "gated_attn_dim": 4, "ortho_init": True, "mlp_mult": 2.5}
 OPTIONS = [{"activation": "leaky_relu2"}, {"smear_gate": True}, {"rope_dims": 8}, {"ln_scale": True}, {"xsa_layers": 2},
-           {"doc_mask": True, "xsa_layers": 3, "rope_dims": 4, "ln_scale": True, "activation": "leaky_relu2"}]
+           {"doc_mask": True, "xsa_layers": 3, "rope_dims": 4, "ln_scale": True, "activation": "leaky_relu2"},
+           {"skip_gates": True}, {"parallel_from": 1}, {"parallel_from": 2},
+           {"loop_start": 1, "loop_end": 1, "num_loops": 2}, {"loop_start": 0, "loop_end": 2, "num_loops": 1},
+           {"sparse_attn_gate": True}, {"sparse_attn_gate": True, "sparse_gate_scale": 2.0},
+           {"gated_attn_dim": 4}, {"gated_attn_dim": 8}, {"ortho_init": True}, {"mlp_mult": 3.5}, ALL_OPTIONS]
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: ",".join(o))
@@ -210,3 +218,256 @@ def test_smear_gate_mixes_the_previous_token_but_never_across_bos():
     # zero-initialised: a fresh gate is the identity
     fresh = GPT(cfg)
     assert torch.equal(fresh.smear(e, doc_b[None]), e)
+
+
+def test_polar_express_coefficients_converge_tighter():
+    torch.manual_seed(0)
+    G = torch.randn(64, 256) * torch.linspace(0.5, 3.0, 256)
+    classic = torch.linalg.svdvals(newton_schulz(G, 5, dtype=torch.float32))
+    polar = torch.linalg.svdvals(newton_schulz(G, 5, dtype=torch.float32, coefficients="polar_express"))
+    assert polar.min() > classic.min() + 0.1 and polar.max() < 1.2
+
+
+def test_muon_row_normalisation_and_decoupled_weight_decay():
+    torch.manual_seed(0)
+    grad = torch.randn(16, 48)
+    scaled = grad.clone()
+    scaled[3] *= 1000.0  # one row dominates the raw gradient
+
+    def update(g, row_norm):
+        w = torch.nn.Parameter(torch.zeros(16, 48))
+        w.grad = g.clone()
+        Muon([w], lr=1.0, momentum=0.0, nesterov=False, ns_dtype=torch.float32, row_norm=row_norm).step()
+        return w.detach()
+
+    assert torch.allclose(update(scaled, True), update(grad, True), atol=1e-5)  # MuonEq-R: row scale is gone
+    assert not torch.allclose(update(scaled, False), update(grad, False), atol=1e-3)
+    w = torch.nn.Parameter(torch.ones(8, 8))
+    w.grad = torch.zeros(8, 8)  # no gradient: only the decay acts
+    Muon([w], lr=0.5, momentum=0.0, nesterov=False, ns_dtype=torch.float32, weight_decay=0.1).step()
+    assert torch.allclose(w.detach(), torch.full((8, 8), 1 - 0.5 * 0.1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Record-stack components (TECHNIQUES.md §2.2–2.10)
+
+def rms(x):
+    return torch.nn.functional.rms_norm(x, (x.size(-1),))
+
+
+def test_skip_gates_merge_as_a_lerp_starting_half_way():
+    cfg = ModelConfig(**{**TINY.__dict__, "skip_gates": True})
+    fresh = GPT(cfg)
+    assert torch.equal(fresh.skip_gates, torch.zeros_like(fresh.skip_weights))
+    x, skip = torch.randn(2, 5, cfg.model_dim), torch.randn(2, 5, cfg.model_dim)
+    with torch.no_grad():
+        fresh.skip_weights.mul_(torch.rand_like(fresh.skip_weights))  # w ≠ 1, so the test sees where w goes
+    w = fresh.skip_weights[0]
+    assert torch.allclose(fresh.merge_skip(0, x, skip), 0.5 * x + 0.5 * w * skip, atol=1e-6)
+    # Trained gates: the whole forward by hand (3 layers: encoder [0], decoder [1, 2], one skip).
+    model = randomized(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    x0 = rms(model.tok_emb(ids))
+    b = model.blocks
+    h1 = b[0](x0, x0)
+    g = torch.sigmoid(model.skip_gates[0])
+    x = g * h1 + (1 - g) * (model.skip_weights[0] * h1)
+    expected = rms(b[2](b[1](x, x0), x0))
+    assert torch.allclose(model.hidden(ids), expected, atol=1e-5)
+
+
+def test_parallel_lanes_route_attention_to_lane0_and_the_mlp_to_lane1():
+    cfg = ModelConfig(**{**TINY.__dict__, "num_layers": 2, "parallel_from": 1})
+    fresh = GPT(cfg)
+    assert not fresh.blocks[0].parallel and fresh.blocks[1].parallel
+    assert not hasattr(fresh.blocks[0], "parallel_post_lambdas")
+    block = fresh.blocks[1]
+    assert torch.equal(block.parallel_post_lambdas, torch.ones(2, 2))
+    assert torch.allclose(block.parallel_resid_lambdas, torch.full((2,), 1.1), atol=2e-3)  # 1.1 rounded to bf16
+    model = randomized(cfg)
+    block = model.blocks[1]
+    with torch.no_grad():  # back to the documented inits, so the hand computation below is the init's
+        block.parallel_post_lambdas.fill_(1.0)
+        block.parallel_resid_lambdas.fill_(1.1)
+    torch.manual_seed(3)
+    lane0, lane1, x0 = (torch.randn(2, 10, cfg.model_dim) for _ in range(3))
+    seen = {}
+    block.attn.register_forward_hook(lambda m, inp, out: seen.__setitem__("attn", inp[0]))
+    block.mlp.register_forward_hook(lambda m, inp, out: seen.__setitem__("mlp", inp[0]))
+    m0, m1 = block.resid_mix
+    a = block.attn_scale * block.attn(rms(m0 * lane0 + m1 * x0))
+    f = block.mlp_scale * block.mlp(rms(lane1))
+    out0, out1 = block.forward_lanes(lane0, lane1, x0)
+    assert torch.allclose(out0, 1.1 * lane0 + a + f, atol=1e-5) and torch.allclose(out1, 1.1 * lane1 + a + f, atol=1e-5)
+    attn_in, mlp_in = seen["attn"], seen["mlp"]
+    block.forward_lanes(lane0 + 1.0, lane1, x0)  # perturb the attention lane: the MLP input stays
+    assert torch.equal(seen["mlp"], mlp_in) and not torch.allclose(seen["attn"], attn_in)
+    block.forward_lanes(lane0, lane1 + 1.0, x0)  # perturb the MLP lane: the attention input stays
+    assert torch.equal(seen["attn"], attn_in) and not torch.allclose(seen["mlp"], mlp_in)
+    # The whole model: lanes start equal, the skip goes into lane 0 only, the output is the lanes' mean.
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    x0 = rms(model.tok_emb(ids))
+    h = model.blocks[0](x0, x0)
+    l0, l1 = block.forward_lanes(h + model.skip_weights[0] * h, h, x0)
+    assert torch.allclose(model.hidden(ids), rms(0.5 * (l0 + l1)), atol=1e-5)
+
+
+def test_depth_recurrence_order_switch_and_shared_weights():
+    from stages.model import layer_order
+
+    cfg = ModelConfig(vocab_size=64, num_layers=11, model_dim=32, num_heads=2, num_kv_heads=1,
+                      loop_start=3, loop_end=5, num_loops=2)
+    assert list(layer_order(cfg, looping=True)) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert list(layer_order(cfg, looping=False)) == list(range(11))
+    model = GPT(cfg)
+    assert model.skip_weights.shape[0] == 8  # 17 virtual layers: 8 encoder, 9 decoder (§2.6)
+    # Looped model on TINY: order [0, 1, 1, 2], encoder [0, 1], decoder [1, 2]; check by hand.
+    cfg = ModelConfig(**{**TINY.__dict__, "loop_start": 1, "loop_end": 1, "num_loops": 1})
+    model = randomized(cfg)
+    assert model.looping  # built looped: evaluation and TTT run the full architecture
+    n_params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    x0 = rms(model.tok_emb(ids))
+    b, w = model.blocks, model.skip_weights
+    s0 = b[0](x0, x0)
+    s1 = b[1](s0, x0)
+    x = b[1](s1 + w[0] * s1, x0)
+    expected = rms(b[2](x + w[1] * s0, x0))
+    looped = model.hidden(ids)
+    assert torch.allclose(looped, expected, atol=1e-5)
+    model.set_looping(False)
+    plain = model.hidden(ids)
+    s0 = b[0](x0, x0)
+    assert torch.allclose(plain, rms(b[2](b[1](s0 + w[0] * s0, x0), x0)), atol=1e-5)
+    assert not torch.allclose(plain, looped, atol=1e-4)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    no_loops = GPT(TINY)
+    no_loops.set_looping(True)  # nothing to loop: stays plain
+    assert not no_loops.looping
+
+
+def test_looping_switch_retraces_under_torch_compile_fullgraph():
+    """`looping` is read at trace time; compile guards on it, so a switch must not reuse a stale graph."""
+    torch._dynamo.reset()
+    cfg = ModelConfig(**{**TINY.__dict__, "loop_start": 0, "loop_end": 1, "num_loops": 1})
+    model = randomized(cfg)
+    compiled = torch.compile(model.logits, backend="eager", fullgraph=True)
+    ids = torch.randint(0, cfg.vocab_size, (1, 16))
+    with torch.no_grad():
+        model.set_looping(False)
+        eager_off, compiled_off = model.logits(ids), compiled(ids)
+        model.set_looping(True)
+        eager_on, compiled_on = model.logits(ids), compiled(ids)
+    assert not torch.allclose(eager_off, eager_on, atol=1e-4)
+    assert torch.allclose(compiled_off, eager_off, atol=1e-5) and torch.allclose(compiled_on, eager_on, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def _attention_pair(option: dict):
+    """An attention with `option` and a plain one with the same Q/K/V weights and an identity out-projection,
+    so each output is the concatenated head outputs."""
+    from stages.model import CausalSelfAttention
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY.__dict__, **option})
+    gated, plain = CausalSelfAttention(cfg), CausalSelfAttention(TINY)
+    with torch.no_grad():
+        for name in ("c_k", "c_v"):
+            getattr(plain, name).weight.copy_(getattr(gated, name).weight)
+        plain.c_q.weight.copy_(gated.c_q.weight[:TINY.model_dim])
+        for att in (gated, plain):
+            att.proj.weight.copy_(torch.eye(TINY.model_dim))
+    return cfg, gated, plain
+
+
+def test_sparse_attention_gate_halves_heads_at_init_and_reads_the_first_12_dims():
+    cfg, gated, plain = _attention_pair({"sparse_attn_gate": True, "sparse_gate_scale": 0.5})
+    x = torch.randn(2, 9, cfg.model_dim)
+    assert torch.equal(gated.attn_gate_w, torch.zeros(cfg.num_heads, 12))
+    assert torch.allclose(gated(x), 0.5 * plain(x), atol=1e-6)  # σ(0) = 0.5 on every head
+    with torch.no_grad():
+        gated.attn_gate_w.normal_()
+    heads = plain(x).view(2, 9, cfg.num_heads, -1)
+    gate = torch.sigmoid(0.5 * x[..., :12] @ gated.attn_gate_w.T)  # [B, T, H]
+    assert torch.allclose(gated(x).view_as(heads), gate[..., None] * heads, atol=1e-5)
+
+
+def test_headwise_gated_attention_widens_q_and_gates_each_head():
+    cfg, gated, plain = _attention_pair({"gated_attn_dim": 8})  # 4 heads: 2 gate rows per head
+    assert gated.c_q.weight.shape == (cfg.model_dim + 8, cfg.model_dim)
+    x = torch.randn(2, 9, cfg.model_dim)
+    heads = plain(x).view(2, 9, cfg.num_heads, -1)
+    logits = (x @ gated.c_q.weight[cfg.model_dim:].T).view(2, 9, cfg.num_heads, 2).mean(-1)
+    assert torch.allclose(gated(x).view_as(heads), torch.sigmoid(logits)[..., None] * heads, atol=1e-5)
+
+
+def test_ortho_init_gives_orthonormal_rows_or_columns():
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY.__dict__, "ortho_init": True, "gated_attn_dim": 4})
+    model = GPT(cfg)
+
+    def orthonormal(w):  # rows when wide, columns when tall; bf16 rounding leaves ~1e-3 error
+        g = w @ w.T if w.size(0) <= w.size(1) else w.T @ w
+        return torch.allclose(g, torch.eye(g.size(0)), atol=1e-2)
+
+    for block in model.blocks:
+        att = block.attn
+        assert orthonormal(att.c_q.weight[:cfg.model_dim]) and orthonormal(att.c_q.weight[cfg.model_dim:])
+        assert orthonormal(att.c_k.weight) and orthonormal(att.c_v.weight) and orthonormal(block.mlp.fc.weight)
+        assert att.proj.weight.abs().sum() == 0 and block.mlp.proj.weight.abs().sum() == 0
+    assert not orthonormal(GPT(TINY).blocks[0].attn.c_q.weight)  # PyTorch's default init is not
+
+
+def test_mlp_mult_is_a_float_and_int_configs_still_load():
+    from stages.artifacts import PgolfError
+    from stages.config import build
+
+    assert GPT(ModelConfig(**{**TINY.__dict__, "mlp_mult": 2.5})).blocks[0].mlp.fc.weight.shape == (160, 64)
+    assert GPT(ModelConfig(**{**TINY.__dict__, "mlp_mult": 3})).blocks[0].mlp.fc.weight.shape == (192, 64)
+    assert build(ModelConfig, ({"mlp_mult": 3}, "params.yaml")).mlp_mult == 3.0
+    with pytest.raises(PgolfError, match="mlp_mult"):
+        ModelConfig(**{**TINY.__dict__, "mlp_mult": 0.001}).validate()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"num_loops": -1}, "num_loops"),
+    ({"num_loops": 1, "loop_start": 2, "loop_end": 1}, "loop_start"),
+    ({"num_loops": 1, "loop_end": 3}, "loop_end"),
+    ({"parallel_from": 3}, "parallel_from"),  # no such layer
+    ({"num_layers": 6, "parallel_from": 2}, "parallel_from"),  # an encoder layer
+    ({"num_layers": 6, "parallel_from": 4, "num_loops": 1, "loop_start": 3, "loop_end": 4}, "parallel_from"),
+    ({"sparse_gate_scale": 0.0}, "sparse_gate_scale"),
+    ({"gated_attn_dim": 6}, "gated_attn_dim"),
+    ({"gated_attn_dim": -4}, "gated_attn_dim"),
+])
+def test_bad_component_params_are_refused(bad, message):
+    from stages.artifacts import PgolfError
+
+    with pytest.raises(PgolfError, match=message):
+        ModelConfig(**{**TINY.__dict__, **bad}).validate()
+    ModelConfig(**{**TINY.__dict__, **ALL_OPTIONS}).validate()  # the full stack is valid
+
+
+def test_document_isolation_holds_with_every_option_on():
+    cfg = ModelConfig(**{**TINY.__dict__, **ALL_OPTIONS})
+    model = randomized(cfg)
+    assert model.looping
+    torch.manual_seed(4)
+    doc_a = torch.cat([torch.tensor([cfg.bos_id]), torch.randint(4, cfg.vocab_size, (17,))])
+    doc_b = torch.cat([torch.tensor([cfg.bos_id]), torch.randint(4, cfg.vocab_size, (11,))])
+    for looping in (True, False):
+        model.set_looping(looping)
+        alone = model.logits(doc_b[None])[0]
+        after_a = model.logits(torch.cat([doc_a, doc_b])[None])[0, len(doc_a):]
+        assert torch.allclose(alone, after_a, atol=1e-5), (looping, (alone - after_a).abs().max())
+
+
+def test_new_small_tensors_are_control_tensors():
+    from stages.model import is_control
+
+    model = GPT(ModelConfig(**{**TINY.__dict__, **ALL_OPTIONS}))
+    names = {n for n, p in model.named_parameters() if is_control(n, p)}
+    for expected in ("skip_gates", "blocks.2.parallel_post_lambdas", "blocks.2.parallel_resid_lambdas",
+                     "blocks.0.attn.attn_gate_w"):
+        assert expected in names
+    assert "blocks.0.attn.c_q.weight" not in names  # the widened Q (with its gate rows) stays a Muon matrix

@@ -174,3 +174,14 @@ def test_weight_decay_groups_and_bad_train_params():
     for bad in ({"muon_ns": "cubic"}, {"warmdown_frac": 1.5}, {"ema_decay": 1.0}, {"muon_wd": -1.0}):
         with pytest.raises(PgolfError, match=next(iter(bad))):
             validate_train_config(replace(TRAIN, **bad))
+
+
+def test_every_model_option_puts_each_parameter_in_one_optimizer_group():
+    from test_model import OPTIONS, TINY
+
+    from stages.model import GPT
+
+    for option in OPTIONS:
+        model = GPT(ModelConfig(**{**TINY.__dict__, **option}))
+        optimizers, _ = build_optimizers(model, TRAIN, torch.float32)  # raises if a parameter is left out
+        assert sum(len(g["params"]) for o in optimizers for g in o.param_groups) == len(list(model.parameters()))

@@ -15,15 +15,10 @@ ITERS=${3:-20000}
 MAX_SENTENCE=${4:-4192}  # SentencePiece's default (the challenge's); 1048576 keeps long docs in tokenizer training
 OUT=${OUT:-/tmp/pgolf-bench-out}
 W=/tmp/pgolf-bench
-R="$W/results"  # metrics go here and come back as one archive (the device returns at most 8 files)
+R="$W/results"  # metrics go here, merged into $OUT/results.json at exit (the device returns at most 8 files)
 mkdir -p "$OUT" "$W" "$R"
 trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"; cp "$R/train_log.csv" "$OUT/" 2>/dev/null || true' EXIT
-export PYTHONUNBUFFERED=1
-
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
-PG="python3 -m stages.cli"
+source bench/common.sh
 
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
@@ -33,13 +28,6 @@ PG="python3 -m stages.cli"
   nproc
 } > "$R/env.txt"
 cat "$R/env.txt"
-
-timed() {  # timed NAME CMD... : run it, append "NAME milliseconds" to times.txt
-  local name=$1; shift
-  local t0; t0=$(date +%s%N)
-  "$@"
-  echo "$name $(( ($(date +%s%N) - t0) / 1000000 ))" | tee -a "$R/times.txt"
-}
 
 if ! grep -q "\"max_sentence_length\": $MAX_SENTENCE," "$W/tok/manifest.json" 2>/dev/null; then
   timed tokenize $PG tokenize .corpus/enwiki_val.jsonl.xz .corpus/enwiki_train.jsonl.xz --out "$W/tok" \

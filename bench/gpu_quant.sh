@@ -10,20 +10,9 @@ W=/tmp/pgolf-quant
 R="$W/results"
 mkdir -p "$OUT" "$W" "$R"
 trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"' EXIT
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
-PG="python3 -m stages.cli"
+source bench/common.sh
 NP=(--params none.yaml)
 { date -u +%Y-%m-%dT%H:%M:%SZ; nvidia-smi --query-gpu=name --format=csv,noheader; } > "$R/env.txt"
-
-timed() {  # timed NAME CMD...: run it, append "NAME milliseconds" to times.txt
-  local name=$1; shift
-  local t0; t0=$(date +%s%N)
-  "$@"
-  echo "$name $(( ($(date +%s%N) - t0) / 1000000 ))" | tee -a "$R/times.txt"
-}
 
 timed tokenize $PG tokenize .corpus/enwiki_val.jsonl.xz .corpus/enwiki_train.jsonl.xz --out "$W/tok" "${NP[@]}" \
   --vocab-size 1024 --val-docs 600 --set tokenizer_train_docs=1500 --set max_sentence_length=1048576 \

@@ -24,11 +24,12 @@ import torch
 
 from .artifacts import PgolfError
 from .config import QuantizeConfig, resolve_device
+from .model import CONTROL_TENSOR_PATTERNS
 
-# Name fragments of the small tensors that steer the residual stream; the reference keeps them fp32.
-# The reference export's fp32 list, plus the control tensors of later model components (gates, lanes).
-CONTROL_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
-                    "q_gain", "skip_weight", "skip_weights", "skip_gate", "smear", "parallel_", "attn_gate")
+# The small tensors that steer the residual stream stay fp32 (as in the reference export): the model's
+# control tensors. Matching is by substring, so these cover every name of the reference's own list too
+# (attn_scales, resid_mixes, skip_weights, ...).
+CONTROL_PATTERNS = CONTROL_TENSOR_PATTERNS
 OFFICIAL_INT8_FORMAT = "int8_clean_per_row_v1"
 CLIPS = ("percentile", "sdclip")
 MIN_BITS, MAX_BITS = 2, 8

@@ -91,3 +91,23 @@ def tokenized_dir(tmp_path_factory) -> Path:
     out = root / "data"
     tokenize.run([corpus], out, tokenize_config(), None, root / "tokenize_metrics.json")
     return out
+
+
+@pytest.fixture(scope="session")
+def calibrated_model(tokenized_dir, tmp_path_factory) -> dict:
+    """A 2-layer GPT trained for 30 steps on the session corpus, and its Hessians (for GPTQ and --budget)."""
+    from stages import calibrate, train
+    from stages.artifacts import load_tensors
+    from stages.config import CalibrateConfig, ModelConfig, TrainConfig
+
+    root = tmp_path_factory.mktemp("calibrated")
+    ckpt, hess = root / "ckpt.safetensors", root / "hessians.safetensors"
+    model = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
+    cfg = TrainConfig(iterations=30, max_wallclock_seconds=0, warmdown_iters=6, warmup_steps=0,
+                      train_batch_tokens=2048, train_seq_len=64, grad_accum_steps=1,
+                      muon_momentum_warmup_steps=5, log_every=10, val_tokens=1024, device="cpu")
+    train.run(tokenized_dir, ckpt, model, cfg, root / "train_metrics.json", root / "log.csv")
+    calibrate.run(ckpt, tokenized_dir, hess, CalibrateConfig(n_batches=4, batch_seqs=8, seq_len=64, device="cpu"),
+                  root / "calibrate_metrics.json")
+    return {"root": root, "ckpt": ckpt, "hess": hess, "model": model,
+            "state": load_tensors(ckpt, "checkpoint")[0], "hessians": load_tensors(hess, "hessians")[0]}

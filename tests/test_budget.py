@@ -6,16 +6,11 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from stages import calibrate, pack, quant, quantize, train
-from stages.artifacts import PgolfError, load_tensors, read_json, sha256_file
+from stages import pack, quant, quantize
+from stages.artifacts import PgolfError, load_tensors, read_json, read_meta, sha256_file
 from stages.budget import BudgetSearch
-from stages.config import CalibrateConfig, ModelConfig, PackConfig, QuantizeConfig, TrainConfig
+from stages.config import PackConfig, QuantizeConfig
 
-MODEL = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
-TRAIN = TrainConfig(iterations=30, max_wallclock_seconds=0, warmdown_iters=6, warmup_steps=0,
-                    train_batch_tokens=2048, train_seq_len=64, grad_accum_steps=1,
-                    muon_momentum_warmup_steps=5, log_every=10, val_tokens=1024, device="cpu")
-CALIBRATE = CalibrateConfig(n_batches=4, batch_seqs=8, seq_len=64, device="cpu")
 # All 13 matrices quantized (the tiny model's are below the default keep-float threshold); GPTQ with
 # SDClip, whose error falls with every added bit, so the path's end is uniform 8 bits.
 BASE = QuantizeConfig(keep_float_max_numel=256, device="cpu", method="gptq", clip="sdclip", sdclip_k=4.0,
@@ -23,19 +18,15 @@ BASE = QuantizeConfig(keep_float_max_numel=256, device="cpu", method="gptq", cli
 
 
 @pytest.fixture(scope="module")
-def trained(tokenized_dir, tmp_path_factory) -> dict:
-    """A GPT trained for 30 steps on the session corpus, its Hessians, and a budget search over it."""
-    root = tmp_path_factory.mktemp("budget")
-    ckpt, hess = root / "ckpt.safetensors", root / "hessians.safetensors"
-    train.run(tokenized_dir, ckpt, MODEL, TRAIN, root / "train_metrics.json", root / "log.csv")
-    calibrate.run(ckpt, tokenized_dir, hess, CALIBRATE, root / "calibrate_metrics.json")
-    state, meta = load_tensors(ckpt, "checkpoint")
-    hessians, _ = load_tensors(hess, "hessians")
+def trained(calibrated_model, tokenized_dir, tmp_path_factory) -> dict:
+    """The session's trained + calibrated GPT (conftest), its own output directory, and a budget search."""
+    t = {**calibrated_model, "root": tmp_path_factory.mktemp("budget")}
+    meta = read_meta(t["ckpt"], "checkpoint")
     # The metadata quantize.run writes (less the schema), so that the predicted header is pack's.
     out_meta = {"model_config": meta["model_config"], "tokenizer_sha256": meta.get("tokenizer_sha256"),
-                "params": asdict(BASE), "inputs": {"checkpoint": sha256_file(ckpt), "hessians": sha256_file(hess)}}
-    search = BudgetSearch(state, BASE, hessians, "zlib", out_meta, pack.data_identity(tokenized_dir))
-    return {"root": root, "ckpt": ckpt, "hess": hess, "state": state, "hessians": hessians, "search": search}
+                "params": asdict(BASE), "inputs": {"checkpoint": sha256_file(t["ckpt"]), "hessians": sha256_file(t["hess"])}}
+    t["search"] = BudgetSearch(t["state"], BASE, t["hessians"], "zlib", out_meta, pack.data_identity(tokenized_dir))
+    return t
 
 
 def packed_total(trained, tokenized_dir, quantized, budget: int, codec: str = "zlib") -> int:

@@ -7,31 +7,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-from stages import calibrate, quant, quantize, train
+from stages import quant, quantize
 from stages.artifacts import PgolfError, load_tensors, save_tensors, sha256_file
-from stages.config import CalibrateConfig, ModelConfig, QuantizeConfig, TrainConfig
+from stages.config import QuantizeConfig
 from stages.gptq import gptq_quantize, weighted_error
 
-MODEL = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
-TRAIN = TrainConfig(iterations=30, max_wallclock_seconds=0, warmdown_iters=6, warmup_steps=0,
-                    train_batch_tokens=2048, train_seq_len=64, grad_accum_steps=1,
-                    muon_momentum_warmup_steps=5, log_every=10, val_tokens=1024, device="cpu")
-CALIBRATE = CalibrateConfig(n_batches=4, batch_seqs=8, seq_len=64, device="cpu")
 # The tiny model's matrices are far below the default keep-float threshold; quantize them all, while the
 # control tensors (at most 2×64 values here) stay float.
 BASE = QuantizeConfig(keep_float_max_numel=256, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def trained(tokenized_dir, tmp_path_factory) -> dict:
-    """A GPT trained for 30 steps on the session corpus, and the Hessians calibrated on it."""
-    root = tmp_path_factory.mktemp("gptq")
-    ckpt, hess = root / "ckpt.safetensors", root / "hessians.safetensors"
-    train.run(tokenized_dir, ckpt, MODEL, TRAIN, root / "train_metrics.json", root / "log.csv")
-    calibrate.run(ckpt, tokenized_dir, hess, CALIBRATE, root / "calibrate_metrics.json")
-    state, _ = load_tensors(ckpt, "checkpoint")
-    hessians, _ = load_tensors(hess, "hessians")
-    return {"root": root, "ckpt": ckpt, "hess": hess, "state": state, "hessians": hessians}
+def trained(calibrated_model, tmp_path_factory) -> dict:
+    """The session's trained + calibrated GPT (conftest), with this module's own output directory."""
+    return {**calibrated_model, "root": tmp_path_factory.mktemp("gptq")}
 
 
 def quantized_rows(report: dict) -> dict[str, dict]:
@@ -41,7 +30,7 @@ def quantized_rows(report: dict) -> dict[str, dict]:
 def test_every_matrix_has_a_hessian_and_is_quantized(trained):
     state, hessians = trained["state"], trained["hessians"]
     matrices = [n for n, t in state.items() if t.ndim == 2 and t.numel() > BASE.keep_float_max_numel]
-    assert "tok_emb.weight" in matrices and len(matrices) == 1 + 6 * MODEL.num_layers
+    assert "tok_emb.weight" in matrices and len(matrices) == 1 + 6 * trained["model"].num_layers
     assert set(matrices) <= set(hessians)
     _, schema, report = quant.quantize_state_dict(state, replace(BASE, method="gptq", bits=4), hessians)
     assert {n for n, e in schema.items() if e["method"] == "gptq"} == set(matrices)

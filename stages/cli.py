@@ -54,6 +54,8 @@ def tokenize(
     tokenizer: Optional[Path] = typer.Option(None, help="Reuse this SentencePiece .model instead of training one."),
     vocab_size: Optional[int] = typer.Option(None, help="Tokenizer vocabulary size (params: tokenize.vocab_size)."),
     val_docs: Optional[int] = typer.Option(None, help="The first N documents are validation (challenge: 50,000)."),
+    caseops: Optional[bool] = typer.Option(None, "--caseops/--no-caseops", help="Lossless case transform before "
+                                           "SentencePiece; BPB then comes from the byte sidecar (params: tokenize.caseops)."),
     metrics: Path = typer.Option(Path("artifacts/tokenize_metrics.json"), help="Metrics JSON to write."),
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
@@ -63,7 +65,7 @@ def tokenize(
         from . import tokenize as stage
         from .config import TokenizeConfig, stage_config
 
-        p, s = _sets(params, sets, {"vocab_size": vocab_size, "val_docs": val_docs})
+        p, s = _sets(params, sets, {"vocab_size": vocab_size, "val_docs": val_docs, "caseops": caseops})
         stage.run(inputs, out, stage_config(TokenizeConfig, "tokenize", p, s, params), tokenizer, metrics)
     _run(go)
 
@@ -72,7 +74,7 @@ def tokenize(
 def train(
     data: Path = typer.Option(Path("data/tokenized"), help="Tokenized data directory (from `pgolf tokenize`)."),
     out: Path = typer.Option(Path("artifacts/ckpt.safetensors"), help="Checkpoint to write."),
-    preset: Optional[str] = typer.Option(None, help="Model/trainer preset: tiny | baseline (params: preset)."),
+    preset: Optional[str] = typer.Option(None, help="Preset: tiny | baseline | record | pr2071 | pr398 (params: preset)."),
     iterations: Optional[int] = typer.Option(None, help="Training steps (params: train.iterations)."),
     max_wallclock_seconds: Optional[float] = typer.Option(None, help="Wall-clock cap in seconds; 0 = none."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),

@@ -1,7 +1,7 @@
 """One typed config per stage, filled from params.yaml and the command line.
 
 Precedence, lowest first: dataclass defaults (the challenge's naive baseline), the preset named by
-params.yaml's top-level `preset` (model and train only), the stage's params.yaml section, then
+params.yaml's top-level `preset` (stages/presets.py), the stage's params.yaml section, then
 `--set KEY=VALUE` options. Unknown keys and ill-typed values are errors, never silently ignored.
 """
 
@@ -41,6 +41,10 @@ class ModelConfig:
     ln_scale: bool = False  # scale block l's normed inputs by 1/√(l+1)
     xsa_layers: int = 0  # exclusive self-attention on the last N layers
     smear_gate: bool = False  # mix the previous token's embedding in through a learned gate (never across a BOS)
+    smear_gate_perdim: bool = False  # the older SmearGate: per-channel blend σ(g)·e_t + (1−σ(g))·e_{t−1}
+    bigram_buckets: int = 0  # BigramHash: hashed (prev, cur) pair embeddings added to the input; 0: off
+    bigram_dim: int = 128  # BigramHash embedding width (projected to model_dim)
+    attn_backend: str = "auto"  # document-masked attention: auto (flex when training on CUDA, else SDPA) | sdpa | flex
     skip_gates: bool = False  # U-Net skip merge as a lerp x ← σ(g)·x + (1−σ(g))·(w ⊙ skip), g init 0
     parallel_from: int = 0  # two-lane parallel residuals in physical layers >= K (attention lane, MLP lane); 0: off
     # Depth recurrence: layers loop_start..loop_end (inclusive) run num_loops extra times, weights shared.
@@ -83,6 +87,13 @@ class ModelConfig:
             if not low <= self.parallel_from < self.num_layers:
                 raise PgolfError(f"{source}: parallel_from {self.parallel_from} must be 0 (off) or between {low} and "
                                  f"{self.num_layers - 1}: parallel layers must be decoder layers after any looped ones")
+        if self.smear_gate and self.smear_gate_perdim:
+            raise PgolfError(f"{source}: smear_gate and smear_gate_perdim are two forms of one gate; pick one")
+        if self.bigram_buckets < 0 or self.bigram_dim < 1:
+            raise PgolfError(f"{source}: bigram_buckets {self.bigram_buckets} must be >= 0 (0: off) and "
+                             f"bigram_dim {self.bigram_dim} >= 1")
+        if self.attn_backend not in ("auto", "sdpa", "flex"):
+            raise PgolfError(f"{source}: attn_backend {self.attn_backend!r}; choose auto, sdpa or flex")
         if not (math.isfinite(self.sparse_gate_scale) and self.sparse_gate_scale > 0):
             raise PgolfError(f"{source}: sparse_gate_scale {self.sparse_gate_scale} must be a positive number")
         if self.gated_attn_dim < 0 or self.gated_attn_dim % self.num_heads:
@@ -100,6 +111,9 @@ class TokenizeConfig:
     max_sentence_length: int = 4192
     shard_tokens: int = 100_000_000
     workers: int = 0  # 0: all cores
+    # CaseOps: lowercase the text with case operators before SentencePiece (stages/caseops.py); the
+    # val byte sidecar then counts original bytes and is the only valid BPB denominator
+    caseops: bool = False
 
 
 @dataclass
@@ -138,6 +152,11 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 0  # save the full training state every N steps (for --resume); 0: never
     ema_decay: float = 0.0  # keep an fp32 EMA of the weights (saved and evaluated instead of them); 0: off
+    swa_every: int = 0  # SWA, the alternative to EMA: average a snapshot every N steps (saved and evaluated); 0: off
+    swa_start_frac: float = 0.0  # ... from this fraction of the run on
+    loop_enable_frac: float = 0.0  # depth recurrence (model.num_loops) switches on at this fraction of the run
+    qat_bits: int = 0  # QAT: straight-through fake quantization of the block matrices at these bits; 0: off
+    qat_start_frac: float = 0.0  # ... from this fraction of the run on
     device: str = "auto"
     compile: bool = True  # torch.compile on CUDA (never on CPU)
 
@@ -200,6 +219,18 @@ class EvalConfig:
     val_tokens: int = 0  # score only the first N validation tokens (whole windows); 0: all
     batch_seqs: int = 32
     device: str = "auto"
+    # Test-time training (TECHNIQUES.md §6.3–6.4), recorded by the record presets; not implemented yet,
+    # so anything but "none" is refused rather than scored without it.
+    ttt: str = "none"  # none | score_first (full-model SGD per chunk) | phased_lora (per-document LoRA + global SGD)
+    ttt_lr: float = 0.0
+    ttt_chunk_tokens: int = 0
+    ttt_lora_rank: int = 0
+    ttt_lora_alpha: float = 0.0
+    ttt_beta2: float = 0.0
+    ttt_weight_decay: float = 0.0
+    ttt_prefix_docs: int = 0  # phased: documents scored before the global SGD phases end
+    ttt_phases: int = 0
+    ttt_global_lr: float = 0.0
 
 
 @dataclass
@@ -207,20 +238,6 @@ class VerifyConfig:
     tolerance: float = 0.002  # |measured - claimed| BPB allowed
     limit: int = 16_000_000
 
-
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The dataclass defaults are the challenge's naive baseline.
-    "baseline": {"model": {}, "train": {}},
-    # Small enough to train in a couple of minutes on two CPU cores; for tests and the demo.
-    "tiny": {
-        "model": {"num_layers": 4, "model_dim": 128, "num_heads": 4, "num_kv_heads": 2},
-        "train": {
-            "iterations": 200, "max_wallclock_seconds": 0.0, "warmdown_iters": 60, "warmup_steps": 0,
-            "train_batch_tokens": 8192, "train_seq_len": 256, "grad_accum_steps": 1,
-            "muon_momentum_warmup_steps": 50, "log_every": 20,
-        },
-    },
-}
 
 C = TypeVar("C")
 
@@ -300,6 +317,8 @@ def build(cls: type[C], *layers: tuple[dict[str, Any], str]) -> C:
 
 
 def preset(name: str, source: str = "params") -> dict[str, dict[str, Any]]:
+    from .presets import PRESETS
+
     if name not in PRESETS:
         raise PgolfError(f"{source}: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
@@ -307,15 +326,14 @@ def preset(name: str, source: str = "params") -> dict[str, dict[str, Any]]:
 
 def stage_config(cls: type[C], section: str, params: dict[str, Any], sets: dict[str, Any],
                  params_path: str | Path = "params.yaml") -> C:
-    """Config for a stage: preset (model/train only) < params.yaml[section] < --set overrides.
+    """Config for a stage: preset < params.yaml[section] < --set overrides.
 
     `sets` comes from parse_sets: plain keys override the stage's own section, `model.*` keys the
     model section, and `preset=NAME` the preset.
     """
-    layers: list[tuple[dict[str, Any], str]] = []
-    if section in ("model", "train"):
-        name = str(sets.get("preset", params.get("preset", "baseline")))
-        layers.append((preset(name, f"{params_path}: preset").get(section, {}), f"preset {name!r}"))
+    name = str(sets.get("preset", params.get("preset", "baseline")))
+    layers: list[tuple[dict[str, Any], str]] = [
+        (preset(name, f"{params_path}: preset").get(section, {}), f"preset {name!r}")]
     section_values = params.get(section) or {}
     if not isinstance(section_values, dict):
         raise PgolfError(f"{params_path}: section {section!r} must be a mapping")

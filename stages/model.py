@@ -5,13 +5,17 @@ weighted) → RMSNorm → tied LM head → softcap 30·tanh(z/30). Each block mi
 embedding stream x0, then runs attention (GQA, QK RMSNorm, RoPE, learned per-head q gain) and a relu²
 MLP, each scaled by a learned per-channel vector. Output projections start at zero.
 
-Options beyond the baseline (all off by default; TECHNIQUES.md §2): document masking, SmearGate,
-LeakyReLU(0.5)², a float MLP width, partial RoPE, layerwise norm scaling 1/√(l+1), exclusive
-self-attention (XSA) on the last layers, a sparse and a headwise (Q-widened) attention output gate, skip
-gates, two-lane parallel residuals in the last layers, depth recurrence, and orthogonal init. An option
-that is off creates no parameter and draws no random number, so the baseline's init is unchanged.
+Options beyond the baseline (all off by default; TECHNIQUES.md §2): document masking (SDPA with a
+dense mask, or flex_attention with a block mask), SmearGate (BOS-fixed, or the older per-dim blend) and
+BigramHash embeddings, LeakyReLU(0.5)², a float MLP width, partial RoPE, layerwise norm scaling
+1/√(l+1), exclusive self-attention (XSA) on the last layers, a sparse and a headwise (Q-widened)
+attention output gate, skip gates, two-lane parallel residuals in the last layers, depth recurrence, and
+orthogonal init. An option that is off creates no parameter and draws no random number, so the
+baseline's init is unchanged.
 
-Depth recurrence is switched at run time with `GPT.set_looping(on)`; see there for torch.compile.
+Two switches change the forward at run time without a retrace that could go stale under torch.compile:
+depth recurrence (`GPT.set_looping`) and straight-through fake quantization for QAT (`enable_qat` /
+`set_qat`, a tensor toggle, so the compiled graph cannot constant-fold it; TECHNIQUES.md §7 item 8).
 
 Parameter names match the challenge's `train_gpt.py`, so its int8 artifacts load directly.
 """
@@ -29,6 +33,7 @@ from .config import ModelConfig
 # Small per-channel tensors that steer the residual stream: fp32, Adam, never quantized below fp32.
 CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_gate", "smear",
                            "parallel_", "attn_gate")
+BIGRAM_HASH_MULT = 1_000_003  # bucket = (prev · K + cur) mod buckets; K prime, larger than any vocab
 SMEAR_WINDOW = 12  # the gate reads the current token's first 12 embedding dims
 GATE_WINDOW = 12  # the sparse attention gate reads the first 12 dims of the normed block input
 
@@ -38,10 +43,26 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Weights stay fp32 (the optimizer's master copy); the matmul runs in the activation dtype."""
+    """Weights stay fp32 (the optimizer's master copy); the matmul runs in the activation dtype.
+
+    With QAT enabled (`enable_qat`), the weight goes through a straight-through per-row fake quantizer,
+    blended in by the `qat_mix` buffer (0 off, 1 on): the forward sees the quantized weight, the
+    gradient flows to the float weight unchanged."""
+
+    qat_bits = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight
+        if self.qat_bits:
+            w = w + self.qat_mix * (fake_quantize(w, self.qat_bits) - w).detach()
+        return F.linear(x, w.to(x.dtype))
+
+
+def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-row round-to-nearest on ±(2^(b−1)−1) levels, scale = row absmax (no clipping)."""
+    top = 2 ** (bits - 1) - 1
+    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
+    return torch.round(w / scale).clamp(-top, top) * scale
 
 
 class Rotary(nn.Module):
@@ -98,8 +119,9 @@ class CausalSelfAttention(nn.Module):
                             if cfg.sparse_attn_gate else None)
         self.sparse_gate_scale = cfg.sparse_gate_scale
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: the block's normed input n [B, T, C]."""
+    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        """x: the block's normed input n [B, T, C]; mask: None (causal), a dense [B,1,T,T] bool mask or a
+        flex_attention BlockMask."""
         B, T, C = x.shape
         q = self.c_q(x)
         if self.gate_dim:
@@ -111,8 +133,11 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(T, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        gqa = self.num_kv_heads != self.num_heads
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a flex_attention BlockMask
+            y = flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         if self.xsa:
             y = exclusive(y, v)
         if self.attn_gate_w is not None:
@@ -156,14 +181,14 @@ class Block(nn.Module):
             self.parallel_post_lambdas = nn.Parameter(torch.ones(2, 2))
             self.parallel_resid_lambdas = nn.Parameter(torch.full((2,), 1.1))
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, mask=None) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, mask)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
     def forward_lanes(self, lane0: torch.Tensor, lane1: torch.Tensor, x0: torch.Tensor,
-                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Parallel residuals (§2.8): attention reads lane0 (mixed with x0), the MLP reads lane1 and does
         not see this block's attention output; both write into both lanes through learned lambdas."""
         dt = lane0.dtype
@@ -192,6 +217,44 @@ class SmearGate(nn.Module):
         return torch.cat([e[:, :1], e[:, 1:] + prev], dim=1)
 
 
+class PerDimSmearGate(nn.Module):
+    """The older SmearGate (03-19): e_t ← g⊙e_t + (1−g)⊙e_{t−1}, g = σ(smear_logit) per channel, init
+    σ(3) ≈ 0.95. Like the newer gate, a BOS never takes in the previous document's last token."""
+
+    def __init__(self, dim: int, bos_id: int):
+        super().__init__()
+        self.bos_id = bos_id
+        self.smear_logit = nn.Parameter(torch.full((dim,), 3.0))
+
+    def forward(self, e: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.smear_logit.to(e.dtype))
+        keep = (input_ids[:, 1:] != self.bos_id).unsqueeze(-1).to(e.dtype)
+        blended = g * e[:, 1:] + (1 - g) * e[:, :-1]
+        return torch.cat([e[:, :1], keep * blended + (1 - keep) * e[:, 1:]], dim=1)
+
+
+class BigramHash(nn.Module):
+    """A hashed embedding of (previous, current) token pairs, projected to the model width and added to
+    the token embedding. A BOS (and position 0) hashes as the pair (BOS, BOS): no pair spans two
+    documents. The projection starts at zero, so the model starts as if it were absent."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
+        super().__init__()
+        self.buckets, self.bos_id = buckets, bos_id
+        self.embed = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.embed.weight, std=0.005)
+        self.proj = CastedLinear(dim, model_dim, bias=False)
+        self.proj.zero_init = True
+
+    def bucket_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(input_ids[:, :-1], (1, 0), value=self.bos_id)
+        prev = torch.where(input_ids == self.bos_id, self.bos_id, prev)
+        return (prev * BIGRAM_HASH_MULT + input_ids) % self.buckets
+
+    def forward(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.proj(self.embed(self.bucket_ids(input_ids)).to(dtype))
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -199,7 +262,10 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (train fills it from the data manifest)")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.smear = SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate else None
+        self.bigram = (BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim, cfg.bos_id)
+                       if cfg.bigram_buckets else None)
+        self.smear = (SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate
+                      else PerDimSmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate_perdim else None)
         # Layer orders: physical indices in the order they run. The encoder is the first half of the
         # order (it pushes skips), the decoder the rest; both modes share skip indices (§2.6).
         self.plain_order = layer_order(cfg, looping=False)
@@ -243,8 +309,16 @@ class GPT(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states [B, T, D] (the LM head's input)."""
-        mask = document_mask(input_ids, self.cfg.bos_id) if self.cfg.doc_mask else None
+        mask = None
+        if self.cfg.doc_mask:
+            # auto: flex_attention's block mask skips masked blocks in training; without gradients (evaluation,
+            # calibration) SDPA's memory-efficient kernel with the dense mask needs no compiled kernel.
+            flex = self.cfg.attn_backend == "flex" or (self.cfg.attn_backend == "auto" and input_ids.is_cuda
+                                                       and torch.is_grad_enabled())
+            mask = (flex_document_mask if flex else document_mask)(input_ids, self.cfg.bos_id)
         e = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            e = e + self.bigram(input_ids, e.dtype)
         if self.smear is not None:
             e = self.smear(e, input_ids)
         x = rms_norm(e)
@@ -305,6 +379,34 @@ def document_mask(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
     return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
+def flex_document_mask(input_ids: torch.Tensor, bos_id: int):
+    """The same mask as `document_mask`, as a flex_attention BlockMask: fully masked blocks are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = torch.cumsum(input_ids == bos_id, dim=1)
+
+    def same_document_causal(b, h, q, kv):
+        return (q >= kv) & (doc[b, q] == doc[b, kv])
+
+    B, T = input_ids.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=input_ids.device)
+
+
+_compiled_flex = None
+
+
+def flex_attention_fn(cuda: bool):
+    """flex_attention, compiled on CUDA (a fused kernel; eager materialises every score), eager on CPU."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not cuda:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
 def layer_order(cfg: ModelConfig, looping: bool) -> tuple[int, ...]:
     """Physical layer indices in running order: with looping, loop_start..loop_end run num_loops extra
     times in a row, e.g. (3, 5, 2) on 11 layers: 0 1 2 3 4 5 3 4 5 3 4 5 6 7 8 9 10."""
@@ -322,6 +424,21 @@ def prepare_for_device(model: GPT, device: torch.device | str) -> GPT:
     if torch.device(device).type == "cuda":
         model.tok_emb.to(torch.bfloat16)
     return model
+
+
+def enable_qat(model: GPT, bits: int) -> None:
+    """Give every block matrix a straight-through fake quantizer at `bits`, off until `set_qat(model, True)`.
+    Call before torch.compile: the toggle is a buffer, read as data, so flipping it needs no retrace."""
+    for module in model.blocks.modules():
+        if isinstance(module, CastedLinear):
+            module.qat_bits = bits
+            module.register_buffer("qat_mix", torch.zeros((), device=module.weight.device), persistent=False)
+
+
+def set_qat(model: GPT, on: bool) -> None:
+    for module in model.blocks.modules():
+        if isinstance(module, CastedLinear) and module.qat_bits:
+            module.qat_mix.fill_(1.0 if on else 0.0)
 
 
 def is_control(name: str, param: torch.Tensor) -> bool:

@@ -22,7 +22,7 @@ from .config import PackConfig
 # The sources a blob needs to be decoded and scored: the blob/codec/dequantization readers, the
 # model, the config it is built from, the val-shard reader, the tokenizer LUTs and the scorer.
 # (gptq.py and lqer.py: quant.py imports them, for encoding only.)
-CODE_FILES = ("artifacts.py", "config.py", "codecs.py", "quant.py", "gptq.py", "lqer.py", "blob.py", "model.py",
+CODE_FILES = ("artifacts.py", "config.py", "presets.py", "codecs.py", "quant.py", "gptq.py", "lqer.py", "blob.py", "model.py",
               "shards.py", "tokenizer.py", "bpb.py", "ttt_eval.py")
 PACKAGE_DIR = Path(__file__).resolve().parent
 

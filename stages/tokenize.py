@@ -5,6 +5,11 @@ The tokenizer is trained on training documents only (or reused); every document 
 [BOS] + tokens(doc), no EOS. The validation byte sidecar charges each raw UTF-8 byte of a validation
 document to one of its tokens (BOS costs 0), so it sums to the raw byte count exactly.
 
+CaseOps (`caseops: true`, stages.caseops): the tokenizer is trained on and encodes case-transformed
+text; the sidecar still counts bytes of the *original* documents (operators cost 0). For such data
+the LUT bytes are not the original bytes, so the sidecar is the only valid BPB denominator, and
+evaluation refuses CaseOps data without one (ttt_eval.EvalData).
+
 Ingest mode: a single input directory of fineweb_*.bin shards plus a tokenizer is validated and
 described by a manifest, without re-tokenizing.
 
@@ -28,11 +33,12 @@ import numpy as np
 
 from .artifacts import PgolfError, sha256_file, write_bytes, write_json
 from .bpb import build_luts, stream_lut_bytes
+from . import caseops
 from .config import TokenizeConfig
 from .corpus import document_files, iter_documents
 from .shards import read_header, read_shard, shard_name, shard_paths, write_shard
-from .tokenizer import (CHALLENGE_TRAINER_SETTINGS, encode_chunk, init_worker, load_tokenizer,
-                        load_tokenizer_bytes, train_tokenizer, trainer_text)
+from .tokenizer import (encode_chunk, init_worker, load_tokenizer, load_tokenizer_bytes, train_tokenizer,
+                        trainer_settings, trainer_text)
 
 MANIFEST_KIND = "pgolf-tokenized"
 MANIFEST_VERSION = 1
@@ -45,7 +51,7 @@ def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, tokenizer: Path | No
     inputs = [Path(p) for p in inputs]
     out = Path(out)
     if len(inputs) == 1 and inputs[0].is_dir() and shard_paths(inputs[0], "train") + shard_paths(inputs[0], "val"):
-        manifest = ingest(inputs[0], out, tokenizer)
+        manifest = ingest(inputs[0], out, tokenizer, cfg.caseops)
     else:
         manifest = tokenize_documents(inputs, out, cfg, tokenizer)
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
@@ -54,6 +60,7 @@ def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, tokenizer: Path | No
     val_bytes = val["sidecar_bytes"] if val["sidecar_bytes"] is not None else val["lut_bytes"]
     write_json(metrics, {
         "mode": manifest["mode"],
+        "caseops": manifest["caseops"],
         "vocab_size": manifest["vocab_size"],
         "train_docs": train["docs"], "train_tokens": train["tokens"],
         "val_docs": val["docs"], "val_tokens": val["tokens"],
@@ -74,16 +81,17 @@ def tokenize_documents(inputs: list[Path], out: Path, cfg: TokenizeConfig, token
     document_files(inputs)  # fail on a missing path or foreign file before any long work
     if tokenizer is not None:
         sp = load_tokenizer(tokenizer)  # names the file in its errors
+        caseops.check_tokenizer(sp, cfg.caseops, str(tokenizer))
         model = Path(tokenizer).read_bytes()
         source = {"trained": False, "path": str(tokenizer)}
         if sp.vocab_size() != cfg.vocab_size:
             print(f"tokenize: reusing {tokenizer} with {sp.vocab_size()} pieces (vocab_size {cfg.vocab_size} ignored)")
     else:
         train_docs = islice(_training_docs(inputs, cfg.val_docs), cfg.tokenizer_train_docs)
-        model = train_tokenizer(train_docs, cfg.vocab_size, cfg.max_sentence_length)
+        model = train_tokenizer(train_docs, cfg.vocab_size, cfg.max_sentence_length, transform=_transform(cfg))
         sp = load_tokenizer_bytes(model, "trained tokenizer")
         source = {"trained": True, "train_docs": cfg.tokenizer_train_docs,
-                  "settings": {**CHALLENGE_TRAINER_SETTINGS, "vocab_size": cfg.vocab_size,
+                  "settings": {**trainer_settings(_transform(cfg)), "vocab_size": cfg.vocab_size,
                                "max_sentence_length": cfg.max_sentence_length}}
     bos = sp.bos_id()
     if bos < 0:
@@ -95,13 +103,19 @@ def tokenize_documents(inputs: list[Path], out: Path, cfg: TokenizeConfig, token
         val_tokens = _concat([read_shard(tmp / n) for n in counts["val"]["files"]])
         sidecar = _concat([read_shard(tmp / n) for n in counts["val"]["sidecar_files"]])
         counts["val"]["lut_bytes"] = int(stream_lut_bytes(val_tokens, build_luts(sp)).sum(dtype=np.int64))
+        # With CaseOps too: the sidecar counts the original (untransformed) documents' bytes.
         if int(sidecar.astype(np.int64).sum()) != counts["val"]["raw_bytes"] or sidecar.size != val_tokens.size:
             raise AssertionError("byte sidecar does not sum to the raw bytes of the validation documents")
         counts["val"]["sidecar_bytes"] = counts["val"]["raw_bytes"]
-        manifest = _manifest(tmp, "documents", cfg, sp, bos, TOKENIZER_NAME, counts,
+        manifest = _manifest(tmp, "documents", cfg, cfg.caseops, sp, bos, TOKENIZER_NAME, counts,
                              {"inputs": [str(p) for p in inputs], "tokenizer": source})
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def _transform(cfg: TokenizeConfig):
+    """The text transform applied before SentencePiece (None: the raw text)."""
+    return caseops.TRANSFORM if cfg.caseops else None
 
 
 def _training_docs(inputs: list[Path], val_docs: int) -> Iterator[str]:
@@ -136,7 +150,7 @@ def _encode_all(inputs: list[Path], tmp: Path, cfg: TokenizeConfig, model: bytes
     methods = mp.get_all_start_methods()
     # fork: workers need only sentencepiece and numpy, and start instantly (spawn would re-import torch)
     ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(_workers(cfg), initializer=init_worker, initargs=(model,)) as pool, \
+    with ctx.Pool(_workers(cfg), initializer=init_worker, initargs=(model, _transform(cfg))) as pool, \
             Progress(SpinnerColumn(), TextColumn("encoding: {task.fields[docs]:,} docs, "
                                                  "{task.fields[tokens]:,} tokens"),
                      TimeElapsedColumn(), transient=True) as bar:
@@ -231,10 +245,11 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
 
 # --- ingest mode -------------------------------------------------------------------------------
 
-def ingest(src: Path, out: Path, tokenizer: Path | None) -> dict:
+def ingest(src: Path, out: Path, tokenizer: Path | None, use_caseops: bool = False) -> dict:
     """Validate existing challenge shards and their tokenizer; describe them with a manifest."""
     tok_path = _find_tokenizer(src, tokenizer)
     sp = load_tokenizer(tok_path)
+    caseops.check_tokenizer(sp, use_caseops, str(tok_path))
     vocab = sp.vocab_size()
     bos = sp.bos_id()
     files = {split: shard_paths(src, split) for split in ("train", "val", "val_bytes")}
@@ -266,6 +281,9 @@ def ingest(src: Path, out: Path, tokenizer: Path | None) -> dict:
                              "tokens; they must be aligned 1:1 (re-export the sidecar)")
         counts["val"]["sidecar_bytes"] = int(sum(read_shard(p).astype(np.int64).sum() for p in files["val_bytes"]))
         counts["val"]["sidecar_files"] = [p.name for p in files["val_bytes"]]
+    elif use_caseops:
+        raise PgolfError(f"{src}: CaseOps shards without a byte sidecar (fineweb_val_bytes_*.bin): their BPB cannot "
+                         "be measured (the tokenizer's pieces are not the original bytes); add the sidecar shards")
 
     extra = {"source": str(src), "tokenizer_source": str(tok_path)}
     all_shards = files["train"] + files["val"] + files["val_bytes"]
@@ -273,14 +291,14 @@ def ingest(src: Path, out: Path, tokenizer: Path | None) -> dict:
         tok_name = tok_path.name if tok_path.parent.resolve() == src.resolve() else TOKENIZER_NAME
         if tok_name == TOKENIZER_NAME and tok_path.parent.resolve() != src.resolve():
             write_bytes(src / TOKENIZER_NAME, tok_path.read_bytes())
-        manifest = _manifest(src, "ingest", None, sp, bos, tok_name, counts, extra)
+        manifest = _manifest(src, "ingest", None, use_caseops, sp, bos, tok_name, counts, extra)
         write_json(src / "manifest.json", manifest)
         return manifest
     with _staging_dir(out) as tmp:
         for p in all_shards:
             _link_or_copy(p, tmp / p.name)
         _link_or_copy(tok_path, tmp / TOKENIZER_NAME)
-        manifest = _manifest(tmp, "ingest", None, sp, bos, TOKENIZER_NAME, counts, extra)
+        manifest = _manifest(tmp, "ingest", None, use_caseops, sp, bos, TOKENIZER_NAME, counts, extra)
         write_json(tmp / "manifest.json", manifest)
     return manifest
 
@@ -305,8 +323,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 # --- shared ------------------------------------------------------------------------------------
 
-def _manifest(root: Path, mode: str, cfg: TokenizeConfig | None, sp, bos: int, tok_name: str,
-              counts: dict, extra: dict) -> dict:
+def _manifest(root: Path, mode: str, cfg: TokenizeConfig | None, use_caseops: bool, sp, bos: int,
+              tok_name: str, counts: dict, extra: dict) -> dict:
     names = [tok_name] + counts["train"]["files"] + counts["val"]["files"] + counts["val"]["sidecar_files"]
     hashes = {name: sha256_file(root / name) for name in names}
     return {
@@ -314,6 +332,9 @@ def _manifest(root: Path, mode: str, cfg: TokenizeConfig | None, sp, bos: int, t
         "format_version": MANIFEST_VERSION,
         "mode": mode,
         "settings": {**(asdict(cfg) if cfg is not None else {}), **extra},
+        # Transformed (CaseOps) data is scored with the byte sidecar only (ttt_eval.EvalData checks these)
+        "caseops": bool(use_caseops),
+        "text_transform": caseops.TRANSFORM_NAME if use_caseops else None,
         "vocab_size": int(sp.vocab_size()),
         "bos_id": int(bos),
         "tokenizer": tok_name,

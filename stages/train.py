@@ -23,7 +23,7 @@ from .artifacts import PgolfError, atomic_path, read_json, save_tensors, sha256_
 from .config import EvalConfig, ModelConfig, TrainConfig
 from .distributed import Dist
 from . import trainstate
-from .model import GPT, is_control, prepare_for_device
+from .model import GPT, enable_qat, is_control, prepare_for_device, set_qat
 from .muon import Muon
 from .shards import DistributedTokenLoader
 
@@ -53,6 +53,15 @@ def validate_train_config(cfg: TrainConfig, source: str = "train params") -> Non
             raise PgolfError(f"{source}: {name}={getattr(cfg, name)} must be in [0, 1]")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise PgolfError(f"{source}: ema_decay={cfg.ema_decay} must be in [0, 1) (0: off)")
+    for name in ("swa_start_frac", "loop_enable_frac", "qat_start_frac"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise PgolfError(f"{source}: {name}={getattr(cfg, name)} must be in [0, 1]")
+    if cfg.swa_every < 0:
+        raise PgolfError(f"{source}: swa_every={cfg.swa_every} must be >= 0 (0: off)")
+    if cfg.swa_every and cfg.ema_decay:
+        raise PgolfError(f"{source}: ema_decay and swa_every are two ways to average the weights; set one to 0")
+    if cfg.qat_bits and not 2 <= cfg.qat_bits <= 8:
+        raise PgolfError(f"{source}: qat_bits={cfg.qat_bits} must be 0 (off) or 2..8")
     if cfg.iterations < 0 or cfg.train_seq_len < 1 or cfg.train_batch_tokens < 1:
         raise PgolfError(f"{source}: iterations >= 0, train_seq_len >= 1 and train_batch_tokens >= 1 are required")
 
@@ -70,9 +79,13 @@ def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tup
     control tensors and skip weights. `base_lr` is what the schedule scales."""
     block_params = list(model.blocks.named_parameters())
     matrices = [p for n, p in block_params if not is_control(n, p)]
+    embeddings = [model.tok_emb.weight]
+    if model.bigram is not None:  # a second embedding table and its projection matrix
+        embeddings.append(model.bigram.embed.weight)
+        matrices.append(model.bigram.proj.weight)
     # control tensors inside blocks, plus every model-level one (skip weights/gates, smear gate, ...)
     scalars = [p for n, p in block_params if is_control(n, p)]
-    scalars += [p for n, p in model.named_parameters() if not n.startswith(("blocks.", "tok_emb.", "lm_head."))]
+    scalars += [p for n, p in model.named_parameters() if not n.startswith(("blocks.", "tok_emb.", "lm_head.", "bigram."))]
     fused = next(model.parameters()).is_cuda
 
     def adam(params, lr, wd):
@@ -86,7 +99,7 @@ def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tup
                 ns_dtype=ns_dtype, coefficients=cfg.muon_ns, row_norm=cfg.muon_row_norm, weight_decay=cfg.muon_wd)
     for group in muon.param_groups:
         group["base_lr"] = cfg.matrix_lr
-    optimizers: list[torch.optim.Optimizer] = [adam([model.tok_emb.weight], token_lr, cfg.embed_wd), muon,
+    optimizers: list[torch.optim.Optimizer] = [adam(embeddings, token_lr, cfg.embed_wd), muon,
                                                adam(scalars, cfg.scalar_lr, cfg.scalar_wd)]
     if model.lm_head is not None:
         optimizers.insert(1, adam([model.lm_head.weight], cfg.head_lr, cfg.embed_wd))
@@ -94,6 +107,13 @@ def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tup
     if sorted(grouped) != sorted(id(p) for p in model.parameters()):  # a new component must join a group
         raise RuntimeError("every parameter must be in exactly one optimizer group")
     return optimizers, muon
+
+
+def run_fraction(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
+    """How far the run is: by wall-clock under a cap (the reference's rule), else by steps."""
+    if cfg.max_wallclock_seconds > 0:
+        return elapsed_ms / (1000.0 * cfg.max_wallclock_seconds)
+    return step / max(cfg.iterations, 1)
 
 
 def lr_scale(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
@@ -104,8 +124,7 @@ def lr_scale(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
     warmup = min((step + 1) / cfg.lr_warmup_steps, 1.0) if cfg.lr_warmup_steps > 0 else 1.0
     capped = cfg.max_wallclock_seconds > 0
     if cfg.warmdown_frac > 0:
-        frac = elapsed_ms / (1000.0 * cfg.max_wallclock_seconds) if capped else step / max(cfg.iterations, 1)
-        decay = min((1.0 - frac) / cfg.warmdown_frac, 1.0)
+        decay = min((1.0 - run_fraction(cfg, step, elapsed_ms)) / cfg.warmdown_frac, 1.0)
     elif cfg.warmdown_iters <= 0:
         decay = 1.0
     elif not capped:
@@ -146,6 +165,8 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
 
     base_model = prepare_for_device(GPT(model_cfg), d.device)
     n_params = sum(p.numel() for p in base_model.parameters())
+    if cfg.qat_bits:
+        enable_qat(base_model, cfg.qat_bits)  # before compile: the on/off toggle is a buffer
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if (cuda and cfg.compile) else base_model
     model = DDP(compiled, device_ids=[d.local_rank] if cuda else None, broadcast_buffers=False) if d.enabled else compiled
     optimizers, muon = build_optimizers(base_model, cfg, torch.bfloat16 if cuda else torch.float32)
@@ -172,12 +193,16 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
         zero_grad()
         return total / accum
 
+    # Depth recurrence switched on part-way: the run starts without it (one retrace when it switches).
+    delayed_loops = model_cfg.num_loops > 0 and cfg.loop_enable_frac > 0
     if cfg.warmup_steps > 0:  # prime compiled kernels, then roll model, optimizers and data back
         initial_model = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         warm_loader = DistributedTokenLoader(data, d.rank, d.world, d.device)
-        for _ in range(cfg.warmup_steps):
-            train_step(warm_loader)
+        for looping in ((False, True) if delayed_loops else (True,)):  # prime both graphs
+            base_model.set_looping(looping)
+            for _ in range(cfg.warmup_steps):
+                train_step(warm_loader)
         base_model.load_state_dict(initial_model, strict=True)
         for opt, state in zip(optimizers, initial_opts):
             opt.load_state_dict(state)
@@ -189,10 +214,11 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
     rows: list[tuple] = []
     position = (0, 0)
     # fp32 shadow of every weight; it, not the live weights, is evaluated and saved at the end
-    ema = {k: v.detach().float().clone() for k, v in base_model.state_dict().items()} if cfg.ema_decay > 0 else None
+    average = (trainstate.WeightAverage(base_model, "ema", cfg.ema_decay) if cfg.ema_decay > 0
+               else trainstate.WeightAverage(base_model, "swa") if cfg.swa_every > 0 else None)
     if resume:
         step, train_ms, position, rows = trainstate.load(resume_file, base_model, optimizers, model_cfg, cfg,
-                                                         d.world, ema)
+                                                         d.world, average)
         if d.main:
             print(f"train: resuming at step {step} ({train_ms / 1000:.1f} s trained) from {resume_file}")
     loader = DistributedTokenLoader(data, d.rank, d.world, d.device, position)
@@ -212,6 +238,7 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
     task = progress.add_task("", total=cfg.iterations, completed=step)
     final_val: dict = {}
     live_val: dict = {}
+    loop_switch_step = None
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -222,9 +249,12 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
                 if cuda:
                     torch.cuda.synchronize()
                 train_ms += 1000.0 * (time.perf_counter() - t0)  # validation time is not training time
-                if last_step and ema is not None:
+                if last_step:  # the float weights of the full model are evaluated and saved
+                    base_model.set_looping(True)
+                    set_qat(base_model, False)
+                if last_step and average is not None and average.count:
                     live_val = validate()
-                    base_model.load_state_dict({k: v.to(base_model.state_dict()[k].dtype) for k, v in ema.items()})
+                    average.load_into(base_model)
                 final_val = validate()
                 if d.main and final_val:
                     progress.console.print(f"step {step}: val_loss {final_val['val_loss']:.4f} val_bpb {final_val['val_bpb']:.4f}")
@@ -235,6 +265,14 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
                 break
             elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
             scale = lr_scale(cfg, step, elapsed_ms)
+            run_frac = run_fraction(cfg, step, elapsed_ms)
+            if delayed_loops and base_model.looping != (run_frac >= cfg.loop_enable_frac):
+                base_model.set_looping(run_frac >= cfg.loop_enable_frac)
+                loop_switch_step = step if base_model.looping else None
+                if d.main:
+                    progress.console.print(f"step {step}: depth recurrence {'on' if base_model.looping else 'off'}")
+            if cfg.qat_bits:
+                set_qat(base_model, run_frac >= cfg.qat_start_frac)
             frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0
             for group in muon.param_groups:
                 group["momentum"] = (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
@@ -242,12 +280,11 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * scale
             loss = train_step(loader)
-            if ema is not None:
-                with torch.no_grad():
-                    for k, v in base_model.state_dict().items():
-                        ema[k].lerp_(v.float(), 1.0 - cfg.ema_decay)
             step += 1
             approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            if average is not None and (average.kind == "ema" or (
+                    run_fraction(cfg, step, approx_ms) >= cfg.swa_start_frac and step % cfg.swa_every == 0)):
+                average.update(base_model)
             if step % cfg.log_every == 0 or step == 1 or step == cfg.iterations:
                 last_loss = float(loss.item())
                 if not math.isfinite(last_loss):
@@ -261,7 +298,7 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
                 pause = time.perf_counter()  # saving is not training time
                 if d.main:
                     trainstate.save(resume_file, base_model, optimizers, step, approx_ms, loader.stream.state(),
-                                    rows, model_cfg, cfg, d.world, ema)
+                                    rows, model_cfg, cfg, d.world, average)
                 t0 += time.perf_counter() - pause
             capped = cfg.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * cfg.max_wallclock_seconds
             if stop_after is None and d.any(capped):
@@ -294,7 +331,9 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
         "val_bpb": final_val.get("val_bpb"),
         "val_bpb_lut": final_val.get("val_bpb_lut"),
         "val_bpb_sidecar": final_val.get("val_bpb_sidecar"),
-        "val_bpb_live_weights": live_val.get("val_bpb") if ema is not None else None,  # before the EMA swap
+        "val_bpb_live_weights": live_val.get("val_bpb"),  # before the EMA/SWA swap (None without one)
+        "weight_average": {"kind": average.kind, "snapshots": average.count} if average else None,
+        "looping_enabled_at_step": loop_switch_step if delayed_loops else None,
         "val_tokens_scored": final_val.get("tokens_scored"),
         "val_history": val_history,
         "model_params": n_params,

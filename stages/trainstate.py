@@ -1,7 +1,7 @@
 """A training run's full state, saved periodically so that a killed run can resume.
 
 It holds what the next step depends on: weights, every optimizer's state (Adam moments, Muon momentum),
-the EMA shadow of the weights (when on), the data stream's position, the step, and the schedule's clock
+the weight average (EMA or SWA shadow, when on), the data stream's position, the step, and the schedule's clock
 (training milliseconds so far). With these restored, a resumed run takes exactly the steps an
 uninterrupted one would.
 """
@@ -23,6 +23,30 @@ KIND = "train-state"
 RESUMABLE_CHANGES = ("checkpoint_every", "log_every", "device", "compile", "val_loss_every")
 
 
+class WeightAverage:
+    """An fp32 shadow of every weight, which is saved and evaluated instead of the live weights.
+
+    EMA: shadow ← decay·shadow + (1 − decay)·w after every step. SWA: the plain mean of the snapshots
+    taken (every `swa_every` steps from `swa_start_frac` of the run on). fp32 either way: summing bf16
+    weights in bf16 loses the small differences being averaged (TECHNIQUES.md §7 item 9).
+    """
+
+    def __init__(self, model: torch.nn.Module, kind: str, decay: float = 0.0):
+        self.kind, self.decay, self.count = kind, decay, 0
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.count += 1
+        weight = 1.0 - self.decay if self.kind == "ema" else 1.0 / self.count  # SWA's first snapshot replaces
+        for k, v in model.state_dict().items():
+            self.shadow[k].lerp_(v.float(), weight)
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        own = model.state_dict()
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in self.shadow.items()})
+
+
 def state_path(out: Path) -> Path:
     return out.with_name(out.name + ".resume")
 
@@ -34,9 +58,9 @@ def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, world: int) -> dict[s
 
 def save(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], step: int, train_ms: float,
          stream_position: tuple[int, int], loss_rows: list[tuple], model_cfg: ModelConfig, cfg: TrainConfig,
-         world: int, ema: dict[str, torch.Tensor] | None = None) -> None:
+         world: int, average: WeightAverage | None = None) -> None:
     tensors = {f"model/{k}": v.detach() for k, v in model.state_dict().items()}
-    tensors.update({f"ema/{k}": v for k, v in (ema or {}).items()})
+    tensors.update({f"average/{k}": v for k, v in (average.shadow if average else {}).items()})
     groups = []
     for i, opt in enumerate(optimizers):
         sd = opt.state_dict()
@@ -46,14 +70,15 @@ def save(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimi
         groups.append(sd["param_groups"])
     save_tensors(path, tensors, KIND, {
         "step": step, "train_ms": train_ms, "stream_position": list(stream_position),
-        "param_groups": json.dumps(groups), "loss_rows": loss_rows, **_fingerprint(model_cfg, cfg, world),
+        "param_groups": json.dumps(groups), "loss_rows": loss_rows, "average_count": average.count if average else 0,
+        **_fingerprint(model_cfg, cfg, world),
     })
 
 
 def load(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], model_cfg: ModelConfig,
-         cfg: TrainConfig, world: int, ema: dict[str, torch.Tensor] | None = None
+         cfg: TrainConfig, world: int, average: WeightAverage | None = None
          ) -> tuple[int, float, tuple[int, int], list[tuple]]:
-    """Restore model, optimizers and EMA shadow in place; return (step, train_ms, stream position, loss rows)."""
+    """Restore model, optimizers and weight average in place; return (step, train_ms, stream position, loss rows)."""
     if not path.is_file():
         raise PgolfError(f"{path}: no saved training state to resume from; run without --resume "
                          "(and with train.checkpoint_every > 0 so that a killed run can resume)")
@@ -64,8 +89,10 @@ def load(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimi
             raise PgolfError(f"{path}: saved by a run with another {key.replace('_', ' ')}; resume with the same "
                              "params and world size, or delete the file to start afresh")
     model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
-    for k in ema or {}:
-        ema[k].copy_(tensors[f"ema/{k}"])
+    if average is not None:
+        for k, v in average.shadow.items():
+            v.copy_(tensors[f"average/{k}"])
+        average.count = int(meta["average_count"])
     groups = json.loads(meta["param_groups"])
     for i, opt in enumerate(optimizers):
         state: dict[int, dict[str, Any]] = {}

@@ -2,7 +2,9 @@
 
 Scores the decoded blob, never the checkpoint, so the number is the artifact's. Windows are planned
 by bpb.plan_windows (each target scored exactly once, causally, over the full softmax); bytes are the
-canonical sidecar's when present, and the tokenizer-LUT bytes are reported beside them.
+canonical sidecar's when present, and the tokenizer-LUT bytes are reported beside them. CaseOps data
+(case-transformed text, stages.caseops) must have the sidecar: its LUT bytes are not the original
+text's bytes, so without one it is refused rather than scored with a wrong denominator.
 Test-time training will plug in here: score a chunk first, then adapt on it.
 """
 
@@ -41,6 +43,11 @@ class EvalData:
         manifest = read_json(data_dir / "manifest.json", "tokenized-data manifest")
         sp = load_tokenizer(data_dir / manifest.get("tokenizer", "tokenizer.model"))
         tokens, sidecar = load_val(data_dir)
+        # Tokens of transformed text (CaseOps): the LUT counts transformed bytes, not the original's.
+        if sidecar is None and (manifest.get("caseops") or manifest.get("text_transform")):
+            raise PgolfError(f"{data_dir}: CaseOps data without the byte sidecar (fineweb_val_bytes_*.bin); its BPB "
+                             "can only be measured in original bytes, which the tokenizer LUT does not give: "
+                             "re-run `pgolf tokenize --caseops` to write the sidecar")
         return cls(tokens, sidecar, bpb.build_luts(sp, int(manifest["vocab_size"])), manifest, data_dir)
 
 
@@ -67,9 +74,22 @@ def evaluate_model(model: GPT, data: EvalData, cfg: EvalConfig, progress: bool =
         model.train(was_training)
 
 
+TTT_MODES = ("none", "score_first", "phased_lora")
+
+
+def check_ttt(cfg: EvalConfig) -> None:
+    """Refuse a TTT mode this version cannot run, rather than report a score made without it."""
+    if cfg.ttt not in TTT_MODES:
+        raise PgolfError(f"ttt_eval.ttt={cfg.ttt!r}; choose one of {', '.join(TTT_MODES)}")
+    if cfg.ttt != "none":
+        raise PgolfError(f"ttt_eval.ttt={cfg.ttt!r}: test-time training is not implemented in this version of pgolf "
+                         "(its settings are recorded for when it is); score without it with --set ttt=none")
+
+
 def evaluate_state_dict(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, data: str | Path,
                         eval_cfg: EvalConfig, progress: bool = True) -> dict:
     """Build the model from plain weights and score it (used by verify and ttt-eval)."""
+    check_ttt(eval_cfg)
     device = resolve_device(eval_cfg.device)
     try:
         model = build_model(model_cfg, state_dict, device)

@@ -149,10 +149,14 @@ OPTIONS = [{"activation": "leaky_relu2"}, {"smear_gate": True}, {"rope_dims": 8}
            {"skip_gates": True}, {"parallel_from": 1}, {"parallel_from": 2},
            {"loop_start": 1, "loop_end": 1, "num_loops": 2}, {"loop_start": 0, "loop_end": 2, "num_loops": 1},
            {"sparse_attn_gate": True}, {"sparse_attn_gate": True, "sparse_gate_scale": 2.0},
-           {"gated_attn_dim": 4}, {"gated_attn_dim": 8}, {"ortho_init": True}, {"mlp_mult": 3.5}, ALL_OPTIONS]
+           {"gated_attn_dim": 4}, {"gated_attn_dim": 8}, {"ortho_init": True}, {"mlp_mult": 3.5},
+           {"smear_gate_perdim": True}, {"bigram_buckets": 64, "bigram_dim": 16}, ALL_OPTIONS]
+# The older input side of the 03-19/03-20 records instead of the BOS-fixed SmearGate.
+OLDER_INPUT = {"smear_gate": False, "smear_gate_perdim": True, "bigram_buckets": 64, "bigram_dim": 16}
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: ",".join(o))
+@torch.no_grad()  # flex_attention has no CPU backward
 def test_every_option_keeps_the_model_causal_and_changes_its_function(option):
     cfg = ModelConfig(**{**TINY.__dict__, **option})
     model, plain = randomized(cfg), randomized(TINY)  # same seed: same weights
@@ -439,6 +443,9 @@ def test_mlp_mult_is_a_float_and_int_configs_still_load():
     ({"sparse_gate_scale": 0.0}, "sparse_gate_scale"),
     ({"gated_attn_dim": 6}, "gated_attn_dim"),
     ({"gated_attn_dim": -4}, "gated_attn_dim"),
+    ({"smear_gate": True, "smear_gate_perdim": True}, "smear_gate"),
+    ({"bigram_buckets": -1}, "bigram_buckets"),
+    ({"attn_backend": "fa5"}, "attn_backend"),
 ])
 def test_bad_component_params_are_refused(bad, message):
     from stages.artifacts import PgolfError
@@ -448,8 +455,10 @@ def test_bad_component_params_are_refused(bad, message):
     ModelConfig(**{**TINY.__dict__, **ALL_OPTIONS}).validate()  # the full stack is valid
 
 
-def test_document_isolation_holds_with_every_option_on():
-    cfg = ModelConfig(**{**TINY.__dict__, **ALL_OPTIONS})
+@pytest.mark.parametrize("variant", [{}, OLDER_INPUT, {"attn_backend": "flex"}], ids=("stack", "older-input", "flex"))
+@torch.no_grad()
+def test_document_isolation_holds_with_every_option_on(variant):
+    cfg = ModelConfig(**{**TINY.__dict__, **ALL_OPTIONS, **variant})
     model = randomized(cfg)
     assert model.looping
     torch.manual_seed(4)
@@ -471,3 +480,84 @@ def test_new_small_tensors_are_control_tensors():
                      "blocks.0.attn.attn_gate_w"):
         assert expected in names
     assert "blocks.0.attn.c_q.weight" not in names  # the widened Q (with its gate rows) stays a Muon matrix
+
+
+@torch.no_grad()
+def test_flex_attention_block_mask_equals_the_dense_document_mask():
+    dense_cfg = ModelConfig(**{**TINY.__dict__, **ALL_OPTIONS, "attn_backend": "sdpa"})
+    flex_cfg = ModelConfig(**{**TINY.__dict__, **ALL_OPTIONS, "attn_backend": "flex"})
+    dense, flex = randomized(dense_cfg), randomized(flex_cfg)  # same seed: same weights
+    ids = torch.randint(2, TINY.vocab_size, (2, 40))
+    ids[0, [0, 9, 25]] = TINY.bos_id
+    ids[1, [13]] = TINY.bos_id
+    assert torch.allclose(dense.logits(ids), flex.logits(ids), atol=1e-5)
+
+
+def test_perdim_smear_gate_blends_the_previous_token_from_sigma_3_and_never_across_bos():
+    cfg = ModelConfig(**{**TINY.__dict__, "smear_gate_perdim": True})
+    model = GPT(cfg)
+    e = torch.randn(1, 6, cfg.model_dim)
+    ids = torch.tensor([[cfg.bos_id, 5, 6, cfg.bos_id, 7, 8]])
+    out = model.smear(e, ids)
+    g = torch.sigmoid(torch.tensor(3.0))
+    assert torch.allclose(out[0, 1], g * e[0, 1] + (1 - g) * e[0, 0], atol=1e-6)
+    assert torch.equal(out[0, 3], e[0, 3]) and torch.equal(out[0, 0], e[0, 0])  # BOS rows are untouched
+
+
+def test_bigram_hash_buckets_pairs_within_documents_and_starts_as_a_no_op():
+    from stages.model import BIGRAM_HASH_MULT
+
+    cfg = ModelConfig(**{**TINY.__dict__, "bigram_buckets": 97, "bigram_dim": 8})
+    model = GPT(cfg)
+    ids = torch.tensor([[9, 5, cfg.bos_id, 7, 8]])
+    buckets = model.bigram.bucket_ids(ids)[0].tolist()
+    bos = cfg.bos_id
+    pairs = [(bos, 9), (9, 5), (bos, bos), (bos, 7), (7, 8)]  # a BOS never pairs with the last document
+    assert buckets == [(p * BIGRAM_HASH_MULT + c) % 97 for p, c in pairs]
+    assert model.bigram.embed.weight.shape == (97, 8) and model.bigram.proj.weight.shape == (cfg.model_dim, 8)
+    plain = GPT(TINY)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("bigram.")})
+    assert torch.allclose(model.logits(ids), plain.logits(ids))  # zero projection: no effect at init
+
+
+def test_qat_fake_quantizes_block_matrices_with_a_straight_through_gradient():
+    from stages.model import CastedLinear, enable_qat, fake_quantize, set_qat
+
+    model = randomized(TINY)
+    ids = torch.randint(0, TINY.vocab_size, (2, 16))
+    float_logits = model.logits(ids)
+    enable_qat(model, 4)
+    assert torch.equal(model.logits(ids), float_logits)  # enabled but off: unchanged
+    set_qat(model, True)
+    quantized = randomized(TINY)
+    with torch.no_grad():
+        for module in quantized.blocks.modules():
+            if isinstance(module, CastedLinear):
+                module.weight.copy_(fake_quantize(module.weight, 4))
+    assert torch.allclose(model.logits(ids), quantized.logits(ids), atol=1e-5)
+    w = model.blocks[0].mlp.fc.weight
+    q = fake_quantize(w, 4)
+    assert len(torch.unique(torch.round(q / (w.abs().amax(1, keepdim=True) / 7)))) <= 15
+    # straight-through: the float weight's gradient is the quantized forward's gradient
+    model.logits(ids).square().mean().backward()
+    quantized.logits(ids).square().mean().backward()
+    assert torch.allclose(w.grad, quantized.blocks[0].mlp.fc.weight.grad, atol=1e-5)
+    assert not any("qat" in k for k in model.state_dict())  # the toggle is never saved
+
+
+def test_qat_toggle_is_data_not_a_constant_under_torch_compile():
+    """A flag read inside a compiled graph must not be constant-folded (late QAT that never fired)."""
+    from stages.model import enable_qat, set_qat
+
+    torch._dynamo.reset()
+    model = randomized(TINY)
+    enable_qat(model, 3)
+    compiled = torch.compile(model.logits, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, TINY.vocab_size, (1, 16))
+    with torch.no_grad():
+        off = compiled(ids)
+        set_qat(model, True)
+        on = compiled(ids)
+        assert torch.allclose(on, model.logits(ids), atol=1e-5)
+    assert not torch.allclose(off, on, atol=1e-4)
+    torch._dynamo.reset()

@@ -96,11 +96,12 @@ def test_two_process_torchrun_matches_one_process(tokenized_dir, tmp_path):
     assert one["blocks.0.attn.proj.weight"].abs().max() > 0  # trained away from its zero init
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_a_killed_run_resumes_to_the_same_result(tokenized_dir, tmp_path, monkeypatch, ema_decay):
+@pytest.mark.parametrize("average", [{}, {"ema_decay": 0.9}, {"swa_every": 3, "swa_start_frac": 0.25}],
+                         ids=("plain", "ema", "swa"))
+def test_a_killed_run_resumes_to_the_same_result(tokenized_dir, tmp_path, monkeypatch, average):
     from stages.shards import DistributedTokenLoader
 
-    cfg = replace(TRAIN, iterations=12, checkpoint_every=4, ema_decay=ema_decay)
+    cfg = replace(TRAIN, iterations=12, checkpoint_every=4, **average)
     full, _, _ = train_once(tokenized_dir, tmp_path / "full", cfg)
     assert not (tmp_path / "full" / "ckpt.safetensors.resume").exists()  # removed once finished
 
@@ -171,7 +172,8 @@ def test_weight_decay_groups_and_bad_train_params():
     decayed, muon = build_optimizers(model, replace(TRAIN, embed_wd=0.1, scalar_wd=0.02, muon_wd=0.05), torch.float32)
     assert [type(o).__name__ for o in plain] == ["Adam", "Muon", "Adam"]
     assert [type(o).__name__ for o in decayed] == ["AdamW", "Muon", "AdamW"] and muon.param_groups[0]["weight_decay"] == 0.05
-    for bad in ({"muon_ns": "cubic"}, {"warmdown_frac": 1.5}, {"ema_decay": 1.0}, {"muon_wd": -1.0}):
+    for bad in ({"muon_ns": "cubic"}, {"warmdown_frac": 1.5}, {"ema_decay": 1.0}, {"muon_wd": -1.0},
+                {"swa_every": 2, "ema_decay": 0.9}, {"qat_bits": 9}, {"loop_enable_frac": 2.0}, {"swa_every": -1}):
         with pytest.raises(PgolfError, match=next(iter(bad))):
             validate_train_config(replace(TRAIN, **bad))
 
@@ -185,3 +187,39 @@ def test_every_model_option_puts_each_parameter_in_one_optimizer_group():
         model = GPT(ModelConfig(**{**TINY.__dict__, **option}))
         optimizers, _ = build_optimizers(model, TRAIN, torch.float32)  # raises if a parameter is left out
         assert sum(len(g["params"]) for o in optimizers for g in o.param_groups) == len(list(model.parameters()))
+
+
+def test_swa_saves_the_fp32_mean_of_its_snapshots(tokenized_dir, tmp_path, monkeypatch):
+    from stages import trainstate
+
+    snapshots = []
+    real_update = trainstate.WeightAverage.update
+
+    def recording_update(self, model):
+        snapshots.append({k: v.detach().float().clone() for k, v in model.state_dict().items()})
+        real_update(self, model)
+
+    monkeypatch.setattr(trainstate.WeightAverage, "update", recording_update)
+    cfg = replace(TRAIN, iterations=7, swa_every=2, swa_start_frac=0.5)  # snapshots after steps 4 and 6
+    swa, _, out = train_once(tokenized_dir, tmp_path / "swa", cfg)
+    live, _, _ = train_once(tokenized_dir, tmp_path / "live", replace(cfg, swa_every=0))
+    assert len(snapshots) == 2
+    for name in swa:
+        assert torch.allclose(swa[name], 0.5 * (snapshots[0][name] + snapshots[1][name]), atol=1e-6), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weight_average"] == {"kind": "swa", "snapshots": 2}
+    assert metrics["val_bpb_live_weights"] == pytest.approx(
+        json.loads((tmp_path / "live" / "metrics.json").read_text())["val_bpb"], abs=1e-9)
+    assert not torch.equal(swa["blocks.0.mlp.fc.weight"], live["blocks.0.mlp.fc.weight"])
+
+
+def test_depth_recurrence_switches_on_at_its_fraction_and_qat_runs(tokenized_dir, tmp_path):
+    looped = replace(MODEL, num_layers=3, loop_start=1, loop_end=1, num_loops=1)
+    cfg = replace(TRAIN, iterations=8, loop_enable_frac=0.5, qat_bits=6, qat_start_frac=0.75)
+    state, meta, out = train_once(tokenized_dir, tmp_path / "loop", cfg, looped)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["looping_enabled_at_step"] == 4  # step/iterations >= 0.5 from step 4 on
+    assert meta["model_config"]["num_loops"] == 1 and not any("qat" in k for k in state)
+    # QAT changes training: the same run without it ends elsewhere
+    no_qat, _, _ = train_once(tokenized_dir, tmp_path / "noqat", replace(cfg, qat_bits=0), looped)
+    assert not torch.equal(state["blocks.0.mlp.fc.weight"], no_qat["blocks.0.mlp.fc.weight"])

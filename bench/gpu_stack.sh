@@ -20,7 +20,7 @@ shift 3 || true
 EXTRA=("$@")
 OUT=${OUT:-/tmp/pgolf-stack-out}
 W=/tmp/pgolf-stack
-R="$W/results_$PRESET"
+R="$W/results_$PRESET${TOKENIZER:+_$TOKENIZER}"
 mkdir -p "$OUT" "$W" "$R"
 [ "$QUANT" = only ] || rm -f "$R"/*
 trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"; cp "$R/train_log.csv" "$OUT/" 2>/dev/null || true' EXIT
@@ -34,8 +34,9 @@ export TORCHINDUCTOR_CACHE_DIR=$W/inductor  # kept between calls on a held machi
 } > "$R/env.txt"
 cat "$R/env.txt"
 
-case $PRESET in
-  record|pr2071) TOK=$W/tok8192c; TOK_ARGS=(--vocab-size 8192 --caseops) ;;
+# The preset's tokenizer, unless TOKENIZER (sp1024 | sp8192c) says otherwise (for ablations).
+case ${TOKENIZER:-$PRESET} in
+  record|pr2071|sp8192c) TOK=$W/tok8192c; TOK_ARGS=(--vocab-size 8192 --caseops) ;;
   *) TOK=$W/tok1024; TOK_ARGS=(--vocab-size 1024 --no-caseops) ;;
 esac
 # Every stage reads the preset's sections; the bench only pins the codec and scores without TTT.
@@ -62,7 +63,7 @@ scheme() {  # scheme NAME QUANTIZE-ARGS...: quantize → pack → ttt-eval
     --metrics "$R/quantize_${name}_metrics.json" "$@" > "$W/$name.quantize.log"
   tail -n 3 "$W/$name.quantize.log"
   timed "pack_$name" $PG pack "$W/$name.safetensors" --data "$TOK" --out "$W/$name.pgolf" "${NP[@]}" \
-    --metrics "$R/pack_${name}_metrics.json" > /dev/null
+    --set limit=1000000000 --metrics "$R/pack_${name}_metrics.json" > /dev/null  # bytes reported, not capped
   timed "eval_$name" $PG ttt-eval "$W/$name.pgolf" --data "$TOK" "${NP[@]}" --metrics "$R/ttt_eval_${name}_metrics.json"
 }
 H=(--hessians "$W/h_$PRESET.safetensors")

@@ -1,0 +1,80 @@
+"""Markdown tables for bench/README.md from the committed result JSONs (issue 3 and 4 runs):
+    python bench/summarize.py
+MFU = model FLOPs per token × tokens/s ÷ 989 TFLOP/s (H100 SXM dense bf16). Model FLOPs per token:
+6 × (matrix params run per token, counting looped layers once per pass and the tied head once)
++ 6 × layers run × seq_len × d_model (causal attention, forward + backward). Runs whose depth
+recurrence switches on part-way are averaged over the steps with and without it.
+"""
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+PEAK = 989e12
+RUNS = {  # label: (file, tokenizer)
+    "baseline": ("2026-11-23_h100_baseline_cap240_quant.json", "SP1024"),
+    "record": ("2026-11-23_h100_record_cap240.json", "SP8192 CaseOps"),
+    "pr2071": ("2026-11-23_h100_pr2071_cap240.json", "SP8192 CaseOps"),
+    "pr2071 on SP1024": ("2026-11-23_h100_pr2071_sp1024_cap240.json", "SP1024"),
+}
+SCHEMES = ("int8_rtn", "int6_rtn", "int6_gptq", "int6_gptq_lqer", "budget16m")
+
+
+def flops_per_token(cfg: dict, looped: bool, seq_len: int) -> float:
+    d, L = cfg["model_dim"], cfg["num_layers"]
+    head_dim = d // cfg["num_heads"]
+    kv = cfg["num_kv_heads"] * head_dim
+    hidden = int(cfg["mlp_mult"] * d)
+    per_layer = d * (d + cfg.get("gated_attn_dim", 0)) + 2 * d * kv + d * d + 2 * d * hidden
+    passes = L + (cfg["num_loops"] * (cfg["loop_end"] - cfg["loop_start"] + 1) if looped and cfg["num_loops"] else 0)
+    bigram = cfg.get("bigram_dim", 0) * d if cfg.get("bigram_buckets") else 0
+    matmul = passes * per_layer + cfg["vocab_size"] * d + bigram
+    return 6 * matmul + 6 * passes * seq_len * d
+
+
+def mfu(run: dict) -> float:
+    t = run["train_metrics"]
+    cfg, steps = run["_model_config"], t["steps"]
+    switch = t.get("looping_enabled_at_step")
+    on = steps - switch if switch is not None else (steps if cfg["num_loops"] else 0)
+    f = ((steps - on) * flops_per_token(cfg, False, run["_seq_len"]) + on * flops_per_token(cfg, True, run["_seq_len"])) / steps
+    return f * t["tokens_per_s"] / PEAK
+
+
+def main() -> None:
+    from stages.config import ModelConfig, TrainConfig, stage_config
+
+    print("| preset | tokenizer | steps | ms/step | tokens/s | MFU | peak GiB | val_bpb (sidecar) | LUT | live weights |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    loaded = {}
+    for label, (name, tok) in RUNS.items():
+        run = json.loads((RESULTS / name).read_text())
+        preset = label.split()[0]
+        model = stage_config(ModelConfig, "model", {"preset": preset}, {})
+        train = stage_config(TrainConfig, "train", {"preset": preset}, {})
+        run["_model_config"] = {**model.__dict__, "vocab_size": run["tokenize_metrics"]["vocab_size"]
+                                if "tokenize_metrics" in run else (8192 if "8192" in tok else 1024)}
+        run["_seq_len"] = train.train_seq_len
+        loaded[label] = run
+        t = run["train_metrics"]
+        live = t.get("val_bpb_live_weights")
+        print(f"| {label} | {tok} | {t['steps']} | {t['ms_per_step']:.1f} | {t['tokens_per_s'] / 1e6:.2f} M | "
+              f"{100 * mfu(run):.0f} % | {t['peak_memory_bytes'] / 2**30:.1f} | {t['val_bpb_sidecar']:.4f} | "
+              f"{t['val_bpb_lut']:.4f} | {'–' if live is None else f'{live:.4f}'} |")
+    print()
+    print("| checkpoint | scheme | val_bpb | gap | packed bytes (zlib, model + code) | quantize s |")
+    print("|---|---|---|---|---|---|")
+    for label in ("baseline", "pr2071"):
+        run = loaded[label]
+        pre = run["train_metrics"]["val_bpb"]
+        for s in SCHEMES:
+            ev = run.get(f"ttt_eval_{s}_metrics")
+            if not ev:
+                continue
+            pack = run[f"pack_{s}_metrics"]
+            print(f"| {label} | {s} | {ev['val_bpb']:.4f} | {ev['val_bpb'] - pre:+.4f} | {pack['total_bytes']:,} | "
+                  f"{run['stage_ms'][f'quantize_{s}'] / 1000:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ RUNS = {  # label: (file, tokenizer)
     "record": ("2026-11-23_h100_record_cap240.json", "SP8192 CaseOps"),
     "pr2071": ("2026-11-23_h100_pr2071_cap240.json", "SP8192 CaseOps"),
     "pr2071 on SP1024": ("2026-11-23_h100_pr2071_sp1024_cap240.json", "SP1024"),
+    "pr2071, num_loops 0": ("2026-11-23_h100_pr2071_noloops_cap240.json", "SP8192 CaseOps"),
 }
 SCHEMES = ("int8_rtn", "int6_rtn", "int6_gptq", "int6_gptq_lqer", "budget16m")
 
@@ -49,8 +50,9 @@ def main() -> None:
     loaded = {}
     for label, (name, tok) in RUNS.items():
         run = json.loads((RESULTS / name).read_text())
-        preset = label.split()[0]
-        model = stage_config(ModelConfig, "model", {"preset": preset}, {})
+        preset = label.split()[0].rstrip(",")
+        sets = {"model": {"num_loops": 0}} if "num_loops 0" in label else {}
+        model = stage_config(ModelConfig, "model", {"preset": preset}, sets)
         train = stage_config(TrainConfig, "train", {"preset": preset}, {})
         run["_model_config"] = {**model.__dict__, "vocab_size": run["tokenize_metrics"]["vocab_size"]
                                 if "tokenize_metrics" in run else (8192 if "8192" in tok else 1024)}

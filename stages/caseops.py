@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .artifacts import PgolfError
-from .tokenizer import TextTransform, user_defined_pieces
+from .tokenizer import TextTransform, charge_bytes, user_defined_pieces
 
 TITLE = "\ue001"  # next letter is uppercase (a capitalised word, or the first letter of a mixed-case one)
 ALLCAPS = "\ue002"  # every letter of the following ASCII letter run is uppercase
@@ -106,40 +106,18 @@ def byte_costs(transformed: str) -> np.ndarray:
     return costs
 
 
-def _original_prefix(transformed: str) -> np.ndarray:
-    """prefix[k] = original bytes standing behind the first k bytes of the transformed text's UTF-8."""
-    return np.concatenate([[0], np.cumsum(byte_costs(transformed))])
-
-
-def original_offsets(transformed: str, byte_offsets: Sequence[int]) -> np.ndarray:
-    """Map byte offsets into the transformed text's UTF-8 to byte offsets into the original's.
-
-    A piece span [begin, end) of the transformed text covers original bytes [map(begin), map(end)).
-    """
-    return _original_prefix(transformed)[np.asarray(byte_offsets, dtype=np.int64)]
-
-
 def original_byte_counts(transformed: str, ends: Sequence[int]) -> np.ndarray:
     """Original UTF-8 bytes charged to each SentencePiece piece of `transformed`, from the pieces' span ends.
 
-    `ends` are the pieces' span ends (proto `piece.end`: byte offsets into the transformed text).
-    Same rule as tokenizer.charge_bytes, in original-byte coordinates: piece i pays for everything from
-    the end of piece i-1's span to the end of its own, and the last piece also for everything after it
-    (doc-edge whitespace the normalizer dropped is charged, never lost). So the counts sum to the
-    original text's UTF-8 length exactly, and an operator piece costs 0.
+    `ends` are the pieces' span ends (proto `piece.end`: byte offsets into the transformed text). They
+    are mapped to original-byte offsets and charged by tokenizer.charge_bytes' rule, so the counts sum
+    to the original text's UTF-8 length exactly and an operator piece costs 0.
     """
-    if len(ends) == 0:
-        return np.zeros(0, dtype=np.int64)
-    prefix = _original_prefix(transformed)
+    prefix = np.concatenate([[0], np.cumsum(byte_costs(transformed))])  # original bytes behind the first k
     ends = np.asarray(ends, dtype=np.int64)
-    if ends.min() < 0 or ends.max() >= prefix.size:
+    if ends.size and (ends.min() < 0 or ends.max() >= prefix.size):
         raise ValueError(f"piece span end outside the text's {prefix.size - 1} bytes")
-    bounds = prefix[ends]
-    bounds[-1] = prefix[-1]
-    counts = np.diff(bounds, prepend=0)
-    if counts.min() < 0:
-        raise ValueError("piece spans are not monotonic")
-    return counts
+    return charge_bytes(prefix[ends].tolist(), int(prefix[-1]))
 
 
 TRANSFORM = TextTransform(TRANSFORM_NAME, encode, original_byte_counts, OPERATORS)

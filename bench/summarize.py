@@ -17,8 +17,14 @@ RUNS = {  # label: (file, tokenizer)
     "pr2071": ("2026-11-23_h100_pr2071_cap240.json", "SP8192 CaseOps"),
     "pr2071 on SP1024": ("2026-11-23_h100_pr2071_sp1024_cap240.json", "SP1024"),
     "pr2071, num_loops 0": ("2026-11-23_h100_pr2071_noloops_cap240.json", "SP8192 CaseOps"),
+    # Later runs of the same commands (issue 4's remaining schemes), on fresh machines:
+    "pr2071 run 2": ("2026-11-23_h100_pr2071_cap240_run2_quant.json", "SP8192 CaseOps"),
+    "pr2071 run 3": ("2026-11-23_h100_pr2071_cap240_run3_budget_zstd.json", "SP8192 CaseOps"),
+    "baseline run 2": ("2026-11-23_h100_baseline_cap240_run2_calib.json", "SP1024"),
 }
-SCHEMES = ("int8_rtn", "int6_rtn", "int6_gptq", "int6_gptq_lqer", "budget16m")
+SCHEMES = ("int8_rtn", "int6_rtn", "int6_gptq", "int6_gptq_h1m", "int6_gptq_lqer", "recipe", "budget16m",
+           "budget16m_zstd")
+ATTENTION = ("2026-11-23_h100_attention_b12.json", "2026-11-23_h100_attention_b48.json")
 
 
 def flops_per_token(cfg: dict, looped: bool, seq_len: int) -> float:
@@ -64,9 +70,9 @@ def main() -> None:
               f"{100 * mfu(run):.0f} % | {t['peak_memory_bytes'] / 2**30:.1f} | {t['val_bpb_sidecar']:.4f} | "
               f"{t['val_bpb_lut']:.4f} | {'–' if live is None else f'{live:.4f}'} |")
     print()
-    print("| checkpoint | scheme | val_bpb | gap | packed bytes (zlib, model + code) | quantize s |")
-    print("|---|---|---|---|---|---|")
-    for label in ("baseline", "pr2071"):
+    print("| checkpoint | scheme | val_bpb | gap | packed bytes (model + code) | codec | quantize s |")
+    print("|---|---|---|---|---|---|---|")
+    for label in ("baseline", "baseline run 2", "pr2071", "pr2071 run 2", "pr2071 run 3"):
         run = loaded[label]
         pre = run["train_metrics"]["val_bpb"]
         for s in SCHEMES:
@@ -74,8 +80,17 @@ def main() -> None:
             if not ev:
                 continue
             pack = run[f"pack_{s}_metrics"]
-            print(f"| {label} | {s} | {ev['val_bpb']:.4f} | {ev['val_bpb'] - pre:+.4f} | {pack['total_bytes']:,} | "
-                  f"{run['stage_ms'][f'quantize_{s}'] / 1000:.1f} |")
+            print(f"| {label} ({pre:.4f}) | {s} | {ev['val_bpb']:.4f} | {ev['val_bpb'] - pre:+.4f} | "
+                  f"{pack['total_bytes']:,} | {pack['codec']} | {run['stage_ms'][f'quantize_{s}'] / 1000:.1f} |")
+    print()
+    runs = [json.loads((RESULTS / name).read_text()) for name in ATTENTION]
+    print("| kernel | " + " | ".join(f"B={r['shape']['batch']} fwd+bwd ms | fwd ms" for r in runs) + " | max abs diff vs dense |")
+    print("|---|" + "---|---|" * len(runs) + "---|")
+    for kernel in runs[0]["kernels"]:
+        cells = [f"{r['kernels'][kernel]['fwd_bwd_ms']:.2f} | {r['kernels'][kernel]['fwd_ms']:.2f}" for r in runs]
+        print(f"| {kernel} | " + " | ".join(cells) + f" | {runs[0]['kernels'][kernel]['max_abs_diff_vs_dense']:.3g} |")
+    print("| create_block_mask, eager (per forward) | " + " | ".join(f"{r['create_block_mask_ms']:.1f} | –" for r in runs)
+          + " | – |")
 
 
 if __name__ == "__main__":

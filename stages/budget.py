@@ -1,21 +1,24 @@
 """Bit allocation to a byte budget (`quantize --budget BYTES`, issue 4).
 
-Every quantized tensor is encoded once at every width of `budget_bits`, and each encoding is scored by
-its output error trace((W − Ŵ) H (W − Ŵ)ᵀ) (where no Hessian fits the tensor: ‖W − Ŵ‖²_F, i.e. H = I)
-and by the compressed size of its stored parts. From the lowest widths everywhere, the search keeps
-taking the move (one tensor to any of its encodings with a lower error) with the largest error
-reduction per extra byte. That path does not depend on the budget; the budget only says where to stop
-on it, so a larger budget stops later and never ends with a larger error.
+Every quantized tensor is encoded once at every width of `budget_bits`, and (with `budget_lqer`) once
+more at each width with an LQER correction (stages/lqer.py). Each encoding is scored by its output error
+trace((W − Ŵ) H (W − Ŵ)ᵀ) (where no Hessian fits the tensor: ‖W − Ŵ‖²_F, i.e. H = I) and by the
+compressed size of its stored parts. From the lowest widths everywhere, the search keeps taking the
+move (one tensor to any of its encodings with a lower error) with the largest error reduction per extra
+byte. That path does not depend on the budget; the budget only says where to stop on it.
 
-Sizes along the path are predicted from the per-tensor sizes, calibrated by two real builds of the
-packed artifact (at the path's start and end: pack's header, codec and code measurement, via
-blob.build_blob and pack.measure_code). The chosen point is then built for real and, while it is over
-the budget, its last upgrades are undone one by one.
+Sizes along the path are predicted from the per-tensor sizes (a fast setting of the codec), calibrated
+by two real builds of the packed artifact at the path's ends (pack's header, codec and code measurement,
+via blob.build_blob and pack.measure_code). The stop is then found among real builds: probes around the
+predicted point, then bisection, each round's builds in parallel threads (the codecs release the GIL),
+until the last upgrade that fits and the first that does not are neighbours. A slow codec (brotli
+quality 11: ~2 minutes per 36 MB payload, single-threaded) costs a few rounds, not one per undone upgrade.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,13 +30,13 @@ from .artifacts import PgolfError
 from .blob import build_blob, encode_payload
 from .config import QuantizeConfig
 from .gptq import weighted_error
+from .lqer import hessian_roots, with_lqer
 from .quant import (MAX_BITS, MIN_BITS, Encoded, decode_entry, encode_tensor, is_quantized, store_encoded,
                     tensor_group)
 
-# Fast codecs estimate their own sizes; the slow ones (brotli, lzma, auto) are estimated with zlib and
-# corrected by the two calibrating builds.
-FAST_CODECS = ("zlib", "zstd")
 PLACEHOLDER_SHA = "0" * 64
+# Relative distances from the predicted stop at which the first round of real builds probes.
+PROBE_MARGINS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
 
 
 def candidate_bits(cfg: QuantizeConfig) -> list[int]:
@@ -52,7 +55,8 @@ def validate_budget(cfg: QuantizeConfig) -> None:
         raise PgolfError(f"quantize params: budget={cfg.budget} and budget_reserve={cfg.budget_reserve} "
                          "must be >= 0 (budget 0: off)")
     if cfg.lqer_top_k:
-        raise PgolfError("quantize params: --budget does not choose LQER corrections; set lqer_top_k=0 with it")
+        raise PgolfError("quantize params: --budget chooses LQER per tensor itself (budget_lqer); set lqer_top_k=0 "
+                         "with it")
     candidate_bits(cfg)
 
 
@@ -66,9 +70,10 @@ def placeholder_identity(meta: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Option:
-    """One tensor at one width: its encoding, error and estimated compressed bytes."""
+    """One tensor at one width (with or without LQER): its encoding, error and estimated compressed bytes."""
 
     bits: int
+    lqer: bool
     enc: Encoded
     err: float
     est_bytes: int
@@ -125,7 +130,7 @@ class BudgetSearch:
         self.exact = ident is not None
         self.ident = ident or placeholder_identity(meta)
         self.reserve = 0 if ident else cfg.budget_reserve
-        self.estimate_codec = codec if codec in FAST_CODECS else "zlib"
+        self.estimate_codec = codecs.estimator(codec)
         hessians = hessians or {}
         if not hessians:
             print("quantize: note: --budget without --hessians minimises the plain squared error ‖W − Ŵ‖² "
@@ -140,7 +145,8 @@ class BudgetSearch:
             at[name] = i
         self._real: dict[int, int] = {}
         # Calibrate the estimate by the real sizes at both ends (an affine map; independent of the budget).
-        lo, hi, span = self.measure(0), self.measure(len(self.path)), est[-1] - est[0]
+        lo, hi = self.measure_many([0, len(self.path)])
+        span = est[-1] - est[0]
         slope = (hi - lo) / span if span and (hi - lo) * span > 0 else 1.0
         self.predicted = [lo + (e - est[0]) * slope for e in est]
 
@@ -158,20 +164,33 @@ class BudgetSearch:
             else:  # kept float, or pinned by a group override: one encoding
                 fixed[name] = encode_tensor(name, t, self.cfg, hessians.get(name))
         jobs = [(name, b) for name in searched for b in widths]
-        encoded, errors, kinds = {}, {}, {}
-        for name, b in track(jobs, description=f"budget: {len(searched)} tensors × widths {widths}",
+        found: dict[tuple[str, int, bool], tuple[Encoded, float]] = {}
+        kinds, roots = {}, {}
+        lqer_note = " (+ LQER)" if self.cfg.budget_lqer else ""
+        for name, b in track(jobs, description=f"budget: {len(searched)} tensors × widths {widths}{lqer_note}",
                              disable=not jobs):
-            enc = encode_tensor(name, self.state[name], replace(free, bits=b), hessians.get(name))
-            tensors, schema = store_encoded({name: enc}, {name: self.state[name]})
-            restored = decode_entry(name, schema[name], tensors, "budget")
-            errors[name, b], kinds[name] = tensor_error(self.state[name].detach().cpu(), restored, hessians.get(name))
-            encoded[name, b] = enc
+            w, h = self.state[name].detach().cpu(), hessians.get(name)
+            enc = encode_tensor(name, self.state[name], replace(free, bits=b), h)
+            candidates = [(False, enc)]
+            if self.cfg.budget_lqer:
+                fits = h is not None and tuple(h.shape) == (w.shape[-1],) * 2
+                if fits and self.cfg.lqer_weighted and name not in roots:
+                    roots[name] = hessian_roots(h, self.cfg.gptq_damp)
+                corrected = with_lqer(enc, w, self.cfg, h if fits else None, roots.get(name))
+                if corrected is not None:
+                    candidates.append((True, corrected))
+            for lqer, e in candidates:
+                tensors, schema = store_encoded({name: e}, {name: self.state[name]})
+                restored = decode_entry(name, schema[name], tensors, "budget")
+                err, kinds[name] = tensor_error(w, restored, h)
+                found[name, b, lqer] = (e, err)
         # The codec libraries release the GIL: compress the encodings in parallel.
+        keys = list(found)
         with ThreadPoolExecutor() as pool:
-            sizes = dict(zip(jobs, pool.map(
-                lambda job: len(codecs.compress(self.estimate_codec, encode_payload(encoded[job].parts)[0])), jobs)))
-        options = {name: [Option(b, encoded[name, b], errors[name, b], sizes[name, b]) for b in widths]
-                   for name in searched}
+            sizes = dict(zip(keys, pool.map(
+                lambda key: codecs.estimate_size(self.estimate_codec, encode_payload(found[key][0].parts)[0]), keys)))
+        options = {name: [Option(b, lqer, *found[name, b, lqer], sizes[name, b, lqer])
+                          for (n, b, lqer) in keys if n == name] for name in searched}
         return fixed, options, kinds
 
     def choice(self, k: int) -> dict[str, int]:
@@ -186,25 +205,41 @@ class BudgetSearch:
         return {name: self.fixed[name] if name in self.fixed else self.options[name][at[name]].enc
                 for name in self.state}
 
-    def measure(self, k: int) -> int:
-        """Packed bytes (blob + code, + the reserve) after k upgrades: the blob built as pack builds it."""
+    def _build(self, k: int) -> int:
         import tempfile
 
         from safetensors.torch import load_file, save_file
 
         from .pack import blob_header_fields
 
-        if k not in self._real:
-            tensors, schema = store_encoded(self.encoded_at(k), self.state)
-            with tempfile.TemporaryDirectory() as tmp:  # the order in which pack reads them from the file
-                save_file(tensors, f"{tmp}/q.safetensors")
-                tensors = load_file(f"{tmp}/q.safetensors")
-            fields = blob_header_fields({**self.meta, "schema": schema}, self.ident, PLACEHOLDER_SHA, self.code)
-            self._real[k] = len(build_blob(tensors, fields, self.codec)[0]) + self.code["bytes"] + self.reserve
-        return self._real[k]
+        tensors, schema = store_encoded(self.encoded_at(k), self.state)
+        with tempfile.TemporaryDirectory() as tmp:  # the order in which pack reads them from the file
+            save_file(tensors, f"{tmp}/q.safetensors")
+            tensors = load_file(f"{tmp}/q.safetensors")
+        fields = blob_header_fields({**self.meta, "schema": schema}, self.ident, PLACEHOLDER_SHA, self.code)
+        return len(build_blob(tensors, fields, self.codec)[0]) + self.code["bytes"] + self.reserve
+
+    def measure_many(self, ks: list[int]) -> list[int]:
+        """Packed bytes (blob + code, + the reserve) after each k upgrades: blobs built as pack builds them,
+        those not built yet in parallel."""
+        todo = sorted({k for k in ks if k not in self._real})
+        if todo:
+            with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
+                self._real.update(zip(todo, pool.map(self._build, todo)))
+        return [self._real[k] for k in ks]
+
+    def measure(self, k: int) -> int:
+        return self.measure_many([k])[0]
+
+    def stop_at(self, target: float) -> int:
+        """The most upgrades whose predicted size is at most `target` (0 if none)."""
+        k = 0
+        while k < len(self.path) and self.predicted[k + 1] <= target:
+            k += 1
+        return k
 
     def fit(self, budget: int) -> Allocation:
-        """The longest prefix of the path predicted to fit, then upgrades undone until the real size fits."""
+        """The most upgrades that fit, found among real builds: fits at k, over at k + 1 (or the path's end)."""
         smallest = self.measure(0)
         if smallest > budget:
             raise PgolfError(
@@ -213,28 +248,38 @@ class BudgetSearch:
                 f"{self.codec}, code {self.code['bytes']:,} bytes"
                 + (f", reserve {self.reserve:,}" if self.reserve else "") + "); raise the budget, allow fewer "
                 "bits in budget_bits, or keep fewer tensors float")
-        k = 0
-        while k < len(self.path) and self.predicted[k + 1] <= budget:
-            k += 1
-        stop = k
-        while self.measure(k) > budget:
-            k -= 1
+        end = len(self.path)
+        predicted = self.stop_at(budget)
+        probes = {predicted, end} | {self.stop_at(budget * (1 + s * m)) for m in PROBE_MARGINS for s in (-1, 1)}
+        fits, over = 0, end + 1  # k = fits is measured to fit, k = over not to (end + 1: past the path)
+        built = len(self._real)
+        while over - fits > 1:
+            inside = sorted(k for k in probes if fits < k < over)
+            sizes = dict(zip(inside, self.measure_many(inside)))
+            fits = max([fits] + [k for k in inside if sizes[k] <= budget])
+            over = min([over] + [k for k in inside if k > fits and sizes[k] > budget])
+            width = min(os.cpu_count() or 1, 8)  # next round: evenly spaced probes between the bounds
+            probes = {fits + max(1, (over - fits) * i // (width + 1)) for i in range(1, width + 1)}
+        builds = len(self._real) - built
+        k = fits
         at = self.choice(k)
         tensors = {}
         for name, opts in self.options.items():
             opt = opts[at[name]]
-            tensors[name] = {"bits": opt.bits, "est_bytes": opt.est_bytes, "err": opt.err,
+            tensors[name] = {"bits": opt.bits, "lqer": opt.lqer, "est_bytes": opt.est_bytes, "err": opt.err,
                              "error": self.error_kind[name]}
         report = {
             "budget": budget, "codec": self.codec, "estimate_codec": self.estimate_codec,
-            "candidate_bits": candidate_bits(self.cfg), "upgrades": k, "path_length": len(self.path),
-            "undone": stop - k, "predicted_bytes": round(self.predicted[k]), "measured_bytes": self.measure(k),
+            "candidate_bits": candidate_bits(self.cfg), "lqer_candidates": self.cfg.budget_lqer,
+            "upgrades": k, "path_length": len(self.path), "predicted_upgrades": predicted,
+            "real_builds": builds, "predicted_bytes": round(self.predicted[k]), "measured_bytes": self.measure(k),
             "code_bytes": self.code["bytes"], "reserve_bytes": self.reserve,
             "data_identity": "exact" if self.exact else "placeholder",
-            "smallest_bytes": smallest, "largest_bytes": self.measure(len(self.path)),
+            "smallest_bytes": smallest, "largest_bytes": self.measure(end),
             "error": sum(t["err"] for t in tensors.values()),
             "error_kind": "hessian" if all(v == "hessian" for v in self.error_kind.values()) else
             ("plain" if all(v == "plain" for v in self.error_kind.values()) else "mixed"),
+            "lqer_tensors": sorted(n for n, t in tensors.items() if t["lqer"]),
             "fixed_tensors": sorted(n for n in self.fixed if is_quantized(self.state[n], self.cfg)),
             "tensors": tensors,
         }

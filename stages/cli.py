@@ -128,8 +128,8 @@ def quantize(
     attn_bits: Optional[int] = typer.Option(None, help="Bits for attention matrices (0 = --bits)."),
     mlp_bits: Optional[int] = typer.Option(None, help="Bits for MLP matrices (0 = --bits)."),
     lqer_top_k: Optional[int] = typer.Option(None, help="Low-rank (LQER) correction of the k tensors with the largest error; 0 = off."),
-    budget: Optional[int] = typer.Option(None, help="Choose per-tensor bits so the packed artifact (model + code) fits "
-                                         "this many bytes with the least Hessian-weighted error; 0 = off."),
+    budget: Optional[int] = typer.Option(None, help="Choose per-tensor bits (and LQER on/off) so the packed artifact "
+                                         "(model + code) fits this many bytes with the least Hessian-weighted error; 0 = off."),
     data: Optional[Path] = typer.Option(Path("data/tokenized"), help="Tokenized data (with --budget: exact packed sizes; "
                                         "skipped if absent)."),
     hessians: Optional[Path] = typer.Option(None, help="Hessians from `pgolf calibrate` (used by gptq; weighted errors in the report)."),

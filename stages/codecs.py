@@ -83,6 +83,25 @@ CODECS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes, int], bytes]]
 SETTINGS = {"zlib": "level 9", "zstd": "level 22", "brotli": "quality 11, lgwin 24", "lzma": "preset 9|EXTREME"}
 
 
+# Size estimates for --budget (stages/budget.py), per tensor and option: the codec itself where it is
+# fast; brotli at quality 5 (about 100× faster than 11, within a few per cent on quantized codes);
+# zlib for lzma and auto. Real builds correct the estimate; it only has to rank the options.
+ESTIMATORS = {"zlib": "zlib", "zstd": "zstd", "brotli": "brotli-q5", "lzma": "zlib", "auto": "zlib"}
+
+
+def estimator(name: str) -> str:
+    check_name(name, allow_auto=True)
+    return ESTIMATORS[name]
+
+
+def estimate_size(estimator_name: str, data: bytes) -> int:
+    if estimator_name == "brotli-q5":
+        import brotli
+
+        return len(brotli.compress(data, quality=5, lgwin=24))
+    return len(compress(estimator_name, data))
+
+
 def check_name(name: str, allow_auto: bool = False) -> None:
     known = list(CODECS) + (["auto"] if allow_auto else [])
     if name not in known:

@@ -152,6 +152,7 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 0  # save the full training state every N steps (for --resume); 0: never
     ema_decay: float = 0.0  # keep an fp32 EMA of the weights (saved and evaluated instead of them); 0: off
+    ema_bias_correction: bool = True  # EMA from zero / (1 − decayⁿ): no init weight left in short runs
     swa_every: int = 0  # SWA, the alternative to EMA: average a snapshot every N steps (saved and evaluated); 0: off
     swa_start_frac: float = 0.0  # ... from this fraction of the run on
     loop_enable_frac: float = 0.0  # depth recurrence (model.num_loops) switches on at this fraction of the run
@@ -201,6 +202,7 @@ class QuantizeConfig:
     # Each quantized tensor gets a width from budget_bits; bits is then unused, a group's *_bits pins it.
     budget: int = 0
     budget_bits: str = "4,5,6,7,8"
+    budget_lqer: bool = True  # also offer each width with an LQER correction (lqer_rank, lqer_weighted)
     # Bytes held back when quantize is not given the tokenized data: pack's header lists the val shards
     # (about 90 bytes each), which quantize then cannot see.
     budget_reserve: int = 1024

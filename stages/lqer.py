@@ -34,15 +34,22 @@ def error_factors(error: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return (u[:, :r] * s[:r]).float(), vh[:r].float()
 
 
-def weighted_error_factors(error: torch.Tensor, hessian: torch.Tensor, rank: int, damp: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) minimising trace((E − AB) H (E − AB)ᵀ): factor E·H^½, then map B back with H^−½."""
+def hessian_roots(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H^½, H^−½) of the damped H (float64), the maps between E and E·H^½; one eigh per tensor."""
     h = hessian.double()
-    h = h + max(damp, 1e-6) * float(torch.diag(h).mean().clamp_min(1e-12)) * torch.eye(h.shape[0], dtype=h.dtype)
+    h = h + max(damp, 1e-6) * float(torch.diag(h).mean().clamp_min(1e-12)) * torch.eye(h.shape[0], dtype=h.dtype,
+                                                                                       device=h.device)
     eigvals, eigvecs = torch.linalg.eigh(h)
     root = eigvals.clamp_min(1e-12).sqrt()
-    a, b = error_factors(error.double() @ (eigvecs * root) @ eigvecs.T, rank)
-    return a, (b.double() @ (eigvecs / root) @ eigvecs.T).float()
+    return (eigvecs * root) @ eigvecs.T, (eigvecs / root) @ eigvecs.T
+
+
+def weighted_error_factors(error: torch.Tensor, roots: tuple[torch.Tensor, torch.Tensor], rank: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) minimising trace((E − AB) H (E − AB)ᵀ): factor E·H^½, then map B back with H^−½."""
+    root, inv_root = roots
+    a, b = error_factors(error.double().to(root.device) @ root, rank)
+    return a, (b.double() @ inv_root).float()
 
 
 def _round(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,41 +81,57 @@ def lowrank_term(parts: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
     return a @ b
 
 
+def int_error(enc: Encoded, original: torch.Tensor) -> torch.Tensor | None:
+    """W − Q·s of a per-row integer encoding (the error LQER corrects); None for other encodings."""
+    if enc.entry["encoding"] != "int_per_row" or enc.parts["codes"].ndim != 2:
+        return None
+    w_hat = enc.parts["codes"].float() * enc.parts["scales"].float()[:, None]
+    return original.detach().cpu().float() - w_hat
+
+
+def with_lqer(enc: Encoded, original: torch.Tensor, cfg: QuantizeConfig, hessian: torch.Tensor | None = None,
+              roots: tuple[torch.Tensor, torch.Tensor] | None = None) -> Encoded | None:
+    """`enc` plus a rank-`lqer_rank` correction of its error (a new Encoded), or None where the correction
+    would not lower the error (H-weighted where H fits, else Frobenius). roots: hessian_roots(H), if known."""
+    e = int_error(enc, original)
+    if e is None:
+        return None
+    if hessian is not None and tuple(hessian.shape) != (e.shape[1], e.shape[1]):
+        hessian = None
+    weighted = bool(cfg.lqer_weighted and hessian is not None)
+    if weighted:
+        roots = roots or hessian_roots(hessian, cfg.gptq_damp)
+        parts, meta = quantize_factors(*weighted_error_factors(e, roots, cfg.lqer_rank))
+    else:
+        parts, meta = quantize_factors(*error_factors(e, cfg.lqer_rank))
+    left = e - lowrank_term(parts, meta)
+    if hessian is not None:
+        if weighted_error(left, torch.zeros_like(left), hessian) >= weighted_error(e, torch.zeros_like(e), hessian):
+            return None
+    elif float(left.norm()) >= float(e.norm()):
+        return None
+    entry = {**enc.entry, "encoding": "int_per_row+lqer",
+             "lqer": {"rank": int(parts["lqer_a"].shape[1]), "weighted": weighted, **meta}}
+    return Encoded({**enc.parts, **parts}, entry)
+
+
 def add_lqer(encoded: dict[str, Encoded], originals: dict[str, torch.Tensor], cfg: QuantizeConfig,
              hessians: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Give the top-k per-row quantized tensors (by ‖W − Ŵ‖_F) a low-rank correction, in place.
 
-    A correction that would not lower the error (H-weighted where H is known, else Frobenius) is left
-    out with a notice. Returns the names corrected.
+    A correction that would not lower the error is left out with a notice. Returns the names corrected.
     """
     hessians = hessians or {}
-    errors: dict[str, torch.Tensor] = {}
-    for name, enc in encoded.items():
-        if enc.entry["encoding"] == "int_per_row" and enc.parts["codes"].ndim == 2:
-            w_hat = enc.parts["codes"].float() * enc.parts["scales"].float()[:, None]
-            errors[name] = originals[name].detach().cpu().float() - w_hat
+    errors = {name: e for name, enc in encoded.items() if (e := int_error(enc, originals[name])) is not None}
     ranked = sorted(errors, key=lambda n: float(errors[n].norm()), reverse=True)[:cfg.lqer_top_k]
     corrected = []
     for name in ranked:
-        e, h = errors[name], hessians.get(name)
-        if h is not None and tuple(h.shape) != (e.shape[1], e.shape[1]):
-            h = None
-        if cfg.lqer_weighted and h is not None:
-            parts, meta = quantize_factors(*weighted_error_factors(e, h, cfg.lqer_rank, cfg.gptq_damp))
-        else:
-            parts, meta = quantize_factors(*error_factors(e, cfg.lqer_rank))
-        left = e - lowrank_term(parts, meta)
-        if h is not None:
-            worse = weighted_error(left, torch.zeros_like(left), h) >= weighted_error(e, torch.zeros_like(e), h)
-        else:
-            worse = float(left.norm()) >= float(e.norm())
-        if worse:
+        better = with_lqer(encoded[name], originals[name], cfg, hessians.get(name))
+        if better is None:
+            fits = hessians.get(name) is not None and tuple(hessians[name].shape) == (errors[name].shape[1],) * 2
             print(f"quantize: note: LQER left out for {name}: its correction would raise the "
-                  f"{'H-weighted' if h is not None else 'Frobenius'} error")
+                  f"{'H-weighted' if fits else 'Frobenius'} error")
             continue
-        enc = encoded[name]
-        enc.parts.update(parts)
-        enc.entry.update({"encoding": "int_per_row+lqer", "lqer": {
-            "rank": int(parts["lqer_a"].shape[1]), "weighted": bool(cfg.lqer_weighted and h is not None), **meta}})
+        encoded[name] = better
         corrected.append(name)
     return corrected

@@ -86,7 +86,8 @@ def print_report(report: dict[str, Any], cfg: QuantizeConfig, out: Path) -> None
         console.print(f"budget {b['budget']:,} bytes (codec {b['codec']}): packed size predicted "
                       f"{b['predicted_bytes']:,}, measured {b['measured_bytes']:,} (blob + {b['code_bytes']:,} code"
                       + (f" + {b['reserve_bytes']:,} reserve, data identity not given" if b["reserve_bytes"] else "")
-                      + f"); {b['upgrades']}/{b['path_length']} upgrades taken, {b['undone']} undone after measuring; "
+                      + f"); {b['upgrades']}/{b['path_length']} upgrades taken ({b['predicted_upgrades']} predicted, "
+                      f"{b['real_builds']} real builds); LQER on {len(b['lqer_tensors'])} tensors; "
                       f"range {b['smallest_bytes']:,}..{b['largest_bytes']:,} bytes")
 
 

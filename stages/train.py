@@ -214,7 +214,7 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
     rows: list[tuple] = []
     position = (0, 0)
     # fp32 shadow of every weight; it, not the live weights, is evaluated and saved at the end
-    average = (trainstate.WeightAverage(base_model, "ema", cfg.ema_decay) if cfg.ema_decay > 0
+    average = (trainstate.WeightAverage(base_model, "ema", cfg.ema_decay, cfg.ema_bias_correction) if cfg.ema_decay > 0
                else trainstate.WeightAverage(base_model, "swa") if cfg.swa_every > 0 else None)
     if resume:
         step, train_ms, position, rows = trainstate.load(resume_file, base_model, optimizers, model_cfg, cfg,

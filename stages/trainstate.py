@@ -26,14 +26,20 @@ RESUMABLE_CHANGES = ("checkpoint_every", "log_every", "device", "compile", "val_
 class WeightAverage:
     """An fp32 shadow of every weight, which is saved and evaluated instead of the live weights.
 
-    EMA: shadow ← decay·shadow + (1 − decay)·w after every step. SWA: the plain mean of the snapshots
-    taken (every `swa_every` steps from `swa_start_frac` of the run on). fp32 either way: summing bf16
-    weights in bf16 loses the small differences being averaged (TECHNIQUES.md §7 item 9).
+    EMA: shadow ← decay·shadow + (1 − decay)·w after every step. The reference starts the shadow at the
+    initial weights; with `bias_correction` it starts at zero and is read as shadow / (1 − decayⁿ) (as Adam
+    corrects its moments), the same up to decayⁿ (< 1e-7 at the records' step counts) but free of the
+    initialization in a short run: 206 steps of decay 0.9965 would otherwise leave 49 % of it.
+    SWA: the plain mean of the snapshots taken (every `swa_every` steps from `swa_start_frac` of the run
+    on). fp32 either way: summing bf16 weights in bf16 loses the small differences being averaged
+    (TECHNIQUES.md §7 item 9).
     """
 
-    def __init__(self, model: torch.nn.Module, kind: str, decay: float = 0.0):
+    def __init__(self, model: torch.nn.Module, kind: str, decay: float = 0.0, bias_correction: bool = False):
         self.kind, self.decay, self.count = kind, decay, 0
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        self.bias_correction = kind == "ema" and bias_correction
+        self.shadow = {k: (torch.zeros_like(v, dtype=torch.float32) if self.bias_correction else v.detach().float().clone())
+                       for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -42,9 +48,18 @@ class WeightAverage:
         for k, v in model.state_dict().items():
             self.shadow[k].lerp_(v.float(), weight)
 
+    def averaged(self) -> dict[str, torch.Tensor]:
+        """The averaged weights (fp32)."""
+        if not self.bias_correction:
+            return self.shadow
+        if not self.count:
+            raise PgolfError("the bias-corrected EMA has no update yet; nothing to average")
+        norm = 1.0 - self.decay ** self.count
+        return {k: v / norm for k, v in self.shadow.items()}
+
     def load_into(self, model: torch.nn.Module) -> None:
         own = model.state_dict()
-        model.load_state_dict({k: v.to(own[k].dtype) for k, v in self.shadow.items()})
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in self.averaged().items()})
 
 
 def state_path(out: Path) -> Path:

@@ -12,9 +12,9 @@ from stages.budget import BudgetSearch
 from stages.config import PackConfig, QuantizeConfig
 
 # All 13 matrices quantized (the tiny model's are below the default keep-float threshold); GPTQ with
-# SDClip, whose error falls with every added bit, so the path's end is uniform 8 bits.
+# SDClip, whose error falls with every added bit, so without LQER options the path's end is uniform 8 bits.
 BASE = QuantizeConfig(keep_float_max_numel=256, device="cpu", method="gptq", clip="sdclip", sdclip_k=4.0,
-                      budget_bits="2,3,4,5,6,7,8")
+                      budget_bits="2,3,4,5,6,7,8", budget_lqer=False)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,9 @@ def test_more_budget_never_gives_a_larger_error(trained):
     fits = [search.fit(b).report for b in budgets]
     errors = [r["error"] for r in fits]
     for budget, r in zip(budgets, fits):
-        assert r["measured_bytes"] <= budget
+        # The stop is exact among real builds: k upgrades fit, k + 1 do not (or the path ends).
+        assert r["measured_bytes"] == search.measure(r["upgrades"]) <= budget
+        assert r["upgrades"] == len(search.path) or search.measure(r["upgrades"] + 1) > budget
     assert all(later <= earlier for earlier, later in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.1 * errors[0]
     assert len(set(errors)) >= 5  # the budget steers the search across the whole range
@@ -128,3 +130,47 @@ def test_budget_params_are_checked_and_group_bits_pin_tensors(trained, capsys):
     assert fit["error_kind"] == "plain" and fit["fixed_tensors"] == ["tok_emb.weight"]
     assert "tok_emb.weight" not in fit["tensors"] and search.encoded_at(0)["tok_emb.weight"].entry["bits"] == 6
     assert {t["bits"] for t in fit["tensors"].values()} == {8} and fit["reserve_bytes"] == cfg.budget_reserve
+
+
+def test_budget_chooses_lqer_per_tensor_and_its_file_decodes(trained, tokenized_dir):
+    cfg = replace(BASE, budget_bits="2,4,8", budget_lqer=True, lqer_rank=2, lqer_weighted=True)
+    meta = read_meta(trained["ckpt"], "checkpoint")
+    out_meta = {"model_config": meta["model_config"], "tokenizer_sha256": meta.get("tokenizer_sha256"),
+                "params": asdict(cfg), "inputs": {}}
+    search = BudgetSearch(trained["state"], cfg, trained["hessians"], "zlib", out_meta, pack.data_identity(tokenized_dir))
+    corrected = [(name, o) for name, opts in search.options.items() for o in opts if o.lqer]
+    assert corrected, "no tensor was offered an LQER correction"
+    for name, o in corrected:  # each correction is offered only where it lowers that width's error
+        plain = next(p for p in search.options[name] if p.bits == o.bits and not p.lqer)
+        assert o.err < plain.err and o.enc.entry["encoding"] == "int_per_row+lqer"
+    # The path's end is each tensor's best option: below uniform 8 bits wherever LQER helps at 8 bits.
+    generous = search.fit(2 * search.measure(len(search.path))).report
+    _, _, uniform = quant.quantize_state_dict(trained["state"], replace(BASE, bits=8), trained["hessians"])
+    assert generous["error"] <= uniform["totals"]["weighted_err"] * (1 + 1e-9)
+
+    lo, hi = search.measure(0), search.measure(len(search.path))
+    budget = (lo + hi) // 2
+    out, metrics = trained["root"] / "budget_lqer.safetensors", trained["root"] / "budget_lqer.json"
+    quantize.run(trained["ckpt"], out, replace(cfg, budget=budget), trained["hess"], metrics, pack_codec="zlib",
+                 data=tokenized_dir)
+    report = read_json(metrics)["budget"]
+    assert packed_total(trained, tokenized_dir, out, budget) == report["measured_bytes"] <= budget
+    tensors, qmeta = load_tensors(out, "quantized")
+    for name, chosen in report["tensors"].items():
+        assert (qmeta["schema"][name]["encoding"] == "int_per_row+lqer") == chosen["lqer"]
+    assert set(report["lqer_tensors"]) == {n for n, t in report["tensors"].items() if t["lqer"]}
+    assert set(quant.dequantize(tensors, qmeta["schema"])) == set(trained["state"])
+    assert abs(read_json(metrics)["totals"]["weighted_err"] - report["error"]) <= 1e-9 * report["error"]
+
+
+def test_budget_with_brotli_estimates_fast_and_measures_with_brotli_itself(trained, tokenized_dir):
+    cfg = replace(BASE, budget_bits="4,8")
+    meta = read_meta(trained["ckpt"], "checkpoint")
+    out_meta = {"model_config": meta["model_config"], "tokenizer_sha256": meta.get("tokenizer_sha256"),
+                "params": asdict(cfg), "inputs": {}}
+    search = BudgetSearch(trained["state"], cfg, trained["hessians"], "brotli", out_meta,
+                          pack.data_identity(tokenized_dir))
+    assert search.estimate_codec == "brotli-q5"
+    lo, hi = search.measure(0), search.measure(len(search.path))
+    fit = search.fit((lo + hi) // 2).report
+    assert fit["codec"] == "brotli" and fit["measured_bytes"] <= (lo + hi) // 2 < search.measure(fit["upgrades"] + 1)

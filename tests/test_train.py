@@ -144,15 +144,41 @@ def test_ema_weights_are_saved_and_evaluated(tokenized_dir, tmp_path):
 
     one_step = replace(TRAIN, iterations=1)
     live, meta, _ = train_once(tokenized_dir, tmp_path / "live", one_step)
-    ema, _, out = train_once(tokenized_dir, tmp_path / "ema", replace(one_step, ema_decay=0.75))
+    ema, _, out = train_once(tokenized_dir, tmp_path / "ema", replace(one_step, ema_decay=0.75,
+                                                                       ema_bias_correction=False))
     torch.manual_seed(TRAIN.seed)  # the run's initial weights, rebuilt
     init = GPT(replace(MODEL, vocab_size=meta["model_config"]["vocab_size"])).state_dict()
-    for name in live:  # after one step the shadow is 0.75·init + 0.25·live
+    for name in live:  # the reference's EMA: after one step the shadow is 0.75·init + 0.25·live
         assert torch.allclose(ema[name], 0.75 * init[name] + 0.25 * live[name], atol=1e-6), name
     metrics = json.loads((out / "metrics.json").read_text())
     live_metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert metrics["val_bpb_live_weights"] == pytest.approx(live_metrics["val_bpb"], abs=1e-9)
     assert metrics["val_bpb"] != metrics["val_bpb_live_weights"]
+    # Bias-corrected (the default): no weight on the initialization, so one step's average is that step.
+    corrected, _, _ = train_once(tokenized_dir, tmp_path / "corrected", replace(one_step, ema_decay=0.75))
+    for name in live:
+        assert torch.allclose(corrected[name], live[name].float(), atol=1e-6), name
+
+
+def test_bias_corrected_ema_is_the_normalised_weighted_mean_of_the_steps():
+    from stages.trainstate import WeightAverage
+
+    net = torch.nn.Linear(3, 2)
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    plain, corrected = WeightAverage(net, "ema", 0.9), WeightAverage(net, "ema", 0.9, bias_correction=True)
+    steps = []
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        steps.append({k: v.clone() for k, v in net.state_dict().items()})
+        plain.update(net)
+        corrected.update(net)
+    n = len(steps)
+    for k in init:
+        weighted = sum(0.1 * 0.9 ** (n - 1 - t) * steps[t][k] for t in range(n))
+        assert torch.allclose(plain.averaged()[k], 0.9 ** n * init[k] + weighted, atol=1e-6)
+        assert torch.allclose(corrected.averaged()[k], weighted / (1 - 0.9 ** n), atol=1e-6)
 
 
 def test_lr_warmup_warmdown_fraction_and_floor():

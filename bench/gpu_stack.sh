@@ -43,9 +43,10 @@ case ${TOKENIZER:-$PRESET} in
   *) TOK=$W/tok1024${VAL_DOCS:+_$VAL_DOCS}; TOK_ARGS=(--vocab-size 1024 --no-caseops) ;;
 esac
 # Every stage reads the preset's sections; the bench only pins the codec and scores without TTT.
-params_file() {  # params_file CODEC: the preset with that pack codec and TTT off
+params_file() {  # params_file CODEC: the preset with that pack codec (CHUNK_BYTES: pack.chunk_bytes) and TTT off
   local f=$W/params_${PRESET}_$1.yaml
-  printf 'preset: %s\npack: {codec: %s}\nttt_eval: {ttt: none}\n' "$PRESET" "$1" > "$f"
+  printf 'preset: %s\npack: {codec: %s, chunk_bytes: %s}\nttt_eval: {ttt: none}\n' "$PRESET" "$1" \
+    "${CHUNK_BYTES:-0}" > "$f"
   echo "$f"
 }
 P=$(params_file zlib)

@@ -119,14 +119,14 @@ class BudgetSearch:
     """The encodings, the upgrade path and its measured ends for one checkpoint; `fit(budget)` picks."""
 
     def __init__(self, state: dict[str, torch.Tensor], cfg: QuantizeConfig, hessians: dict[str, torch.Tensor] | None,
-                 codec: str, meta: dict[str, Any], ident: dict[str, Any] | None = None) -> None:
+                 codec: str, meta: dict[str, Any], ident: dict[str, Any] | None = None, chunk_bytes: int = 0) -> None:
         """meta: the quantized file's metadata less the schema; ident: pack.data_identity of the data, or
-        None (a placeholder, with cfg.budget_reserve bytes held back)."""
+        None (a placeholder, with cfg.budget_reserve bytes held back); codec, chunk_bytes: pack's."""
         from .pack import measure_code
 
         validate_budget(cfg)
         codecs.check_name(codec, allow_auto=True)
-        self.state, self.cfg, self.codec, self.meta = state, cfg, codec, meta
+        self.state, self.cfg, self.codec, self.meta, self.chunk_bytes = state, cfg, codec, meta, chunk_bytes
         self.exact = ident is not None
         self.ident = ident or placeholder_identity(meta)
         self.reserve = 0 if ident else cfg.budget_reserve
@@ -217,7 +217,7 @@ class BudgetSearch:
             save_file(tensors, f"{tmp}/q.safetensors")
             tensors = load_file(f"{tmp}/q.safetensors")
         fields = blob_header_fields({**self.meta, "schema": schema}, self.ident, PLACEHOLDER_SHA, self.code)
-        return len(build_blob(tensors, fields, self.codec)[0]) + self.code["bytes"] + self.reserve
+        return len(build_blob(tensors, fields, self.codec, self.chunk_bytes)[0]) + self.code["bytes"] + self.reserve
 
     def measure_many(self, ks: list[int]) -> list[int]:
         """Packed bytes (blob + code, + the reserve) after each k upgrades: blobs built as pack builds them,
@@ -269,7 +269,7 @@ class BudgetSearch:
             tensors[name] = {"bits": opt.bits, "lqer": opt.lqer, "est_bytes": opt.est_bytes, "err": opt.err,
                              "error": self.error_kind[name]}
         report = {
-            "budget": budget, "codec": self.codec, "estimate_codec": self.estimate_codec,
+            "budget": budget, "codec": self.codec, "chunk_bytes": self.chunk_bytes, "estimate_codec": self.estimate_codec,
             "candidate_bits": candidate_bits(self.cfg), "lqer_candidates": self.cfg.budget_lqer,
             "upgrades": k, "path_length": len(self.path), "predicted_upgrades": predicted,
             "real_builds": builds, "predicted_bytes": round(self.predicted[k]), "measured_bytes": self.measure(k),

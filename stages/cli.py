@@ -147,9 +147,10 @@ def quantize(
                                    "attn_bits": attn_bits, "mlp_bits": mlp_bits, "lqer_top_k": lqer_top_k,
                                    "budget": budget})
         target = out or ckpt.with_name("quantized.safetensors")
-        pack_codec = stage_config(PackConfig, "pack", p, {}, params).codec  # the budget is measured as pack will pack
+        packing = stage_config(PackConfig, "pack", p, {}, params)  # the budget is measured as pack will pack
         stage.run(ckpt, target, stage_config(QuantizeConfig, "quantize", p, s, params), hessians,
-                  metrics or target.with_name("quantize_metrics.json"), pack_codec=pack_codec,
+                  metrics or target.with_name("quantize_metrics.json"), pack_codec=packing.codec,
+                  pack_chunk_bytes=packing.chunk_bytes,
                   data=data if data is not None and (data / "manifest.json").is_file() else None)
     _run(go)
 

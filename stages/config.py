@@ -212,6 +212,9 @@ class QuantizeConfig:
 class PackConfig:
     codec: str = "auto"  # auto | zlib | zstd | brotli | lzma
     limit: int = 16_000_000
+    # 0: one compressed stream. N: the payload cut into N-byte chunks compressed independently, in
+    # parallel (format version 2): pack and --budget's builds take seconds with brotli/zstd, bytes rise a little.
+    chunk_bytes: int = 0
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import codecs
 from .artifacts import PgolfError, load_tensors, read_json, sha256_file, write_bytes, write_json
-from .blob import VERSION, build_blob
+from .blob import build_blob, check_chunk_bytes
 from .config import PackConfig
 
 # The sources a blob needs to be decoded and scored: the blob/codec/dequantization readers, the
@@ -57,7 +57,7 @@ def producer_versions() -> dict[str, str]:
         pgolf = version("pgolf")
     except PackageNotFoundError:
         pgolf = "unknown"
-    return {"pgolf": pgolf, "blob_format": str(VERSION), "python": platform.python_version(),
+    return {"pgolf": pgolf, "python": platform.python_version(),
             "torch": torch.__version__, "zstandard": zstandard.__version__,
             "brotli": getattr(brotli, "version", getattr(brotli, "__version__", "unknown"))}
 
@@ -124,6 +124,7 @@ def run(quantized: Path, data: Path, out: Path, cfg: PackConfig, metrics: Path) 
         raise PgolfError(f"pack params: {exc}") from None
     if cfg.limit <= 0:
         raise PgolfError(f"pack params: limit={cfg.limit} must be a positive byte count")
+    check_chunk_bytes(cfg.chunk_bytes)
     tensors, meta = load_tensors(quantized, kind="quantized")
     ident = data_identity(Path(data))
     if meta.get("tokenizer_sha256") != ident["tokenizer_sha256"]:
@@ -138,14 +139,18 @@ def run(quantized: Path, data: Path, out: Path, cfg: PackConfig, metrics: Path) 
         raise PgolfError(f"{quantized}: no quantization schema in its metadata; re-run `pgolf quantize`")
 
     tried = ", ".join(codecs.CODECS) if cfg.codec == "auto" else cfg.codec
-    print(f"pack: compressing {len(tensors)} tensors with {tried} (brotli-11 and lzma take a minute on a full model)")
+    how = (f"in {cfg.chunk_bytes:,}-byte chunks, in parallel" if cfg.chunk_bytes else
+           "as one stream (brotli-11, zstd-22 and lzma take 1–2 minutes per 36 MB; pack.chunk_bytes parallelises)")
+    print(f"pack: compressing {len(tensors)} tensors with {tried}, {how}")
     code = measure_code(cfg.codec)
-    blob, header, sizes = build_blob(tensors, blob_header_fields(meta, ident, sha256_file(quantized), code), cfg.codec)
+    blob, header, sizes = build_blob(tensors, blob_header_fields(meta, ident, sha256_file(quantized), code), cfg.codec,
+                                     cfg.chunk_bytes)
     total = len(blob) + code["bytes"]
     rep = {
         "model_bytes": len(blob), "code_bytes": code["bytes"], "total_bytes": total, "limit": cfg.limit,
         "fits": total <= cfg.limit, "headroom_bytes": cfg.limit - total,
         "codec": header["codec"], "payload_sizes": sizes, "raw_payload_bytes": header["payload"]["raw_bytes"],
+        "payload_chunks": len(header["payload"].get("chunks") or [None]),
         "code_codec": code["codec"], "code_sizes": code["sizes"], "code_raw_bytes": code["raw_bytes"],
         "code_files": code["files"], "blob": str(out), "params": asdict(cfg),
     }

@@ -92,8 +92,9 @@ def print_report(report: dict[str, Any], cfg: QuantizeConfig, out: Path) -> None
 
 
 def run(ckpt: Path, out: Path, cfg: QuantizeConfig, hessians: Path | None, metrics: Path, *,
-        pack_codec: str = "zlib", data: Path | None = None) -> None:
-    """pack_codec: the codec pack will use (params pack.codec), which --budget measures sizes with;
+        pack_codec: str = "zlib", pack_chunk_bytes: int = 0, data: Path | None = None) -> None:
+    """pack_codec, pack_chunk_bytes: how pack will compress (params pack.codec, pack.chunk_bytes), which
+    --budget measures sizes with;
     data: the tokenized data pack will be given, so that --budget predicts pack's header exactly
     (without it, budget_reserve bytes are held back)."""
     validate_config(cfg, "quantize params")
@@ -101,10 +102,13 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, hessians: Path | None, metri
         from .budget import validate_budget
 
         validate_budget(cfg)
+        from .blob import check_chunk_bytes
+
         try:
             codecs.check_name(pack_codec, allow_auto=True)
         except PgolfError as exc:
             raise PgolfError(f"pack params: {exc}") from None
+        check_chunk_bytes(pack_chunk_bytes)
     state, meta = load_tensors(ckpt, kind="checkpoint")  # refuses NaN/inf weights
     if not isinstance(meta.get("model_config"), dict):
         raise PgolfError(f"{ckpt}: checkpoint metadata has no model config; re-run `pgolf train`")
@@ -130,7 +134,7 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, hessians: Path | None, metri
         from .pack import data_identity
 
         ident = data_identity(Path(data)) if data is not None else None
-        chosen = BudgetSearch(state, cfg, hessian_tensors, pack_codec, out_meta, ident).fit(cfg.budget)
+        chosen = BudgetSearch(state, cfg, hessian_tensors, pack_codec, out_meta, ident, pack_chunk_bytes).fit(cfg.budget)
     tensors, schema, report = quantize_state_dict(state, cfg, hessian_tensors,
                                                   encoded=chosen.encoded if chosen else None)
     if chosen:

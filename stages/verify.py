@@ -181,7 +181,9 @@ def run(blob: Path, data: Path, cfg: VerifyConfig, eval_cfg: EvalConfig, claim: 
         def header() -> str:
             state["header"], state["payload"] = blobfmt.parse_blob(raw, blob)
             h = state["header"]
-            return f"blob v{blobfmt.VERSION}, codec {h['codec']}, {len(h['tensors'])} tensors"
+            chunks = h["payload"].get("chunks")
+            layout = f"v{blobfmt.VERSION_CHUNKED}, {len(chunks)} chunks" if chunks else f"v{blobfmt.VERSION}"
+            return f"blob {layout}, codec {h['codec']}, {len(h['tensors'])} tensors"
 
         def payload() -> str:
             blobfmt.check_payload(state["header"], state["payload"], blob)

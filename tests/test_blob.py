@@ -132,7 +132,7 @@ def test_wrong_magic(good_blob, tmp_path):
 
 def test_unsupported_version(good_blob):
     data = bytearray(good_blob.read_bytes())
-    struct.pack_into("<I", data, 8, blob.VERSION + 1)
+    struct.pack_into("<I", data, 8, blob.VERSION_CHUNKED + 1)
     good_blob.write_bytes(bytes(data))
     with pytest.raises(PgolfError, match="version"):
         blob.read_blob(good_blob)
@@ -182,6 +182,95 @@ def test_decompression_bomb_refused(good_blob):
     good_blob.write_bytes(good_blob.read_bytes() + bomb)
     with pytest.raises(PgolfError, match="expands beyond"):
         blob.read_blob(good_blob)
+
+
+# ---------------------------------------------------------------------------------------------------
+# chunked payloads (format version 2)
+
+@pytest.mark.parametrize("codec", list(codecs.CODECS) + ["auto"])
+def test_chunked_blob_roundtrip_bit_exact(tmp_path, codec):
+    tensors, schema = stored_tensors(3)
+    path = tmp_path / "model.pgolf"
+    written = blob.write_blob(path, tensors, header_fields(schema), codec, chunk_bytes=blob.MIN_CHUNK_BYTES)
+    chunks = written["payload"]["chunks"]
+    assert len(chunks) == -(-written["payload"]["raw_bytes"] // blob.MIN_CHUNK_BYTES) >= 3
+    assert all(raw == blob.MIN_CHUNK_BYTES for raw, _ in chunks[:-1])
+    assert blob.PREFIX.unpack_from(path.read_bytes())[1] == blob.VERSION_CHUNKED
+    header, back = blob.read_blob(path)
+    assert header == json.loads(json.dumps(written)) and list(back) == list(tensors)
+    for name, t in tensors.items():
+        assert blob._tensor_bytes(back[name]) == blob._tensor_bytes(t), name
+    # A payload no larger than one chunk stays a version-1 single stream.
+    single, header1, _ = blob.build_blob(tensors, header_fields(schema), codec, chunk_bytes=1 << 30)
+    assert blob.PREFIX.unpack_from(single)[1] == blob.VERSION and "chunks" not in header1["payload"]
+
+
+def test_chunked_auto_keeps_the_smallest_total(tmp_path):
+    tensors, schema = stored_tensors(4)
+    _, header, sizes = blob.build_blob(tensors, header_fields(schema), "auto", chunk_bytes=blob.MIN_CHUNK_BYTES)
+    assert set(sizes) == set(codecs.CODECS) and header["codec"] == min(sizes, key=sizes.get)
+    assert header["payload"]["compressed_bytes"] == min(sizes.values())
+
+
+@pytest.fixture
+def chunked_blob(tmp_path):
+    tensors, schema = stored_tensors(5)
+    path = tmp_path / "chunked.pgolf"
+    blob.write_blob(path, tensors, header_fields(schema), "zlib", chunk_bytes=blob.MIN_CHUNK_BYTES)
+    return path
+
+
+def _rewrite(path, mutate, version=None, payload=None) -> None:
+    data = path.read_bytes()
+    _, old_version, _, _ = blob.PREFIX.unpack_from(data)
+    start, end = header_span(path)
+    header = json.loads(data[start:end])
+    mutate(header)
+    hb = json.dumps(header).encode()
+    path.write_bytes(blob.PREFIX.pack(blob.MAGIC, version or old_version, len(hb), bytes.fromhex(blob.sha256_bytes(hb)))
+                     + hb + (data[end:] if payload is None else payload))
+
+
+@pytest.mark.parametrize("mutate, version, message", [
+    (lambda h: h["payload"]["chunks"][0].__setitem__(0, 1), None, "does not add up"),
+    (lambda h: h["payload"].update(chunks="x"), None, "bad chunk table"),
+    (lambda h: h["payload"].pop("chunks"), None, "needs a chunk table"),
+    (lambda h: None, blob.VERSION, "version 1 must not have a chunk table"),
+])
+def test_bad_chunk_table(chunked_blob, mutate, version, message):
+    _rewrite(chunked_blob, mutate, version)
+    with pytest.raises(PgolfError, match=message):
+        blob.read_blob(chunked_blob)
+
+
+def test_chunk_that_decodes_to_another_size_is_refused(chunked_blob):
+    """Two chunks' sizes swapped in the table: totals still add up, each chunk's own bound catches it."""
+    data = chunked_blob.read_bytes()
+    _, end = header_span(chunked_blob)
+    header = json.loads(data[header_span(chunked_blob)[0]:end])
+    a, b = header["payload"]["chunks"][0], header["payload"]["chunks"][-1]
+    assert a[0] != b[0]
+    pieces, at = [], 0
+    for raw, comp in header["payload"]["chunks"]:
+        pieces.append(data[end + at:end + at + comp])
+        at += comp
+    pieces[0], pieces[-1] = pieces[-1], pieces[0]  # the payload's chunks in another order
+    payload = b"".join(pieces)
+
+    def mutate(h):
+        c = h["payload"]["chunks"]
+        c[0], c[-1] = [c[0][0], len(pieces[0])], [c[-1][0], len(pieces[-1])]
+        h["payload"]["sha256"] = blob.sha256_bytes(payload)
+
+    _rewrite(chunked_blob, mutate, payload=payload)
+    with pytest.raises(PgolfError, match="chunk 0|expands beyond"):
+        blob.read_blob(chunked_blob)
+
+
+def test_chunk_bytes_below_the_minimum_is_refused():
+    tensors, schema = stored_tensors()
+    with pytest.raises(PgolfError, match="chunk_bytes=4096 must be 0"):
+        blob.build_blob(tensors, header_fields(schema), "zlib", chunk_bytes=4096)
 
 
 # ---------------------------------------------------------------------------------------------------

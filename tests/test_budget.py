@@ -174,3 +174,21 @@ def test_budget_with_brotli_estimates_fast_and_measures_with_brotli_itself(train
     lo, hi = search.measure(0), search.measure(len(search.path))
     fit = search.fit((lo + hi) // 2).report
     assert fit["codec"] == "brotli" and fit["measured_bytes"] <= (lo + hi) // 2 < search.measure(fit["upgrades"] + 1)
+
+
+def test_budget_measures_chunked_packing_as_pack_does(trained, tokenized_dir):
+    """With pack.chunk_bytes the search builds chunked blobs; its measured size is pack's, byte for byte."""
+    from stages.blob import MIN_CHUNK_BYTES
+
+    search = trained["search"]
+    budget = (search.measure(0) + search.measure(len(search.path))) // 2
+    out, metrics = trained["root"] / "budget_chunked.safetensors", trained["root"] / "budget_chunked.json"
+    quantize.run(trained["ckpt"], out, replace(BASE, budget=budget), trained["hess"], metrics, pack_codec="zlib",
+                 pack_chunk_bytes=MIN_CHUNK_BYTES, data=tokenized_dir)
+    report = read_json(metrics)["budget"]
+    assert report["chunk_bytes"] == MIN_CHUNK_BYTES
+    pack_metrics = trained["root"] / "pack_chunked.json"
+    pack.run(out, tokenized_dir, trained["root"] / "chunked.pgolf",
+             PackConfig(codec="zlib", limit=budget, chunk_bytes=MIN_CHUNK_BYTES), pack_metrics)
+    packed = read_json(pack_metrics)
+    assert packed["payload_chunks"] > 1 and packed["total_bytes"] == report["measured_bytes"] <= budget

@@ -11,9 +11,9 @@ Layout (integers little-endian):
     rest      the payload: the raw tensor bytes, concatenated in table order, compressed with `codec`
 
 Version 1 compresses the payload as one stream. Version 2 (`pack.chunk_bytes` > 0) cuts the raw payload
-into chunks of that many bytes and compresses each independently, in parallel: brotli-11 or zstd-22 of a
-36 MB payload take one to two minutes on one core, a 16-core pack a few seconds, for a slightly larger
-blob (no context across chunks). Its header lists [raw, compressed] bytes per chunk; each chunk decodes
+into chunks of that many bytes and compresses each independently, in parallel: brotli-11 or zstd-22 take
+one to two minutes for a 36 MB payload as one stream, and chunks spread that over the cores (no context
+crosses a chunk; bench/chunk_bench.py measures both). Its header lists [raw, compressed] bytes per chunk; each chunk decodes
 bounded by its own declared size.
 
 Reading parses JSON and copies bytes into tensors of whitelisted dtypes; nothing from the file is ever

@@ -140,7 +140,7 @@ def run(quantized: Path, data: Path, out: Path, cfg: PackConfig, metrics: Path) 
 
     tried = ", ".join(codecs.CODECS) if cfg.codec == "auto" else cfg.codec
     how = (f"in {cfg.chunk_bytes:,}-byte chunks, in parallel" if cfg.chunk_bytes else
-           "as one stream (brotli-11, zstd-22 and lzma take 1–2 minutes per 36 MB; pack.chunk_bytes parallelises)")
+           "as one stream (brotli-11 and zstd-22 take 1–2 minutes per 36 MB; pack.chunk_bytes parallelises)")
     print(f"pack: compressing {len(tensors)} tensors with {tried}, {how}")
     code = measure_code(cfg.codec)
     blob, header, sizes = build_blob(tensors, blob_header_fields(meta, ident, sha256_file(quantized), code), cfg.codec,

@@ -84,8 +84,8 @@ SETTINGS = {"zlib": "level 9", "zstd": "level 22", "brotli": "quality 11, lgwin 
 
 
 # Size estimates for --budget (stages/budget.py), per tensor and option: the codec itself where it is
-# fast; brotli at quality 5 (about 100× faster than 11, within a few per cent on quantized codes);
-# zlib for lzma and auto. Real builds correct the estimate; it only has to rank the options.
+# fast; brotli at quality 5 (far faster than 11, at a similar size on quantized codes); zlib for lzma
+# and auto. Real builds correct the estimate; it only has to rank the options.
 ESTIMATORS = {"zlib": "zlib", "zstd": "zstd", "brotli": "brotli-q5", "lzma": "zlib", "auto": "zlib"}
 
 

@@ -213,7 +213,7 @@ class PackConfig:
     codec: str = "auto"  # auto | zlib | zstd | brotli | lzma
     limit: int = 16_000_000
     # 0: one compressed stream. N: the payload cut into N-byte chunks compressed independently, in
-    # parallel (format version 2): pack and --budget's builds take seconds with brotli/zstd, bytes rise a little.
+    # parallel (format version 2), for pack and --budget's builds alike (bench/chunk_bench.py).
     chunk_bytes: int = 0
 
 

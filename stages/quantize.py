@@ -99,11 +99,10 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, hessians: Path | None, metri
     (without it, budget_reserve bytes are held back)."""
     validate_config(cfg, "quantize params")
     if cfg.budget:
+        from .blob import check_chunk_bytes
         from .budget import validate_budget
 
         validate_budget(cfg)
-        from .blob import check_chunk_bytes
-
         try:
             codecs.check_name(pack_codec, allow_auto=True)
         except PgolfError as exc:

@@ -21,7 +21,12 @@ RUNS = {  # label: (file, tokenizer)
     "pr2071 run 2": ("2026-11-23_h100_pr2071_cap240_run2_quant.json", "SP8192 CaseOps"),
     "pr2071 run 3": ("2026-11-23_h100_pr2071_cap240_run3_budget_zstd.json", "SP8192 CaseOps"),
     "baseline run 2": ("2026-11-23_h100_baseline_cap240_run2_calib.json", "SP1024"),
+    # Issue 5's run on 2×H200 under torchrun, 600 s (MFU per GPU; the H200's dense bf16 peak is the H100's):
+    "record 2×H200 600 s": ("2026-11-23_2xh200_challenge_record_cap600.json", "SP8192 CaseOps"),
 }
+# Depth recurrence's switch step where the metrics lack it: a run resumed after the switch did not report
+# it before the fix that came with that run (its log says "step 486: depth recurrence on").
+LOOP_SWITCH = {"record 2×H200 600 s": 486}
 SCHEMES = ("int8_rtn", "int6_rtn", "int6_gptq", "int6_gptq_h1m", "int6_gptq_lqer", "recipe", "budget16m",
            "budget16m_zstd")
 ATTENTION = ("2026-11-23_h100_attention_b12.json", "2026-11-23_h100_attention_b48.json")
@@ -42,10 +47,10 @@ def flops_per_token(cfg: dict, looped: bool, seq_len: int) -> float:
 def mfu(run: dict) -> float:
     t = run["train_metrics"]
     cfg, steps = run["_model_config"], t["steps"]
-    switch = t.get("looping_enabled_at_step")
+    switch = t.get("looping_enabled_at_step") or run.get("_loop_switch")
     on = steps - switch if switch is not None else (steps if cfg["num_loops"] else 0)
     f = ((steps - on) * flops_per_token(cfg, False, run["_seq_len"]) + on * flops_per_token(cfg, True, run["_seq_len"])) / steps
-    return f * t["tokens_per_s"] / PEAK
+    return f * t["tokens_per_s"] / t.get("world_size", 1) / PEAK
 
 
 def main() -> None:
@@ -63,6 +68,7 @@ def main() -> None:
         run["_model_config"] = {**model.__dict__, "vocab_size": run["tokenize_metrics"]["vocab_size"]
                                 if "tokenize_metrics" in run else (8192 if "8192" in tok else 1024)}
         run["_seq_len"] = train.train_seq_len
+        run["_loop_switch"] = LOOP_SWITCH.get(label)
         loaded[label] = run
         t = run["train_metrics"]
         live = t.get("val_bpb_live_weights")

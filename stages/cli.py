@@ -82,6 +82,9 @@ def train(
     loss_log: Path = typer.Option(Path("artifacts/train_log.csv"), help="Per-step loss table (for `dvc plots`)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved state "
                                 "(saved every train.checkpoint_every steps beside --out)."),
+    suspend_after: Optional[float] = typer.Option(None, "--suspend-after", min=0, help="Save the full state and stop "
+                                                  "after this many seconds (compiling included), to go on later "
+                                                  "with --resume: for machines held by the call or the hour."),
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
 ) -> None:
@@ -93,7 +96,7 @@ def train(
         p, s = _sets(params, sets, {"preset": preset, "iterations": iterations,
                                    "max_wallclock_seconds": max_wallclock_seconds, "device": device})
         stage.run(data, out, stage_config(ModelConfig, "model", p, s, params),
-                  stage_config(TrainConfig, "train", p, s, params), metrics, loss_log, resume)
+                  stage_config(TrainConfig, "train", p, s, params), metrics, loss_log, resume, suspend_after)
     _run(go)
 
 

@@ -4,7 +4,8 @@ Each 2-D update G is replaced by (approximately) U Vᵀ from its SVD, scaled by 
 Options of the record runs: MuonEq-R (normalise the update's rows first), the Polar-Express
 per-iteration coefficients, and decoupled weight decay W ← W·(1 − lr·wd).
 Under torch.distributed each rank orthogonalises every world_size-th matrix and the updates are
-summed across ranks, so the work is shared and all ranks apply identical updates.
+summed across ranks, so the work is shared and all ranks apply identical updates. Each rank therefore
+holds only its own matrices' momentum; `gathered_state_dict` collects all of them for a saved state.
 """
 
 from __future__ import annotations
@@ -50,10 +51,44 @@ class Muon(torch.optim.Optimizer):
                                       coefficients=coefficients, row_norm=row_norm, weight_decay=weight_decay))
         self.ns_dtype = ns_dtype
 
+    @staticmethod
+    def _world() -> tuple[int, int, bool]:
+        distributed = dist.is_available() and dist.is_initialized()
+        return (dist.get_world_size(), dist.get_rank(), True) if distributed else (1, 0, False)
+
+    @torch.no_grad()
+    def gathered_state_dict(self) -> dict:
+        """The state dict with every rank's momentum buffers (a collective: every rank must call it)."""
+        world, rank, distributed = self._world()
+        if not distributed:
+            return self.state_dict()
+        gathered: dict[torch.Tensor, torch.Tensor] = {}
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                own = self.state.get(p, {}).get("momentum_buffer") if i % world == rank else None
+                has = torch.tensor(int(own is not None), device=p.device)
+                dist.all_reduce(has)  # a matrix without a gradient yet has no buffer on its owner either
+                if has.item():
+                    buf = own.clone() if own is not None else torch.zeros_like(p)
+                    dist.all_reduce(buf)  # only the owner's copy is non-zero
+                    gathered[p] = buf
+        sd = self.state_dict()
+        index = {id(p): n for n, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        sd["state"] = {index[id(p)]: {"momentum_buffer": buf} for p, buf in gathered.items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a (gathered) state; this rank keeps only the buffers of the matrices it updates."""
+        super().load_state_dict(state_dict)
+        world, rank, _ = self._world()
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if i % world != rank:
+                    self.state.pop(p, None)
+
     @torch.no_grad()
     def step(self, closure=None):
-        distributed = dist.is_available() and dist.is_initialized()
-        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        world, rank, distributed = self._world()
         for group in self.param_groups:
             params = group["params"]
             if not params:

@@ -138,22 +138,26 @@ def lr_scale(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
 
 
 def run(data: Path, out: Path, model_cfg: ModelConfig, cfg: TrainConfig, metrics: Path, log: Path,
-        resume: bool = False) -> None:
+        resume: bool = False, suspend_after: float | None = None) -> None:
+    """Train and write the checkpoint. `suspend_after` (seconds of this call, compiling included) saves the
+    full state and returns early, to be continued with `resume` (for machines lent by the hour)."""
     validate_train_config(cfg)
     manifest_path = Path(data) / "manifest.json"
     manifest = read_json(manifest_path, "tokenized-data manifest")
     model_cfg = resolve_vocab(model_cfg, manifest, manifest_path)
     d = Dist(cfg.device)
     try:
-        _train(d, Path(data), manifest_path, model_cfg, cfg, Path(out), Path(metrics), Path(log), resume)
+        _train(d, Path(data), manifest_path, model_cfg, cfg, Path(out), Path(metrics), Path(log), resume,
+               suspend_after)
     finally:
         d.close()
 
 
 def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg: TrainConfig,
-           out: Path, metrics: Path, log: Path, resume: bool) -> None:
+           out: Path, metrics: Path, log: Path, resume: bool, suspend_after: float | None) -> None:
     from .ttt_eval import EvalData, evaluate_model
 
+    started = time.perf_counter()
     accum = check_batch_geometry(cfg, d.world)
     cuda = d.device.type == "cuda"
     torch.manual_seed(cfg.seed)
@@ -213,12 +217,15 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
     train_ms, stop_after, step, last_loss = 0.0, None, 0, float("nan")
     rows: list[tuple] = []
     position = (0, 0)
+    loop_switch_step = None
     # fp32 shadow of every weight; it, not the live weights, is evaluated and saved at the end
     average = (trainstate.WeightAverage(base_model, "ema", cfg.ema_decay, cfg.ema_bias_correction) if cfg.ema_decay > 0
                else trainstate.WeightAverage(base_model, "swa") if cfg.swa_every > 0 else None)
     if resume:
-        step, train_ms, position, rows = trainstate.load(resume_file, base_model, optimizers, model_cfg, cfg,
-                                                         d.world, average)
+        step, train_ms, position, rows, loop_switch_step = trainstate.load(resume_file, base_model, optimizers,
+                                                                           model_cfg, cfg, d.world, average)
+        if delayed_loops:  # as the saved run was, so that a switch still to come is seen (and reported)
+            base_model.set_looping(loop_switch_step is not None)
         if d.main:
             print(f"train: resuming at step {step} ({train_ms / 1000:.1f} s trained) from {resume_file}")
     loader = DistributedTokenLoader(data, d.rank, d.world, d.device, position)
@@ -238,7 +245,6 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
     task = progress.add_task("", total=cfg.iterations, completed=step)
     final_val: dict = {}
     live_val: dict = {}
-    loop_switch_step = None
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -294,15 +300,24 @@ def _train(d: Dist, data: Path, manifest_path: Path, model_cfg: ModelConfig, cfg
                 progress.update(task, completed=step, description=status)
                 if d.main and (step % cfg.log_every == 0 or step == 1):
                     progress.console.print(f"step {step}/{cfg.iterations}: {status}")
-            if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
-                pause = time.perf_counter()  # saving is not training time
-                if d.main:
-                    trainstate.save(resume_file, base_model, optimizers, step, approx_ms, loader.stream.state(),
-                                    rows, model_cfg, cfg, d.world, average)
-                t0 += time.perf_counter() - pause
             capped = cfg.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * cfg.max_wallclock_seconds
             if stop_after is None and d.any(capped):
                 stop_after = step
+            unfinished = step < cfg.iterations and stop_after is None
+            suspend = (unfinished and suspend_after is not None
+                       and d.any(time.perf_counter() - started >= suspend_after))
+            if suspend or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and unfinished):
+                pause = time.perf_counter()  # saving is not training time
+                opt_states = trainstate.optimizer_states(optimizers)  # every rank: Muon gathers its momentum
+                if d.main:
+                    trainstate.save(resume_file, base_model, opt_states, step, approx_ms, loader.stream.state(),
+                                    rows, model_cfg, cfg, d.world, average, loop_switch_step)
+                t0 += time.perf_counter() - pause
+            if suspend:
+                if d.main:
+                    progress.console.print(f"train: suspended at step {step} ({approx_ms / 1000:.1f} s trained); "
+                                           f"the state is in {resume_file}: run the same command with --resume")
+                return
 
     if not d.main:
         return

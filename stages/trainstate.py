@@ -71,14 +71,19 @@ def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, world: int) -> dict[s
     return {"model_config": asdict(model_cfg), "params": params, "world_size": world}
 
 
-def save(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], step: int, train_ms: float,
+def optimizer_states(optimizers: list[torch.optim.Optimizer]) -> list[dict]:
+    """Every optimizer's whole state. A collective under torchrun (Muon's momentum is spread over the ranks),
+    so every rank calls it and the main one saves."""
+    return [getattr(opt, "gathered_state_dict", opt.state_dict)() for opt in optimizers]
+
+
+def save(path: Path, model: torch.nn.Module, opt_states: list[dict], step: int, train_ms: float,
          stream_position: tuple[int, int], loss_rows: list[tuple], model_cfg: ModelConfig, cfg: TrainConfig,
-         world: int, average: WeightAverage | None = None) -> None:
+         world: int, average: WeightAverage | None = None, loop_switch_step: int | None = None) -> None:
     tensors = {f"model/{k}": v.detach() for k, v in model.state_dict().items()}
     tensors.update({f"average/{k}": v for k, v in (average.shadow if average else {}).items()})
     groups = []
-    for i, opt in enumerate(optimizers):
-        sd = opt.state_dict()
+    for i, sd in enumerate(opt_states):
         for pid, pstate in sd["state"].items():
             for key, value in pstate.items():
                 tensors[f"opt{i}/{pid}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
@@ -86,14 +91,16 @@ def save(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimi
     save_tensors(path, tensors, KIND, {
         "step": step, "train_ms": train_ms, "stream_position": list(stream_position),
         "param_groups": json.dumps(groups), "loss_rows": loss_rows, "average_count": average.count if average else 0,
+        "loop_switch_step": loop_switch_step,
         **_fingerprint(model_cfg, cfg, world),
     })
 
 
 def load(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], model_cfg: ModelConfig,
          cfg: TrainConfig, world: int, average: WeightAverage | None = None
-         ) -> tuple[int, float, tuple[int, int], list[tuple]]:
-    """Restore model, optimizers and weight average in place; return (step, train_ms, stream position, loss rows)."""
+         ) -> tuple[int, float, tuple[int, int], list[tuple], int | None]:
+    """Restore model, optimizers and weight average in place; return (step, train_ms, stream position, loss rows,
+    the step depth recurrence switched on at, if it has)."""
     if not path.is_file():
         raise PgolfError(f"{path}: no saved training state to resume from; run without --resume "
                          "(and with train.checkpoint_every > 0 so that a killed run can resume)")
@@ -118,4 +125,4 @@ def load(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimi
                 state.setdefault(int(pid), {})[name] = value
         opt.load_state_dict({"state": state, "param_groups": groups[i]})
     rows = [tuple(r) for r in meta.get("loss_rows", [])]
-    return int(meta["step"]), float(meta["train_ms"]), tuple(meta["stream_position"]), rows
+    return int(meta["step"]), float(meta["train_ms"]), tuple(meta["stream_position"]), rows, meta.get("loop_switch_step")

@@ -139,6 +139,56 @@ def test_a_killed_run_resumes_to_the_same_result(tokenized_dir, tmp_path, monkey
             killed / "log.csv", resume=True)
 
 
+def test_a_suspended_run_resumes_to_the_same_result(tokenized_dir, tmp_path):
+    """--suspend-after saves the state and stops; the same call with --resume goes on, as often as needed."""
+    cfg = replace(TRAIN, ema_decay=0.9, loop_enable_frac=0.25)  # depth recurrence switches on at step 3
+    looped = replace(MODEL, num_loops=1, loop_start=0, loop_end=1)
+    full, _, _ = train_once(tokenized_dir, tmp_path / "full", cfg, looped)
+    out = tmp_path / "parts"
+    out.mkdir()
+    args = (tokenized_dir, out / "ckpt.safetensors", looped, cfg, out / "metrics.json", out / "log.csv")
+    run(*args, suspend_after=0)  # a zero budget: one step, then suspend
+    for resume in range(2):
+        assert not (out / "ckpt.safetensors").exists() and (out / "ckpt.safetensors.resume").exists()
+        run(*args, resume=True, suspend_after=0)
+    assert load_tensors(out / "ckpt.safetensors.resume", "train-state")[1]["step"] == 3
+    run(*args, resume=True)
+    parts, meta = load_tensors(out / "ckpt.safetensors", "checkpoint")
+    assert meta["steps"] == 12 and not (out / "ckpt.safetensors.resume").exists()
+    for name in full:
+        assert torch.equal(full[name], parts[name]), name
+    looping_at = [json.loads((d / "metrics.json").read_text())["looping_enabled_at_step"] for d in (tmp_path / "full", out)]
+    assert looping_at == [3, 3]  # switched inside a suspended part, still reported after the resume
+
+
+@pytest.mark.slow
+def test_a_suspended_torchrun_run_resumes_with_every_ranks_momentum(tokenized_dir, tmp_path):
+    """Under torchrun each rank holds only its own Muon matrices' momentum: the saved state must hold all."""
+    sets = ["--set", "preset=tiny", "--set", "iterations=6", "--set", "train_seq_len=64",
+            "--set", "train_batch_tokens=2048", "--set", "grad_accum_steps=2", "--set", "val_tokens=1024",
+            "--set", "model.num_layers=2", "--set", "model.model_dim=64", "--set", "log_every=1"]
+
+    def launch(out: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "stages.cli", "train", "--data", str(tokenized_dir), "--device", "cpu",
+               "--out", str(out / "ckpt.safetensors"), "--metrics", str(out / "m.json"),
+               "--loss-log", str(out / "log.csv"), "--params", str(out / "none.yaml"), *sets, *extra]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+
+    (tmp_path / "whole").mkdir()
+    launch(tmp_path / "whole")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    launch(parts, "--suspend-after", "0")
+    meta = load_tensors(parts / "ckpt.safetensors.resume", "train-state")[1]
+    assert meta["step"] == 1 and meta["world_size"] == 2
+    launch(parts, "--resume")  # with rank 0's momentum alone saved, rank 1's matrices would diverge here
+    whole = load_tensors(tmp_path / "whole" / "ckpt.safetensors", "checkpoint")[0]
+    resumed = load_tensors(parts / "ckpt.safetensors", "checkpoint")[0]
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
 def test_ema_weights_are_saved_and_evaluated(tokenized_dir, tmp_path):
     from stages.model import GPT
 

@@ -103,7 +103,7 @@ def load(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimi
     the step depth recurrence switched on at, if it has)."""
     if not path.is_file():
         raise PgolfError(f"{path}: no saved training state to resume from; run without --resume "
-                         "(and with train.checkpoint_every > 0 so that a killed run can resume)")
+                         "(and with train.checkpoint_every > 0, or --suspend-after, so that a stopped run can resume)")
     tensors, meta = load_tensors(path, KIND)
     want = _fingerprint(model_cfg, cfg, world)
     for key in want:

@@ -28,9 +28,8 @@ export TORCHINDUCTOR_CACHE_DIR=$W/inductor  # kept between calls on a held machi
 CALL=$(( $(cat "$W/calls" 2>/dev/null || echo 0) + 1 ))
 echo "$CALL" > "$W/calls"
 {
-  echo "call $CALL $(date -u +%Y-%m-%dT%H:%M:%SZ) nproc $NPROC cap $CAP"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' || true
+  echo "call $CALL nproc $NPROC cap $CAP"
+  machine_env
 } | tee -a "$R/env.txt"
 
 TOK=$W/tok8192c
@@ -42,9 +41,8 @@ LAUNCH=(python3 -m stages.cli)
 [ "$NPROC" -gt 1 ] && LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC" -m stages.cli)
 
 if [ ! -f "$TOK/manifest.json" ]; then
-  timed tokenize python3 -m stages.cli tokenize .corpus/enwiki_val.jsonl.xz .corpus/enwiki_train.jsonl.xz \
-    --out "$TOK" "${NP[@]}" --vocab-size 8192 --caseops --val-docs "${VAL_DOCS:-600}" --set tokenizer_train_docs=1500 \
-    --set max_sentence_length=1048576 --metrics "$R/tokenize_metrics.json" 2>&1 | tee -a "$R/tokenize.log"
+  timed tokenize tokenize_corpus "$TOK" "${NP[@]}" --vocab-size 8192 --caseops \
+    --metrics "$R/tokenize_metrics.json" 2>&1 | tee -a "$R/tokenize.log"
 fi
 
 if [ ! -f "$CKPT" ]; then

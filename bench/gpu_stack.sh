@@ -30,9 +30,7 @@ trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"; cp "$R/train_log.
 source bench/common.sh
 export TORCHINDUCTOR_CACHE_DIR=$W/inductor  # kept between calls on a held machine
 {
-  date -u +%Y-%m-%dT%H:%M:%SZ
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' || true
+  machine_env
   echo "preset $PRESET cap $CAP nproc ${NPROC:-1} extra ${EXTRA[*]:-}"
 } > "$R/env.txt"
 cat "$R/env.txt"
@@ -52,9 +50,7 @@ params_file() {  # params_file CODEC: the preset with that pack codec (CHUNK_BYT
 P=$(params_file zlib)
 NP=(--params "$P")
 if [ ! -f "$TOK/manifest.json" ]; then
-  timed tokenize $PG tokenize .corpus/enwiki_val.jsonl.xz .corpus/enwiki_train.jsonl.xz --out "$TOK" "${NP[@]}" \
-    "${TOK_ARGS[@]}" --val-docs "${VAL_DOCS:-600}" --set tokenizer_train_docs=1500 --set max_sentence_length=1048576 \
-    --metrics "$R/tokenize_metrics.json"
+  timed tokenize tokenize_corpus "$TOK" "${NP[@]}" "${TOK_ARGS[@]}" --metrics "$R/tokenize_metrics.json"
 fi
 
 CKPT=$W/$PRESET.safetensors

@@ -56,35 +56,37 @@ class Muon(torch.optim.Optimizer):
         distributed = dist.is_available() and dist.is_initialized()
         return (dist.get_world_size(), dist.get_rank(), True) if distributed else (1, 0, False)
 
+    def _params_owned(self) -> list[tuple[torch.Tensor, bool]]:
+        """Every parameter in state-dict order, with whether this rank updates it (every world-th of a group)."""
+        world, rank, _ = self._world()
+        return [(p, i % world == rank) for group in self.param_groups for i, p in enumerate(group["params"])]
+
     @torch.no_grad()
     def gathered_state_dict(self) -> dict:
         """The state dict with every rank's momentum buffers (a collective: every rank must call it)."""
-        world, rank, distributed = self._world()
-        if not distributed:
+        if not self._world()[2]:
             return self.state_dict()
-        gathered: dict[torch.Tensor, torch.Tensor] = {}
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                own = self.state.get(p, {}).get("momentum_buffer") if i % world == rank else None
-                has = torch.tensor(int(own is not None), device=p.device)
-                dist.all_reduce(has)  # a matrix without a gradient yet has no buffer on its owner either
-                if has.item():
-                    buf = own.clone() if own is not None else torch.zeros_like(p)
-                    dist.all_reduce(buf)  # only the owner's copy is non-zero
-                    gathered[p] = buf
+        owned = self._params_owned()
+        mine = [self.state[p].get("momentum_buffer") if own and p in self.state else None for p, own in owned]
+        # a matrix without a gradient yet has no buffer on its owner either
+        has = torch.tensor([b is not None for b in mine], dtype=torch.int32, device=owned[0][0].device)
+        dist.all_reduce(has)
+        has = has.tolist()
         sd = self.state_dict()
-        index = {id(p): n for n, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        sd["state"] = {index[id(p)]: {"momentum_buffer": buf} for p, buf in gathered.items()}
+        sd["state"] = {}
+        for n, ((p, _), buf) in enumerate(zip(owned, mine)):
+            if has[n]:
+                buf = buf.clone() if buf is not None else torch.zeros_like(p)
+                dist.all_reduce(buf)  # only the owner's copy is non-zero
+                sd["state"][n] = {"momentum_buffer": buf}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a (gathered) state; this rank keeps only the buffers of the matrices it updates."""
         super().load_state_dict(state_dict)
-        world, rank, _ = self._world()
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if i % world != rank:
-                    self.state.pop(p, None)
+        for p, own in self._params_owned():
+            if not own:
+                self.state.pop(p, None)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -37,8 +37,8 @@ P=$W/params.yaml
 printf 'preset: %s\npack: {codec: brotli, chunk_bytes: 2097152}\nttt_eval: {ttt: none}\n' "${PRESET:-record}" > "$P"
 NP=(--params "$P")
 CKPT=$W/record.safetensors
-LAUNCH=(python3 -m stages.cli)
-[ "$NPROC" -gt 1 ] && LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC" -m stages.cli)
+LAUNCH=(python3 -m pgolf.cli)
+[ "$NPROC" -gt 1 ] && LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC" -m pgolf.cli)
 
 if [ ! -f "$TOK/manifest.json" ]; then
   timed tokenize tokenize_corpus "$TOK" "${NP[@]}" --vocab-size 8192 --caseops \
@@ -62,10 +62,10 @@ H=$W/hessians.safetensors
 [ -f "$H" ] || timed calibrate "${LAUNCH[@]}" calibrate "$CKPT" --data "$TOK" --out "$H" "${NP[@]}" \
   --metrics "$R/calibrate_metrics.json" 2>&1 | tee -a "$R/calibrate.log"
 # The preset's recipe (int6 GPTQ, SDClip, int7 embedding) with widths 4–8 and LQER chosen per tensor.
-timed quantize python3 -m stages.cli quantize "$CKPT" --out "$W/q.safetensors" --hessians "$H" --data "$TOK" \
+timed quantize python3 -m pgolf.cli quantize "$CKPT" --out "$W/q.safetensors" --hessians "$H" --data "$TOK" \
   "${NP[@]}" --set lqer_top_k=0 --budget 16000000 --metrics "$R/quantize_metrics.json" 2>&1 | tee "$R/quantize.log"
-timed pack python3 -m stages.cli pack "$W/q.safetensors" --data "$TOK" --out "$W/record.pgolf" "${NP[@]}" \
+timed pack python3 -m pgolf.cli pack "$W/q.safetensors" --data "$TOK" --out "$W/record.pgolf" "${NP[@]}" \
   --metrics "$R/pack_metrics.json" 2>&1 | tee "$R/pack.log"
-timed ttt_eval python3 -m stages.cli ttt-eval "$W/record.pgolf" --data "$TOK" "${NP[@]}" \
+timed ttt_eval python3 -m pgolf.cli ttt-eval "$W/record.pgolf" --data "$TOK" "${NP[@]}" \
   --metrics "$R/ttt_eval_metrics.json" 2>&1 | tee "$R/ttt_eval.log"
 echo done

@@ -13,10 +13,11 @@ import time
 
 import torch
 
-from stages import blob
-from stages.config import ModelConfig, QuantizeConfig, stage_config
-from stages.model import GPT
-from stages.quant import quantize_state_dict
+from pgolf.config.resolve import resolve
+from pgolf.config.sections import ModelConfig, QuantizeConfig
+from pgolf.formats.blob_writer import build_blob, encode_payload
+from pgolf.nn.model import GPT
+from pgolf.quant.recipe import quantize_state_dict
 
 
 def main() -> None:
@@ -24,15 +25,15 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = stage_config(ModelConfig, "model", {"preset": "pr2071"}, {})
+    cfg = resolve("train", None, {"preset": "pr2071"}).model
     state = GPT(ModelConfig(**{**cfg.__dict__, "vocab_size": 8192})).state_dict()
     tensors, schema, _ = quantize_state_dict(state, QuantizeConfig(bits=6, clip="sdclip", sdclip_k=12.85, device="cpu"))
-    raw, _ = blob.encode_payload(tensors)
+    raw, _ = encode_payload(tensors)
     out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_count": os.cpu_count(),
            "params": sum(v.numel() for v in state.values()), "raw_bytes": len(raw), "codec": "brotli", "runs": {}}
     for chunk_bytes in (0, 1 << 21, 1 << 22):
         t0 = time.perf_counter()
-        _, header, _ = blob.build_blob(tensors, {"schema": schema}, "brotli", chunk_bytes)
+        _, header, _ = build_blob(tensors, {"schema": schema}, "brotli", chunk_bytes)
         run = {"payload_bytes": header["payload"]["compressed_bytes"],
                "chunks": len(header["payload"].get("chunks") or [None]), "seconds": round(time.perf_counter() - t0, 1)}
         out["runs"][str(chunk_bytes)] = run

@@ -6,7 +6,7 @@ if [ -z "${BENCH_LOCAL:-}" ]; then  # BENCH_LOCAL=1: a dry run on a machine wher
   export PYTHONPATH=/tmp/site
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 fi
-PG="python3 -m stages.cli"
+PG="python3 -m pgolf.cli"
 
 timed() {  # timed NAME CMD...: run it, append "NAME milliseconds" to $R/times.txt
   local name=$1; shift

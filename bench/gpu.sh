@@ -39,7 +39,7 @@ fi
 TRAIN_ARGS=(train --data "$W/tok" --out "$W/ckpt.safetensors" --metrics "$R/train_metrics.json"
             --loss-log "$R/train_log.csv" --params none.yaml --preset baseline --max-wallclock-seconds "$CAP" --iterations "$ITERS")
 if [ "$NPROC" -gt 1 ]; then
-  timed train torchrun --standalone --nproc_per_node="$NPROC" -m stages.cli "${TRAIN_ARGS[@]}"
+  timed train torchrun --standalone --nproc_per_node="$NPROC" -m pgolf.cli "${TRAIN_ARGS[@]}"
 else
   timed train $PG "${TRAIN_ARGS[@]}"
 fi

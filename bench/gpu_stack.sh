@@ -56,7 +56,7 @@ fi
 CKPT=$W/$PRESET.safetensors
 # NPROC=N: train and calibrate under torchrun on N GPUs; every argument stays the same.
 PGD=$PG
-[ "${NPROC:-1}" -gt 1 ] && PGD="torchrun --standalone --nproc_per_node=$NPROC -m stages.cli"
+[ "${NPROC:-1}" -gt 1 ] && PGD="torchrun --standalone --nproc_per_node=$NPROC -m pgolf.cli"
 [ "$QUANT" = only ] || timed train $PGD train --data "$TOK" --out "$CKPT" "${NP[@]}" --max-wallclock-seconds "$CAP" \
   --set warmup_steps=3 --set log_every=25 "${EXTRA[@]}" --metrics "$R/train_metrics.json" --loss-log "$R/train_log.csv"
 [ "$QUANT" = 0 ] && exit 0

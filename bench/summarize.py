@@ -54,7 +54,7 @@ def mfu(run: dict) -> float:
 
 
 def main() -> None:
-    from stages.config import ModelConfig, TrainConfig, stage_config
+    from pgolf.config.resolve import resolve
 
     print("| preset | tokenizer | steps | ms/step | tokens/s | MFU | peak GiB | val_bpb (sidecar) | LUT | live weights |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -62,9 +62,9 @@ def main() -> None:
     for label, (name, tok) in RUNS.items():
         run = json.loads((RESULTS / name).read_text())
         preset = label.split()[0].rstrip(",")
-        sets = {"model": {"num_loops": 0}} if "num_loops 0" in label else {}
-        model = stage_config(ModelConfig, "model", {"preset": preset}, sets)
-        train = stage_config(TrainConfig, "train", {"preset": preset}, {})
+        sets = {"model.num_loops": 0} if "num_loops 0" in label else {}
+        params = resolve("train", None, {"preset": preset, **sets})
+        model, train = params.model, params.train
         run["_model_config"] = {**model.__dict__, "vocab_size": run["tokenize_metrics"]["vocab_size"]
                                 if "tokenize_metrics" in run else (8192 if "8192" in tok else 1024)}
         run["_seq_len"] = train.train_seq_len

@@ -1,7 +1,9 @@
 """The `pgolf` command: seven stages, each reading the previous stage's files and writing its own.
 
-Every stage takes `--params params.yaml` (its section there) and `--set KEY=VALUE` overrides; the
-named options below are shortcuts for the most used keys. Stage modules are imported lazily so that
+Every stage takes `--params params.yaml` and `--set KEY=VALUE` / `--set SECTION.KEY=VALUE` overrides;
+the named options below are shortcuts for the most used keys. The CLI only maps options to config keys
+(pgolf.config.resolve does the resolving) and turns errors into exit codes: PgolfError exits 2,
+Rejected (a failed verify, a blob over the limit) exits 1. Stage modules are imported lazily so that
 `pgolf --help` stays fast.
 """
 
@@ -13,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .artifacts import PgolfError
+from pgolf.errors import PgolfError
 
 app = typer.Typer(
     help="pgolf: Parameter Golf as a pipeline. `dvc repro` runs the whole chain; each stage also runs alone.",
@@ -23,8 +25,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read the stage's section from (skipped if absent).")
-SETS = typer.Option(None, "--set", "-s", help="Override a param: --set iterations=100, --set model.num_layers=4 (repeatable).")
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="The params file (skipped if absent: --params none.yaml runs the preset alone).")
+SETS = typer.Option(None, "--set", "-s", help="Override a param: --set iterations=100, --set train.iterations=100, "
+                    "--set model.num_layers=4, --set preset=tiny (repeatable).")
 
 
 def _run(fn: Callable[[], Any]) -> None:
@@ -32,18 +35,16 @@ def _run(fn: Callable[[], Any]) -> None:
         fn()
     except PgolfError as exc:
         typer.echo(f"pgolf: error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("pgolf: interrupted; no partial artifact was written", err=True)
         raise typer.Exit(130) from None
 
 
-def _sets(params_path: Path, sets: Optional[list[str]], named: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from .config import load_params, parse_sets
+def _params(stage: str, params_path: Path, sets: Optional[list[str]], named: dict[str, Any]):
+    from pgolf.config.resolve import resolve
 
-    merged = parse_sets(sets)
-    merged.update({k: v for k, v in named.items() if v is not None})
-    return load_params(params_path), merged
+    return resolve(stage, params_path, sets, named)
 
 
 @app.command(epilog="Example: pgolf tokenize data/raw --out data/tokenized --set vocab_size=1024 --set val_docs=2")
@@ -62,11 +63,11 @@ def tokenize(
 ) -> None:
     """Tokenize documents into challenge-format shards plus the canonical byte sidecar and a manifest."""
     def go() -> None:
-        from . import tokenize as stage
-        from .config import TokenizeConfig, stage_config
+        from pgolf import tokenize as stage
 
-        p, s = _sets(params, sets, {"vocab_size": vocab_size, "val_docs": val_docs, "caseops": caseops})
-        stage.run(inputs, out, stage_config(TokenizeConfig, "tokenize", p, s, params), tokenizer, metrics)
+        p = _params("tokenize", params, sets, {"tokenize.vocab_size": vocab_size, "tokenize.val_docs": val_docs,
+                                               "tokenize.caseops": caseops})
+        stage.run(inputs, out, p.tokenize, tokenizer, metrics)
     _run(go)
 
 
@@ -88,15 +89,14 @@ def train(
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
 ) -> None:
-    """Train the model on the train shards; multi-GPU with `torchrun --nproc_per_node=N -m stages.cli train`."""
+    """Train the model on the train shards; multi-GPU with `torchrun --nproc_per_node=N -m pgolf.cli train`."""
     def go() -> None:
-        from . import train as stage
-        from .config import ModelConfig, TrainConfig, stage_config
+        from pgolf import train as stage
 
-        p, s = _sets(params, sets, {"preset": preset, "iterations": iterations,
-                                   "max_wallclock_seconds": max_wallclock_seconds, "device": device})
-        stage.run(data, out, stage_config(ModelConfig, "model", p, s, params),
-                  stage_config(TrainConfig, "train", p, s, params), metrics, loss_log, resume, suspend_after)
+        p = _params("train", params, sets, {"preset": preset, "train.iterations": iterations,
+                                            "train.max_wallclock_seconds": max_wallclock_seconds,
+                                            "train.device": device})
+        stage.run(data, out, p.model, p.train, metrics, loss_log, resume, suspend_after)
     _run(go)
 
 
@@ -111,11 +111,10 @@ def calibrate(
 ) -> None:
     """Collect H = E[x xᵀ] of every linear layer's input over training batches."""
     def go() -> None:
-        from . import calibrate as stage
-        from .config import CalibrateConfig, stage_config
+        from pgolf import calibrate as stage
 
-        p, s = _sets(params, sets, {})
-        stage.run(ckpt, data, out, stage_config(CalibrateConfig, "calibrate", p, s, params), metrics)
+        p = _params("calibrate", params, sets, {})
+        stage.run(ckpt, data, out, p.calibrate, metrics)
     _run(go)
 
 
@@ -143,18 +142,14 @@ def quantize(
 ) -> None:
     """Quantize a checkpoint's weights to integer codes plus scales (self-describing safetensors)."""
     def go() -> None:
-        from . import quantize as stage
-        from .config import PackConfig, QuantizeConfig, stage_config
+        from pgolf import quantize as stage
 
-        p, s = _sets(params, sets, {"bits": bits, "method": method, "clip": clip, "embed_bits": embed_bits,
-                                   "attn_bits": attn_bits, "mlp_bits": mlp_bits, "lqer_top_k": lqer_top_k,
-                                   "budget": budget})
+        named = {"bits": bits, "method": method, "clip": clip, "embed_bits": embed_bits, "attn_bits": attn_bits,
+                 "mlp_bits": mlp_bits, "lqer_top_k": lqer_top_k, "budget": budget}
+        p = _params("quantize", params, sets, {f"quantize.{k}": v for k, v in named.items()})
         target = out or ckpt.with_name("quantized.safetensors")
-        packing = stage_config(PackConfig, "pack", p, {}, params)  # the budget is measured as pack will pack
-        stage.run(ckpt, target, stage_config(QuantizeConfig, "quantize", p, s, params), hessians,
-                  metrics or target.with_name("quantize_metrics.json"), pack_codec=packing.codec,
-                  pack_chunk_bytes=packing.chunk_bytes,
-                  data=data if data is not None and (data / "manifest.json").is_file() else None)
+        stage.run(ckpt, target, p.quantize, p.pack, hessians, metrics or target.with_name("quantize_metrics.json"),
+                  data if data is not None and (data / "manifest.json").is_file() else None)
     _run(go)
 
 
@@ -171,11 +166,10 @@ def pack(
 ) -> None:
     """Pack quantized weights into one self-describing compressed blob and check it against the size limit."""
     def go() -> None:
-        from . import pack as stage
-        from .config import PackConfig, stage_config
+        from pgolf import pack as stage
 
-        p, s = _sets(params, sets, {"codec": codec, "limit": limit})
-        stage.run(quantized, data, out, stage_config(PackConfig, "pack", p, s, params), metrics)
+        p = _params("pack", params, sets, {"pack.codec": codec, "pack.limit": limit})
+        stage.run(quantized, data, out, p.pack, metrics)
     _run(go)
 
 
@@ -193,11 +187,11 @@ def ttt_eval(
 ) -> None:
     """Decode a blob and score the validation shards in bits per byte (canonical sidecar and LUT bytes)."""
     def go() -> None:
-        from . import ttt_eval as stage
-        from .config import EvalConfig, stage_config
+        from pgolf import ttt_eval as stage
 
-        p, s = _sets(params, sets, {"stride": stride, "seq_len": seq_len, "val_tokens": val_tokens, "device": device})
-        stage.run(blob, data, stage_config(EvalConfig, "ttt_eval", p, s, params), metrics)
+        p = _params("ttt-eval", params, sets, {"ttt_eval.stride": stride, "ttt_eval.seq_len": seq_len,
+                                               "ttt_eval.val_tokens": val_tokens, "ttt_eval.device": device})
+        stage.run(blob, data, p.ttt_eval, metrics)
     _run(go)
 
 
@@ -216,18 +210,14 @@ def verify(
 ) -> None:
     """Re-evaluate someone's artifact: integrity, size, data match, BPB against the claim. Exit 1 on any failed check."""
     def go() -> None:
-        from . import verify as stage
-        from .config import EvalConfig, VerifyConfig, stage_config
+        from pgolf import verify as stage
 
-        p, s = _sets(params, sets, {"limit": limit, "val_tokens": val_tokens})
-        eval_sets = {k: v for k, v in s.items() if k in ("val_tokens", "seq_len", "stride", "batch_seqs", "device")}
-        verify_sets = {k: v for k, v in s.items() if k not in eval_sets}
-        stage.run(blob, data, stage_config(VerifyConfig, "verify", p, verify_sets, params),
-                  stage_config(EvalConfig, "ttt_eval", p, {}, params), claim, claims, fmt, report, eval_sets)
+        p = _params("verify", params, sets, {"verify.limit": limit, "ttt_eval.val_tokens": val_tokens})
+        stage.run(blob, data, p.verify, p.ttt_eval, p.from_command_line("ttt_eval"), claim, claims, fmt, report)
     _run(go)
 
 
-def main() -> None:  # `python -m stages.cli` (torchrun uses this)
+def main() -> None:  # `python -m pgolf.cli` (torchrun uses this)
     app(prog_name="pgolf")
 
 

@@ -1,9 +1,9 @@
 """quantize: ckpt.safetensors (+ hessians) → quantized.safetensors (codes + scales + schema) and a report.
 
-The output is self-describing: its metadata carries the per-tensor schema that `quant.dequantize`
-needs, the model config and tokenizer hash copied from the checkpoint, the params, and the sha256 of
-every input. Given Hessians, the report also holds each tensor's weighted error trace((W − Ŵ) H (W − Ŵ)ᵀ),
-whatever the method.
+The encoders are pgolf.quant (recipe, GPTQ, LQER, the budget search). The output is self-describing:
+its metadata carries the per-tensor schema that pgolf.formats.dequant needs, the model config and
+tokenizer hash copied from the checkpoint, the params, and the sha256 of every input. Given Hessians,
+the report also holds each tensor's weighted error trace((W − Ŵ) H (W − Ŵ)ᵀ), whatever the method.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
-from . import codecs
-from .artifacts import PgolfError, load_tensors, read_meta, save_tensors, sha256_file, write_json
-from .config import QuantizeConfig
-from .quant import quantize_state_dict, validate_config
+from pgolf.config.sections import PackConfig, QuantizeConfig
+from pgolf.errors import PgolfError
+from pgolf.formats.files import load_tensors, read_meta, save_tensors, sha256_file, write_json
+from pgolf.formats.submission import data_identity
+from pgolf.quant.budget import BudgetSearch
+from pgolf.quant.recipe import quantize_state_dict
 
 # Methods that read the Hessians; for the others a given --hessians file only feeds the report.
 HESSIAN_METHODS: tuple[str, ...] = ("gptq",)
@@ -91,23 +93,11 @@ def print_report(report: dict[str, Any], cfg: QuantizeConfig, out: Path) -> None
                       f"range {b['smallest_bytes']:,}..{b['largest_bytes']:,} bytes")
 
 
-def run(ckpt: Path, out: Path, cfg: QuantizeConfig, hessians: Path | None, metrics: Path, *,
-        pack_codec: str = "zlib", pack_chunk_bytes: int = 0, data: Path | None = None) -> None:
-    """pack_codec, pack_chunk_bytes: how pack will compress (params pack.codec, pack.chunk_bytes), which
-    --budget measures sizes with;
+def run(ckpt: Path, out: Path, cfg: QuantizeConfig, pack: PackConfig, hessians: Path | None, metrics: Path,
+        data: Path | None) -> None:
+    """pack: how pack will compress (its codec and chunking), which --budget measures sizes with;
     data: the tokenized data pack will be given, so that --budget predicts pack's header exactly
-    (without it, budget_reserve bytes are held back)."""
-    validate_config(cfg, "quantize params")
-    if cfg.budget:
-        from .blob import check_chunk_bytes
-        from .budget import validate_budget
-
-        validate_budget(cfg)
-        try:
-            codecs.check_name(pack_codec, allow_auto=True)
-        except PgolfError as exc:
-            raise PgolfError(f"pack params: {exc}") from None
-        check_chunk_bytes(pack_chunk_bytes)
+    (None: budget_reserve bytes are held back)."""
     state, meta = load_tensors(ckpt, kind="checkpoint")  # refuses NaN/inf weights
     if not isinstance(meta.get("model_config"), dict):
         raise PgolfError(f"{ckpt}: checkpoint metadata has no model config; re-run `pgolf train`")
@@ -129,11 +119,8 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, hessians: Path | None, metri
                 "params": asdict(cfg), "inputs": inputs}
     chosen = None
     if cfg.budget:
-        from .budget import BudgetSearch
-        from .pack import data_identity
-
-        ident = data_identity(Path(data)) if data is not None else None
-        chosen = BudgetSearch(state, cfg, hessian_tensors, pack_codec, out_meta, ident, pack_chunk_bytes).fit(cfg.budget)
+        ident = data_identity(data) if data is not None else None
+        chosen = BudgetSearch(state, cfg, pack, hessian_tensors, out_meta, ident).fit(cfg.budget)
     tensors, schema, report = quantize_state_dict(state, cfg, hessian_tensors,
                                                   encoded=chosen.encoded if chosen else None)
     if chosen:

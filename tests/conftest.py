@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import TokenizeConfig
+from pgolf.config.sections import TokenizeConfig
 
 N_DOCS = 200
 VAL_DOCS = 20
@@ -84,7 +84,7 @@ def tokenize_config(**overrides) -> TokenizeConfig:
 @pytest.fixture(scope="session")
 def tokenized_dir(tmp_path_factory) -> Path:
     """The tiny corpus tokenized once (vocab 512, 20 val docs, small shards so there are several)."""
-    from stages import tokenize
+    from pgolf import tokenize
 
     root = tmp_path_factory.mktemp("tokenized")
     corpus = write_jsonl(root / "corpus.jsonl", make_docs())
@@ -96,9 +96,9 @@ def tokenized_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def calibrated_model(tokenized_dir, tmp_path_factory) -> dict:
     """A 2-layer GPT trained for 30 steps on the session corpus, and its Hessians (for GPTQ and --budget)."""
-    from stages import calibrate, train
-    from stages.artifacts import load_tensors
-    from stages.config import CalibrateConfig, ModelConfig, TrainConfig
+    from pgolf import calibrate, train
+    from pgolf.formats.files import load_tensors
+    from pgolf.config.sections import CalibrateConfig, ModelConfig, TrainConfig
 
     root = tmp_path_factory.mktemp("calibrated")
     ckpt, hess = root / "ckpt.safetensors", root / "hessians.safetensors"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import struct
@@ -10,10 +9,24 @@ import struct
 import pytest
 import torch
 
-from stages import blob, codecs, pack
-from stages.artifacts import PgolfError
-from stages.config import QuantizeConfig
-from stages.quant import dequantize, quantize_state_dict
+from pgolf.config.build import build
+from pgolf.config.sections import MIN_CHUNK_BYTES, PackConfig, QuantizeConfig
+from pgolf.errors import PgolfError
+from pgolf.formats import blob, codecs
+from pgolf.formats.blob_writer import _tensor_bytes, build_blob
+from pgolf.formats.code import measure_code
+from pgolf.formats.dequant import dequantize as dequantize_from
+from pgolf.quant.recipe import quantize_state_dict
+
+
+def dequantize(tensors, schema):
+    return dequantize_from(tensors, schema, "test")
+
+
+def write_blob(path, tensors, fields, codec, chunk_bytes=0) -> dict:
+    data, header, _ = build_blob(tensors, fields, codec, chunk_bytes)
+    path.write_bytes(data)
+    return header
 
 
 def stored_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -39,7 +52,7 @@ def header_fields(schema) -> dict:
 def test_blob_roundtrip_bit_exact(tmp_path, codec):
     tensors, schema = stored_tensors()
     path = tmp_path / "model.pgolf"
-    written = blob.write_blob(path, tensors, header_fields(schema), codec)
+    written = write_blob(path, tensors, header_fields(schema), codec)
     header, back = blob.read_blob(path)
     assert header == json.loads(json.dumps(written))
     assert header["codec"] in codecs.CODECS and (codec == "auto" or header["codec"] == codec)
@@ -47,7 +60,7 @@ def test_blob_roundtrip_bit_exact(tmp_path, codec):
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
         # Bit-exact: compare raw bytes, which also covers NaN payloads and signed zeros.
-        assert blob._tensor_bytes(back[name]) == blob._tensor_bytes(t), name
+        assert _tensor_bytes(back[name]) == _tensor_bytes(t), name
     restored = dequantize(back, header["schema"])
     assert torch.equal(restored["blocks.0.mlp.fc.weight"], dequantize(tensors, schema)["blocks.0.mlp.fc.weight"])
     assert path.read_bytes().startswith(blob.MAGIC)
@@ -55,7 +68,7 @@ def test_blob_roundtrip_bit_exact(tmp_path, codec):
 
 def test_auto_keeps_the_smallest(tmp_path):
     tensors, schema = stored_tensors(1)
-    data, header, sizes = blob.build_blob(tensors, header_fields(schema), "auto")
+    data, header, sizes = build_blob(tensors, header_fields(schema), "auto", 0)
     assert set(sizes) == set(codecs.CODECS)
     assert header["codec"] == min(sizes, key=sizes.get)
     assert header["payload"]["compressed_bytes"] == min(sizes.values())
@@ -65,7 +78,7 @@ def test_auto_keeps_the_smallest(tmp_path):
 def good_blob(tmp_path):
     tensors, schema = stored_tensors(2)
     path = tmp_path / "model.pgolf"
-    blob.write_blob(path, tensors, header_fields(schema), "zlib")
+    write_blob(path, tensors, header_fields(schema), "zlib")
     return path
 
 
@@ -191,23 +204,23 @@ def test_decompression_bomb_refused(good_blob):
 def test_chunked_blob_roundtrip_bit_exact(tmp_path, codec):
     tensors, schema = stored_tensors(3)
     path = tmp_path / "model.pgolf"
-    written = blob.write_blob(path, tensors, header_fields(schema), codec, chunk_bytes=blob.MIN_CHUNK_BYTES)
+    written = write_blob(path, tensors, header_fields(schema), codec, chunk_bytes=MIN_CHUNK_BYTES)
     chunks = written["payload"]["chunks"]
-    assert len(chunks) == -(-written["payload"]["raw_bytes"] // blob.MIN_CHUNK_BYTES) >= 3
-    assert all(raw == blob.MIN_CHUNK_BYTES for raw, _ in chunks[:-1])
+    assert len(chunks) == -(-written["payload"]["raw_bytes"] // MIN_CHUNK_BYTES) >= 3
+    assert all(raw == MIN_CHUNK_BYTES for raw, _ in chunks[:-1])
     assert blob.PREFIX.unpack_from(path.read_bytes())[1] == blob.VERSION_CHUNKED
     header, back = blob.read_blob(path)
     assert header == json.loads(json.dumps(written)) and list(back) == list(tensors)
     for name, t in tensors.items():
-        assert blob._tensor_bytes(back[name]) == blob._tensor_bytes(t), name
+        assert _tensor_bytes(back[name]) == _tensor_bytes(t), name
     # A payload no larger than one chunk stays a version-1 single stream.
-    single, header1, _ = blob.build_blob(tensors, header_fields(schema), codec, chunk_bytes=1 << 30)
+    single, header1, _ = build_blob(tensors, header_fields(schema), codec, chunk_bytes=1 << 30)
     assert blob.PREFIX.unpack_from(single)[1] == blob.VERSION and "chunks" not in header1["payload"]
 
 
 def test_chunked_auto_keeps_the_smallest_total(tmp_path):
     tensors, schema = stored_tensors(4)
-    _, header, sizes = blob.build_blob(tensors, header_fields(schema), "auto", chunk_bytes=blob.MIN_CHUNK_BYTES)
+    _, header, sizes = build_blob(tensors, header_fields(schema), "auto", chunk_bytes=MIN_CHUNK_BYTES)
     assert set(sizes) == set(codecs.CODECS) and header["codec"] == min(sizes, key=sizes.get)
     assert header["payload"]["compressed_bytes"] == min(sizes.values())
 
@@ -216,7 +229,7 @@ def test_chunked_auto_keeps_the_smallest_total(tmp_path):
 def chunked_blob(tmp_path):
     tensors, schema = stored_tensors(5)
     path = tmp_path / "chunked.pgolf"
-    blob.write_blob(path, tensors, header_fields(schema), "zlib", chunk_bytes=blob.MIN_CHUNK_BYTES)
+    write_blob(path, tensors, header_fields(schema), "zlib", chunk_bytes=MIN_CHUNK_BYTES)
     return path
 
 
@@ -268,9 +281,8 @@ def test_chunk_that_decodes_to_another_size_is_refused(chunked_blob):
 
 
 def test_chunk_bytes_below_the_minimum_is_refused():
-    tensors, schema = stored_tensors()
-    with pytest.raises(PgolfError, match="chunk_bytes=4096 must be 0"):
-        blob.build_blob(tensors, header_fields(schema), "zlib", chunk_bytes=4096)
+    with pytest.raises(PgolfError, match=r"chunk_bytes=4096 must be 0 \(off\) or >= 65536"):
+        build(PackConfig, [({"chunk_bytes": 4096}, "params")], "pack")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,24 +303,16 @@ def test_codec_roundtrip_and_max_size(name):
         codecs.decompress(name, b"this is not compressed data at all", len(data))
 
 
-def test_best_picks_smallest():
+def test_auto_picks_the_smallest_codec():
     data = b"abcabcabd" * 5000
-    name, packed = codecs.best(data)
-    assert len(packed) == min(len(codecs.compress(n, data)) for n in codecs.CODECS)
+    name, packed, sizes = codecs.choose("auto", data)
+    assert len(packed) == min(len(codecs.compress(n, data)) for n in codecs.CODECS) == min(sizes.values())
     assert codecs.decompress(name, packed, len(data)) == data
     with pytest.raises(PgolfError, match="unknown codec"):
         codecs.compress("gzip", data)
 
 
-def test_code_files_cover_the_decoder():
-    """Every pgolf module the listed files import is itself listed, so the code bytes are complete."""
-    listed = set(pack.CODE_FILES)
-    for name in pack.CODE_FILES:
-        tree = ast.parse((pack.PACKAGE_DIR / name).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                mods = [node.module] if node.module else [a.name for a in node.names]
-                for mod in mods:
-                    assert f"{mod}.py" in listed, f"{name} imports .{mod}, which CODE_FILES does not count"
-    code = pack.measure_code("auto")
+def test_code_bytes_are_the_compressed_decode_path():
+    code = measure_code("auto")
     assert code["bytes"] == min(code["sizes"].values()) and code["bytes"] < code["raw_bytes"]
+    assert "stages/ttt_eval.py" in code["files"] and "stages/formats/dequant.py" in code["files"]

@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from stages.artifacts import PgolfError
-from stages.bpb import build_luts, lut_byte_counts, plan_windows, score, stream_lut_bytes
-from stages.shards import load_val
-from stages.tokenizer import encode_with_bytes, load_tokenizer
+from pgolf.errors import PgolfError
+from pgolf.text import bpb
+from pgolf.text.bpb import build_luts, lut_byte_counts, plan_windows, stream_lut_bytes
+from pgolf.formats.shards import load_val
+from pgolf.text.tokenizer import encode_with_bytes, load_tokenizer
+
+
+def score(logits_fn, tokens, sidecar, luts, seq_len, stride, val_tokens=0, batch_seqs=32, progress=False):
+    """bpb.score on the CPU, the evaluation defaults filled in."""
+    return bpb.score(logits_fn, tokens, sidecar, luts, seq_len=seq_len, stride=stride, val_tokens=val_tokens,
+                     batch_seqs=batch_seqs, device="cpu", progress=progress)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +28,7 @@ def sp(tokenized_dir):
 
 
 def _reference_bytes(sp, prev: int, target: int) -> int:
-    """The reference formula, written out piece by piece (TECHNIQUES.md §1.5)."""
+    """The reference formula (train_gpt.py's build_sentencepiece_luts), written out piece by piece."""
     def boundary(i):
         return i >= sp.vocab_size() or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
     if boundary(target):
@@ -50,7 +57,7 @@ def test_lut_tables_on_real_pieces(sp):
 
 
 def test_lut_formula_matches_the_reference_on_every_pair_kind(sp):
-    luts = build_luts(sp)
+    luts = build_luts(sp, sp.vocab_size())
     bos, the, word = sp.bos_id(), sp.piece_to_id("▁the"), sp.piece_to_id("king")
     byte = sp.piece_to_id("<0xE6>")
     prev = np.array([bos, word, byte, 3, word, the, word])
@@ -70,7 +77,7 @@ def test_lut_agrees_with_raw_bytes_on_normalized_single_spaced_text(sp):
     text = "the king and 東京 queen spoke 12345 words of café — sweet love😀 in Zürich"
     ids, counts = encode_with_bytes(sp, text)
     stream = np.array([sp.bos_id()] + ids)
-    assert int(stream_lut_bytes(stream, build_luts(sp)).sum()) == len(text.encode()) == int(counts.sum())
+    assert int(stream_lut_bytes(stream, build_luts(sp, sp.vocab_size())).sum()) == len(text.encode()) == int(counts.sum())
 
 
 def _scored_targets(windows) -> list[int]:
@@ -113,7 +120,7 @@ def test_bad_window_settings_are_errors():
 
 def _luts_for(vocab: int):
     """LUTs of a made-up vocabulary: id 1 is BOS (0 bytes), others cost id % 5 + 1 bytes, odd ids start with ▁."""
-    from stages.bpb import ByteLUTs
+    from pgolf.text.bpb import ByteLUTs
 
     ids = np.arange(vocab)
     boundary = ids == 1
@@ -192,7 +199,7 @@ def test_val_tokens_limits_scoring_to_whole_windows():
 def test_scoring_the_tokenized_validation_set(tokenized_dir, sp):
     tokens, sidecar = load_val(tokenized_dir)
     vocab = sp.vocab_size()
-    r = score(lambda x: torch.zeros(*x.shape, vocab), tokens, sidecar, build_luts(sp), 128, 32, progress=False)
+    r = score(lambda x: torch.zeros(*x.shape, vocab), tokens, sidecar, build_luts(sp, sp.vocab_size()), 128, 32, progress=False)
     assert r["tokens_scored"] == tokens.size - 1
     assert r["sidecar_bytes"] == int(sidecar[1:].astype(np.int64).sum())  # only the first BOS is no target
     assert r["val_bpb"] == pytest.approx(r["tokens_scored"] * math.log2(vocab) / r["sidecar_bytes"], rel=1e-6)

@@ -6,10 +6,21 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from stages import pack, quant, quantize
-from stages.artifacts import PgolfError, load_tensors, read_json, read_meta, sha256_file
-from stages.budget import BudgetSearch
-from stages.config import PackConfig, QuantizeConfig
+from pgolf import pack, quantize
+from pgolf.config.build import build
+from pgolf.config.sections import PackConfig, QuantizeConfig
+from pgolf.errors import PgolfError
+from pgolf.formats import dequant
+from pgolf.formats.files import load_tensors, read_json, read_meta, sha256_file
+from pgolf.formats.submission import data_identity
+from pgolf.quant.budget import BudgetSearch
+from pgolf.quant.recipe import quantize_state_dict
+
+ZLIB = PackConfig(codec="zlib")
+
+
+def dequantize(tensors, schema):
+    return dequant.dequantize(tensors, schema, "test")
 
 # All 13 matrices quantized (the tiny model's are below the default keep-float threshold); GPTQ with
 # SDClip, whose error falls with every added bit, so without LQER options the path's end is uniform 8 bits.
@@ -25,7 +36,7 @@ def trained(calibrated_model, tokenized_dir, tmp_path_factory) -> dict:
     # The metadata quantize.run writes (less the schema), so that the predicted header is pack's.
     out_meta = {"model_config": meta["model_config"], "tokenizer_sha256": meta.get("tokenizer_sha256"),
                 "params": asdict(BASE), "inputs": {"checkpoint": sha256_file(t["ckpt"]), "hessians": sha256_file(t["hess"])}}
-    t["search"] = BudgetSearch(t["state"], BASE, t["hessians"], "zlib", out_meta, pack.data_identity(tokenized_dir))
+    t["search"] = BudgetSearch(t["state"], BASE, ZLIB, t["hessians"], out_meta, data_identity(tokenized_dir))
     return t
 
 
@@ -47,8 +58,8 @@ def test_budget_output_packs_within_the_budget(trained, tokenized_dir, with_data
     budget = (lo + hi) // 2
     root = trained["root"]
     out, metrics = root / f"budget_{with_data}.safetensors", root / f"budget_{with_data}.json"
-    quantize.run(trained["ckpt"], out, replace(BASE, budget=budget), trained["hess"], metrics, pack_codec="zlib",
-                 data=tokenized_dir if with_data else None)
+    quantize.run(trained["ckpt"], out, replace(BASE, budget=budget), ZLIB, trained["hess"], metrics,
+                 tokenized_dir if with_data else None)
     report = read_json(metrics)["budget"]
     total = packed_total(trained, tokenized_dir, out, budget)
     assert total <= budget and report["measured_bytes"] <= budget
@@ -61,7 +72,7 @@ def test_budget_output_packs_within_the_budget(trained, tokenized_dir, with_data
     schema = meta["schema"]
     for name, chosen in report["tensors"].items():
         assert schema[name]["bits"] == chosen["bits"] and chosen["est_bytes"] > 0
-    assert set(quant.dequantize(tensors, schema)) == set(trained["state"])
+    assert set(dequantize(tensors, schema)) == set(trained["state"])
     assert abs(read_json(metrics)["totals"]["weighted_err"] - report["error"]) <= 1e-9 * report["error"]
 
 
@@ -90,10 +101,10 @@ def test_mid_budget_mixes_widths_and_a_generous_one_is_uniform_max_bits(trained)
 
     generous = search.fit(2 * hi)
     assert all(t["bits"] == 8 for t in generous.report["tensors"].values())
-    _, _, uniform = quant.quantize_state_dict(trained["state"], replace(BASE, bits=8), trained["hessians"])
+    _, _, uniform = quantize_state_dict(trained["state"], replace(BASE, bits=8), trained["hessians"])
     assert generous.report["error"] == pytest.approx(uniform["totals"]["weighted_err"], rel=1e-9)
     # The chosen encodings are the stage's own: re-assembled, they give the same report numbers.
-    _, _, assembled = quant.quantize_state_dict(trained["state"], BASE, trained["hessians"], encoded=generous.encoded)
+    _, _, assembled = quantize_state_dict(trained["state"], BASE, trained["hessians"], encoded=generous.encoded)
     assert assembled["totals"]["weighted_err"] == pytest.approx(uniform["totals"]["weighted_err"], rel=1e-12)
 
 
@@ -106,7 +117,7 @@ def test_impossible_budget_is_a_clear_error_and_writes_nothing(trained):
                                          rf".*{smallest:,} bytes"):
         search.fit(smallest - 1)
     with pytest.raises(PgolfError, match=r"--budget 1,000 bytes is below"):
-        quantize.run(trained["ckpt"], out, replace(BASE, budget=1000), trained["hess"], metrics, data=None)
+        quantize.run(trained["ckpt"], out, replace(BASE, budget=1000), ZLIB, trained["hess"], metrics, None)
     assert not out.exists() and not metrics.exists()
 
 
@@ -115,16 +126,13 @@ def test_budget_params_are_checked_and_group_bits_pin_tensors(trained, capsys):
     for bad, match in ((dict(budget_bits="4,9"), "budget_bits"), (dict(budget_bits="x"), "budget_bits"),
                        (dict(lqer_top_k=2), "lqer_top_k=0"), (dict(budget=-5), "budget=-5")):
         with pytest.raises(PgolfError, match=match):
-            quantize.run(trained["ckpt"], root / "bad.safetensors", replace(BASE, **{"budget": 10**6, **bad}),
-                         trained["hess"], root / "bad.json")
-    with pytest.raises(PgolfError, match="unknown codec"):
-        quantize.run(trained["ckpt"], root / "bad.safetensors", replace(BASE, budget=10**6), trained["hess"],
-                     root / "bad.json", pack_codec="gzip")
-    assert not (root / "bad.safetensors").exists()
+            build(QuantizeConfig, [({"budget": 10**6, **bad}, "params.yaml")], "quantize")
+    with pytest.raises(PgolfError, match="codec='gzip' must be one of auto, zlib"):
+        build(PackConfig, [({"codec": "gzip"}, "params.yaml")], "pack")
 
     # Without Hessians: the plain squared error, said so; an embed override keeps tok_emb out of the search.
     cfg = replace(BASE, method="rtn", embed_bits=6, budget_bits="3,5,8")
-    search = BudgetSearch(trained["state"], cfg, None, "zlib", {"model_config": {"vocab_size": 512}})
+    search = BudgetSearch(trained["state"], cfg, ZLIB, None, {"model_config": {"vocab_size": 512}}, None)
     assert "plain squared error" in capsys.readouterr().out
     fit = search.fit(search.measure(len(search.path))).report
     assert fit["error_kind"] == "plain" and fit["fixed_tensors"] == ["tok_emb.weight"]
@@ -137,7 +145,7 @@ def test_budget_chooses_lqer_per_tensor_and_its_file_decodes(trained, tokenized_
     meta = read_meta(trained["ckpt"], "checkpoint")
     out_meta = {"model_config": meta["model_config"], "tokenizer_sha256": meta.get("tokenizer_sha256"),
                 "params": asdict(cfg), "inputs": {}}
-    search = BudgetSearch(trained["state"], cfg, trained["hessians"], "zlib", out_meta, pack.data_identity(tokenized_dir))
+    search = BudgetSearch(trained["state"], cfg, ZLIB, trained["hessians"], out_meta, data_identity(tokenized_dir))
     corrected = [(name, o) for name, opts in search.options.items() for o in opts if o.lqer]
     assert corrected, "no tensor was offered an LQER correction"
     for name, o in corrected:  # each correction is offered only where it lowers that width's error
@@ -145,21 +153,20 @@ def test_budget_chooses_lqer_per_tensor_and_its_file_decodes(trained, tokenized_
         assert o.err < plain.err and o.enc.entry["encoding"] == "int_per_row+lqer"
     # The path's end is each tensor's best option: below uniform 8 bits wherever LQER helps at 8 bits.
     generous = search.fit(2 * search.measure(len(search.path))).report
-    _, _, uniform = quant.quantize_state_dict(trained["state"], replace(BASE, bits=8), trained["hessians"])
+    _, _, uniform = quantize_state_dict(trained["state"], replace(BASE, bits=8), trained["hessians"])
     assert generous["error"] <= uniform["totals"]["weighted_err"] * (1 + 1e-9)
 
     lo, hi = search.measure(0), search.measure(len(search.path))
     budget = (lo + hi) // 2
     out, metrics = trained["root"] / "budget_lqer.safetensors", trained["root"] / "budget_lqer.json"
-    quantize.run(trained["ckpt"], out, replace(cfg, budget=budget), trained["hess"], metrics, pack_codec="zlib",
-                 data=tokenized_dir)
+    quantize.run(trained["ckpt"], out, replace(cfg, budget=budget), ZLIB, trained["hess"], metrics, tokenized_dir)
     report = read_json(metrics)["budget"]
     assert packed_total(trained, tokenized_dir, out, budget) == report["measured_bytes"] <= budget
     tensors, qmeta = load_tensors(out, "quantized")
     for name, chosen in report["tensors"].items():
         assert (qmeta["schema"][name]["encoding"] == "int_per_row+lqer") == chosen["lqer"]
     assert set(report["lqer_tensors"]) == {n for n, t in report["tensors"].items() if t["lqer"]}
-    assert set(quant.dequantize(tensors, qmeta["schema"])) == set(trained["state"])
+    assert set(dequantize(tensors, qmeta["schema"])) == set(trained["state"])
     assert abs(read_json(metrics)["totals"]["weighted_err"] - report["error"]) <= 1e-9 * report["error"]
 
 
@@ -168,8 +175,8 @@ def test_budget_with_brotli_estimates_fast_and_measures_with_brotli_itself(train
     meta = read_meta(trained["ckpt"], "checkpoint")
     out_meta = {"model_config": meta["model_config"], "tokenizer_sha256": meta.get("tokenizer_sha256"),
                 "params": asdict(cfg), "inputs": {}}
-    search = BudgetSearch(trained["state"], cfg, trained["hessians"], "brotli", out_meta,
-                          pack.data_identity(tokenized_dir))
+    search = BudgetSearch(trained["state"], cfg, PackConfig(codec="brotli"), trained["hessians"], out_meta,
+                          data_identity(tokenized_dir))
     assert search.estimate_codec == "brotli-q5"
     lo, hi = search.measure(0), search.measure(len(search.path))
     fit = search.fit((lo + hi) // 2).report
@@ -178,13 +185,13 @@ def test_budget_with_brotli_estimates_fast_and_measures_with_brotli_itself(train
 
 def test_budget_measures_chunked_packing_as_pack_does(trained, tokenized_dir):
     """With pack.chunk_bytes the search builds chunked blobs; its measured size is pack's, byte for byte."""
-    from stages.blob import MIN_CHUNK_BYTES
+    from pgolf.config.sections import MIN_CHUNK_BYTES
 
     search = trained["search"]
     budget = (search.measure(0) + search.measure(len(search.path))) // 2
     out, metrics = trained["root"] / "budget_chunked.safetensors", trained["root"] / "budget_chunked.json"
-    quantize.run(trained["ckpt"], out, replace(BASE, budget=budget), trained["hess"], metrics, pack_codec="zlib",
-                 pack_chunk_bytes=MIN_CHUNK_BYTES, data=tokenized_dir)
+    quantize.run(trained["ckpt"], out, replace(BASE, budget=budget), replace(ZLIB, chunk_bytes=MIN_CHUNK_BYTES),
+                 trained["hess"], metrics, tokenized_dir)
     report = read_json(metrics)["budget"]
     assert report["chunk_bytes"] == MIN_CHUNK_BYTES
     pack_metrics = trained["root"] / "pack_chunked.json"

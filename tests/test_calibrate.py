@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.artifacts import PgolfError, load_tensors
-from stages.calibrate import run
-from stages.config import CalibrateConfig, ModelConfig, TrainConfig
-from stages.model import build_model
-from stages.shards import DistributedTokenLoader
-from stages import train
+from pgolf.errors import PgolfError
+from pgolf.formats.files import load_tensors
+from pgolf.calibrate import run
+from pgolf.config.sections import CalibrateConfig, ModelConfig, TrainConfig
+from pgolf.nn.model import build_model
+from pgolf.formats.shards import DistributedTokenLoader
+from pgolf import train
 
 CAL = CalibrateConfig(n_batches=3, batch_seqs=2, seq_len=32, device="cpu")
 
@@ -37,7 +38,7 @@ def calibrate(ckpt: Path, data: Path, out: Path, cfg: CalibrateConfig = CAL) -> 
 def test_hessians_are_input_second_moments(ckpt, tokenized_dir, tmp_path):
     hessians, meta = calibrate(ckpt, tokenized_dir, tmp_path)
     state, ckpt_meta = load_tensors(ckpt, "checkpoint")
-    model = build_model(ModelConfig(**ckpt_meta["model_config"]), state)
+    model = build_model(ModelConfig(**ckpt_meta["model_config"]), state, "cpu")
     # One H per linear weight plus the tied embedding (the LM head's input).
     linear = {n for n, p in model.named_parameters() if n.endswith(".weight") and p.ndim == 2 and n != "tok_emb.weight"}
     assert set(hessians) == linear | {"tok_emb.weight"}
@@ -68,10 +69,15 @@ def test_self_generated_calibration_reads_no_data(ckpt, tmp_path):
 
 
 def test_bad_calibrate_params_are_clear_errors(ckpt, tokenized_dir, tmp_path):
-    with pytest.raises(PgolfError, match="source"):
-        calibrate(ckpt, tokenized_dir, tmp_path, replace(CAL, source="val"))
-    with pytest.raises(PgolfError, match="n_batches"):
-        calibrate(ckpt, tokenized_dir, tmp_path, replace(CAL, n_batches=0))
+    from typer.testing import CliRunner
+
+    from pgolf.cli import app
+
+    for bad, message in (("source=val", "source='val' must be one of train, self"), ("n_batches=0", "n_batches=0 must be >= 1")):
+        result = CliRunner().invoke(app, ["calibrate", str(ckpt), "--data", str(tokenized_dir), "--out",
+                                          str(tmp_path / "h.safetensors"), "--params", str(tmp_path / "none.yaml"),
+                                          "--set", bad])
+        assert result.exit_code == 2 and f"command line: calibrate.{message}" in result.output, result.output
     assert not (tmp_path / "h.safetensors").exists()
 
 
@@ -79,7 +85,7 @@ def test_bad_calibrate_params_are_clear_errors(ckpt, tokenized_dir, tmp_path):
 def test_two_process_torchrun_calibration_matches_one_process(ckpt, tokenized_dir, tmp_path):
     def launch(prefix: list[str], out: Path) -> dict:
         out.mkdir()
-        cmd = [*prefix, "-m", "stages.cli", "calibrate", str(ckpt), "--data", str(tokenized_dir),
+        cmd = [*prefix, "-m", "pgolf.cli", "calibrate", str(ckpt), "--data", str(tokenized_dir),
                "--out", str(out / "h.safetensors"), "--metrics", str(out / "m.json"), "--params", str(out / "none.yaml"),
                "--set", "n_batches=4", "--set", "batch_seqs=2", "--set", "seq_len=32", "--set", "device=cpu"]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)

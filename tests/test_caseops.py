@@ -12,13 +12,15 @@ import torch
 from conftest import VAL_DOCS, make_docs, tokenize_config, write_jsonl
 from typer.testing import CliRunner
 
-from stages import bpb, caseops, tokenize
-from stages.artifacts import PgolfError, read_json
-from stages.caseops import ALLCAPS, CAPNEXT, ESC, OPERATORS, TITLE
-from stages.cli import app
-from stages.shards import load_val, shard_paths
-from stages.tokenizer import encode_with_bytes, load_tokenizer, train_tokenizer, trainer_text
-from stages.ttt_eval import EvalData
+from pgolf.text import bpb, caseops
+from pgolf import tokenize
+from pgolf.errors import PgolfError
+from pgolf.formats.files import read_json
+from pgolf.text.caseops import ALLCAPS, CAPNEXT, ESC, OPERATORS, TITLE
+from pgolf.cli import app
+from pgolf.formats.shards import load_val, shard_paths
+from pgolf.text.tokenizer import encode_with_bytes, load_tokenizer, train_tokenizer, trainer_text
+from pgolf.text.evaluate import EvalData
 
 # Normalization-invariant (single spaces, no edge whitespace, NFKC-stable): SentencePiece's decode
 # gives back exactly the transformed text, so the round trip through the tokenizer is byte-exact.
@@ -203,7 +205,7 @@ def test_eval_scores_caseops_data_with_the_sidecar_and_refuses_it_without(caseop
     assert data.sidecar is not None
     vocab = int(data.manifest["vocab_size"])
     result = bpb.score(lambda x: torch.zeros(*x.shape, vocab), data.tokens, data.sidecar, data.luts,
-                       seq_len=128, stride=0, progress=False)
+                       seq_len=128, stride=0, val_tokens=0, batch_seqs=32, device="cpu", progress=False)
     assert result["val_bpb"] == result["val_bpb_sidecar"] != result["val_bpb_lut"]
 
     bare = tmp_path / "bare"
@@ -223,7 +225,7 @@ def test_tokenizer_and_caseops_setting_must_match(caseops_dir, tmp_path):
     with pytest.raises(PgolfError, match=r"tokenizer.model: is a CaseOps tokenizer .*pass --caseops"):
         tokenize.run([corpus], tmp_path / "a", tokenize_config(), case_tok, tmp_path / "m.json")
     plain = tmp_path / "plain.model"
-    plain.write_bytes(train_tokenizer(caseops_dir["docs"][VAL_DOCS:], 512))
+    plain.write_bytes(train_tokenizer(caseops_dir["docs"][VAL_DOCS:], 512, 4192, None))
     with pytest.raises(PgolfError, match=r"plain.model: not a CaseOps tokenizer .*--no-caseops"):
         tokenize.run([corpus], tmp_path / "b", tokenize_config(caseops=True), plain, tmp_path / "m.json")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -7,10 +7,29 @@ from dataclasses import replace
 import pytest
 import torch
 
-from stages import quant, quantize
-from stages.artifacts import PgolfError, load_tensors, save_tensors, sha256_file
-from stages.config import QuantizeConfig
-from stages.gptq import gptq_quantize, weighted_error
+from pgolf.config.build import build
+from pgolf.config.sections import PackConfig, QuantizeConfig
+from pgolf.errors import PgolfError
+from pgolf.formats import dequant
+from pgolf.formats.files import load_tensors, save_tensors, sha256_file
+from pgolf.nn.names import tensor_group
+from pgolf.quant import gptq
+from pgolf.quant.gptq import weighted_error
+from pgolf.quant.recipe import quantize_state_dict
+
+
+def dequantize(tensors, schema):
+    return dequant.dequantize(tensors, schema, "test")
+
+
+def gptq_quantize(w, h, scale, bits, act_order=False, name="weight"):
+    return gptq.gptq_quantize(w, h, scale, bits, 0.01, 128, act_order, name)
+
+
+def run_quantize(ckpt, out, cfg, hessians, metrics):
+    from pgolf import quantize as stage
+
+    stage.run(ckpt, out, cfg, PackConfig(), hessians, metrics, None)
 
 # The tiny model's matrices are far below the default keep-float threshold; quantize them all, while the
 # control tensors (at most 2×64 values here) stay float.
@@ -32,7 +51,7 @@ def test_every_matrix_has_a_hessian_and_is_quantized(trained):
     matrices = [n for n, t in state.items() if t.ndim == 2 and t.numel() > BASE.keep_float_max_numel]
     assert "tok_emb.weight" in matrices and len(matrices) == 1 + 6 * trained["model"].num_layers
     assert set(matrices) <= set(hessians)
-    _, schema, report = quant.quantize_state_dict(state, replace(BASE, method="gptq", bits=4), hessians)
+    _, schema, report = quantize_state_dict(state, replace(BASE, method="gptq", bits=4), hessians)
     assert {n for n, e in schema.items() if e["method"] == "gptq"} == set(matrices)
     assert report["totals"]["fallback_tensors"] == [] and report["totals"]["weighted_tensors"] == len(matrices)
 
@@ -40,9 +59,9 @@ def test_every_matrix_has_a_hessian_and_is_quantized(trained):
 @pytest.mark.parametrize("bits,clip", [(3, "sdclip"), (4, "percentile"), (6, "sdclip")])
 def test_gptq_weighted_error_below_rtn_for_every_tensor(trained, bits, clip):
     cfg = replace(BASE, bits=bits, clip=clip, sdclip_k=4.0)
-    _, _, rtn = quant.quantize_state_dict(trained["state"], replace(cfg, method="rtn"), trained["hessians"])
+    _, _, rtn = quantize_state_dict(trained["state"], replace(cfg, method="rtn"), trained["hessians"])
     for act_order in (False, True):
-        _, _, gptq = quant.quantize_state_dict(trained["state"], replace(cfg, method="gptq", gptq_act_order=act_order),
+        _, _, gptq = quantize_state_dict(trained["state"], replace(cfg, method="gptq", gptq_act_order=act_order),
                                                trained["hessians"])
         rows_rtn, rows_gptq = quantized_rows(rtn), quantized_rows(gptq)
         assert set(rows_rtn) == set(rows_gptq) and len(rows_gptq) == 13
@@ -55,8 +74,8 @@ def test_gptq_weighted_error_below_rtn_for_every_tensor(trained, bits, clip):
 
 def test_gptq_uses_the_stored_grid_and_int8_is_near_lossless(trained):
     state, hessians = trained["state"], trained["hessians"]
-    tensors, schema, report = quant.quantize_state_dict(state, replace(BASE, method="gptq", bits=8), hessians)
-    restored = quant.dequantize(tensors, schema)
+    tensors, schema, report = quantize_state_dict(state, replace(BASE, method="gptq", bits=8), hessians)
+    restored = dequantize(tensors, schema)
     for name, r in quantized_rows(report).items():
         assert int(tensors[f"{name}#codes"].abs().max()) <= 127
         w = state[name].float()
@@ -106,14 +125,14 @@ def test_bad_hessians_are_clear_errors(trained):
     save_tensors(path, wrong, "hessians", {"inputs": {"checkpoint": sha256_file(ckpt)}})
     out = root / "never.safetensors"
     with pytest.raises(PgolfError, match=r"wrong_hessians.safetensors.*blocks\.1\.mlp\.proj\.weight"):
-        quantize.run(ckpt, out, replace(BASE, method="gptq"), path, root / "never.json")
+        run_quantize(ckpt, out, replace(BASE, method="gptq"), path, root / "never.json")
     assert not out.exists()
 
 
 def test_missing_hessians_fall_back_to_rtn_with_a_notice(trained, capsys):
     root, ckpt = trained["root"], trained["ckpt"]
     out = root / "fallback.safetensors"
-    quantize.run(ckpt, out, replace(BASE, method="gptq", bits=6), None, root / "fallback.json")
+    run_quantize(ckpt, out, replace(BASE, method="gptq", bits=6), None, root / "fallback.json")
     printed = capsys.readouterr().out
     assert "no --hessians given" in printed and "fell back to rtn" in printed
     schema = load_tensors(out, "quantized")[1]["schema"]
@@ -123,7 +142,7 @@ def test_missing_hessians_fall_back_to_rtn_with_a_notice(trained, capsys):
 
     # One tensor missing from the file: only that one falls back, and the report says so.
     partial = {k: v for k, v in trained["hessians"].items() if k != "blocks.0.attn.c_k.weight"}
-    _, schema, report = quant.quantize_state_dict(trained["state"], replace(BASE, method="gptq", bits=6), partial)
+    _, schema, report = quantize_state_dict(trained["state"], replace(BASE, method="gptq", bits=6), partial)
     assert "blocks.0.attn.c_k.weight" in capsys.readouterr().out
     assert report["totals"]["fallback_tensors"] == ["blocks.0.attn.c_k.weight"]
     assert schema["blocks.0.attn.c_k.weight"]["method"] == "rtn" and schema["blocks.1.attn.c_k.weight"]["method"] == "gptq"
@@ -131,30 +150,30 @@ def test_missing_hessians_fall_back_to_rtn_with_a_notice(trained, capsys):
 
 def test_per_group_bits_and_k_land_on_the_right_tensors(trained):
     cfg = replace(BASE, method="gptq", bits=6, clip="sdclip", embed_bits=7, mlp_bits=5, attn_k=9.0)
-    tensors, schema, _ = quant.quantize_state_dict(trained["state"], cfg, trained["hessians"])
+    tensors, schema, _ = quantize_state_dict(trained["state"], cfg, trained["hessians"])
     seen = set()
     for name, e in schema.items():
         if e["bits"] is None:
-            assert quant.tensor_group(name) is None or trained["state"][name].numel() <= 256
+            assert tensor_group(name) is None or trained["state"][name].numel() <= 256
             continue
-        group = quant.tensor_group(name)
+        group = tensor_group(name)
         seen.add(group)
         expect_bits = {"embed": 7, "mlp": 5, "attn": 6}[group]
         assert e["bits"] == expect_bits, name
         assert e["clip"]["k"] == (9.0 if group == "attn" else cfg.sdclip_k), name
         assert int(tensors[f"{name}#codes"].abs().max()) <= 2 ** (expect_bits - 1) - 1
     assert seen == {"embed", "attn", "mlp"}
-    assert quant.tensor_group("blocks.3.attn.proj.weight") == "attn"
-    assert quant.tensor_group("blocks.3.mlp.proj.weight") == "mlp"
-    assert quant.tensor_group("lm_head.weight") == "embed" and quant.tensor_group("blocks.0.attn.q_gain") is None
+    assert tensor_group("blocks.3.attn.proj.weight") == "attn"
+    assert tensor_group("blocks.3.mlp.proj.weight") == "mlp"
+    assert tensor_group("lm_head.weight") == "embed" and tensor_group("blocks.0.attn.q_gain") is None
     with pytest.raises(PgolfError, match="embed_bits"):
-        quant.quantize_state_dict(trained["state"], replace(BASE, embed_bits=9))
+        build(QuantizeConfig, [({"embed_bits": 9}, "params.yaml")], "quantize")
 
 
 def lqer_runs(trained, cfg: QuantizeConfig) -> tuple[dict, dict, dict, dict, set[str]]:
     """(rows without LQER, rows with, stored tensors, schema, the top-3 tensors by ‖W − Ŵ‖_F)."""
-    _, _, plain = quant.quantize_state_dict(trained["state"], cfg, trained["hessians"])
-    tensors, schema, corrected = quant.quantize_state_dict(trained["state"], replace(cfg, lqer_top_k=3, lqer_rank=4),
+    _, _, plain = quantize_state_dict(trained["state"], cfg, trained["hessians"])
+    tensors, schema, corrected = quantize_state_dict(trained["state"], replace(cfg, lqer_top_k=3, lqer_rank=4),
                                                            trained["hessians"])
     by_error = sorted(quantized_rows(plain).values(), key=lambda r: r["rmse"] ** 2 * r["numel"], reverse=True)
     return quantized_rows(plain), quantized_rows(corrected), tensors, schema, {r["name"] for r in by_error[:3]}
@@ -201,7 +220,7 @@ def test_lqer_after_gptq_never_raises_the_weighted_error(trained, capsys):
 
 
 def test_lqer_symmetric_fallback_packing():
-    from stages.lqer import error_factors, lowrank_term, quantize_factors
+    from pgolf.quant.lqer import error_factors, lowrank_term, quantize_factors
 
     g = torch.Generator().manual_seed(1)
     e = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g)  # B = 4×30: not a multiple of 64
@@ -214,17 +233,17 @@ def test_lqer_symmetric_fallback_packing():
 def test_lqer_file_round_trips_through_the_stage_and_dequantize(trained):
     from safetensors.torch import load_file
 
-    from stages.artifacts import read_json, read_meta
+    from pgolf.formats.files import read_json, read_meta
 
     root, ckpt = trained["root"], trained["ckpt"]
     out, metrics = root / "lqer.safetensors", root / "lqer.json"
     # RTN's error: LQER keeps both corrections (see above), so the file holds the lqer encoding.
     cfg = replace(BASE, method="rtn", bits=5, clip="sdclip", embed_bits=6, lqer_top_k=2)
-    quantize.run(ckpt, out, cfg, trained["hess"], metrics)
+    run_quantize(ckpt, out, cfg, trained["hess"], metrics)
     schema = read_meta(out, "quantized")["schema"]
-    from_file = quant.dequantize(load_file(str(out)), schema)  # the file alone
-    tensors, schema_direct, _ = quant.quantize_state_dict(trained["state"], cfg, trained["hessians"])
-    direct = quant.dequantize(tensors, schema_direct)
+    from_file = dequantize(load_file(str(out)), schema)  # the file alone
+    tensors, schema_direct, _ = quantize_state_dict(trained["state"], cfg, trained["hessians"])
+    direct = dequantize(tensors, schema_direct)
     assert sum("lqer" in e for e in schema.values()) == 2
     for name, w in trained["state"].items():
         assert torch.equal(from_file[name], direct[name]) and from_file[name].dtype == w.dtype, name
@@ -237,18 +256,18 @@ def test_lqer_file_round_trips_through_the_stage_and_dequantize(trained):
     name = report["totals"]["lqer_tensors"][0]
     bad[f"{name}#lqer_b_scales"] = bad[f"{name}#lqer_b_scales"][:-1]
     with pytest.raises(PgolfError, match="LQER scales do not fit"):
-        quant.dequantize(bad, schema)
+        dequantize(bad, schema)
 
 
 def test_lqer_blob_scores_through_ttt_eval(trained, tokenized_dir):
     """quantize (GPTQ + LQER) → pack → ttt-eval: the packed blob decodes and scores."""
-    from stages import pack, ttt_eval
-    from stages.artifacts import read_json
-    from stages.config import EvalConfig, PackConfig
+    from pgolf import pack, ttt_eval
+    from pgolf.formats.files import read_json
+    from pgolf.config.sections import EvalConfig
 
     root = trained["root"]
     q, blob = root / "blob_q.safetensors", root / "model.pgolf"
-    quantize.run(trained["ckpt"], q, replace(BASE, method="gptq", bits=6, lqer_top_k=3, lqer_weighted=True),
+    run_quantize(trained["ckpt"], q, replace(BASE, method="gptq", bits=6, lqer_top_k=3, lqer_weighted=True),
                  trained["hess"], root / "blob_q.json")
     assert read_json(root / "blob_q.json")["totals"]["lqer_tensors"]
     pack.run(q, tokenized_dir, blob, PackConfig(), root / "pack.json")

@@ -3,9 +3,15 @@
 import pytest
 import torch
 
-from stages.config import ModelConfig
-from stages.model import GPT, build_model
-from stages.muon import Muon, newton_schulz
+from pgolf.config.sections import ModelConfig
+from pgolf.nn.model import GPT, build_model
+from pgolf.nn.muon import Muon, newton_schulz
+
+def plain_muon(lr: float, row_norm: bool = False, weight_decay: float = 0.0) -> dict:
+    """Muon settings without momentum, in float32 (the update is then a pure function of the gradient)."""
+    return {"lr": lr, "momentum": 0.0, "backend_steps": 5, "ns_dtype": torch.float32, "coefficients": "classic",
+            "row_norm": row_norm, "weight_decay": weight_decay}
+
 
 TINY = ModelConfig(vocab_size=300, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2)
 
@@ -80,17 +86,17 @@ def test_loss_is_mean_cross_entropy_of_logits():
 def test_build_model_refuses_weights_of_another_shape():
     state = randomized().state_dict()
     with pytest.raises(ValueError, match="wrong shape"):
-        build_model(ModelConfig(**{**TINY.__dict__, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1}), state)
+        build_model(ModelConfig(**{**TINY.__dict__, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1}), state, "cpu")
     state.pop("skip_weights")
     with pytest.raises(ValueError, match="missing"):
-        build_model(TINY, state)
+        build_model(TINY, state, "cpu")
 
 
 def test_newton_schulz_output_is_near_orthogonal():
     torch.manual_seed(0)
     for shape in ((64, 256), (256, 64), (96, 160)):
         G = torch.randn(shape) * torch.linspace(0.5, 3.0, shape[1])  # unevenly scaled columns
-        X = newton_schulz(G, steps=5, dtype=torch.float32)
+        X = newton_schulz(G, steps=5, dtype=torch.float32, coefficients="classic")
         s = torch.linalg.svdvals(X)
         # The quintic trades exactness for speed: singular values land in a band around 1, not at 1
         # (directions with tiny singular values would need more steps; gradients rarely have them).
@@ -104,7 +110,7 @@ def test_muon_step_moves_each_matrix_by_an_orthogonal_update():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(32, 96))
     before = w.detach().clone()
-    opt = Muon([w], lr=0.1, momentum=0.0, nesterov=False, ns_dtype=torch.float32)
+    opt = Muon([w], nesterov=False, **plain_muon(lr=0.1))
     w.grad = torch.randn(32, 96)
     opt.step()
     update = (before - w.detach()) / 0.1
@@ -112,7 +118,7 @@ def test_muon_step_moves_each_matrix_by_an_orthogonal_update():
     assert s.min() > 0.5 and s.max() < 1.25
     # Tall matrices are scaled by sqrt(rows/cols).
     t = torch.nn.Parameter(torch.zeros(96, 24))
-    opt = Muon([t], lr=1.0, momentum=0.0, nesterov=False, ns_dtype=torch.float32)
+    opt = Muon([t], nesterov=False, **plain_muon(lr=1.0))
     t.grad = torch.randn(96, 24)
     opt.step()
     s = torch.linalg.svdvals(-t.detach())
@@ -168,7 +174,7 @@ def test_every_option_keeps_the_model_causal_and_changes_its_function(option):
 
 
 def test_xsa_removes_each_heads_component_along_its_own_value():
-    from stages.model import exclusive
+    from pgolf.nn.model import exclusive
 
     torch.manual_seed(0)
     B, H, Hkv, T, D = 2, 8, 2, 5, 16
@@ -182,7 +188,7 @@ def test_xsa_removes_each_heads_component_along_its_own_value():
 
 
 def test_partial_rope_rotates_only_the_first_dims():
-    from stages.model import Rotary, apply_rotary
+    from pgolf.nn.model import Rotary, apply_rotary
 
     x = torch.randn(1, 2, 6, 16)
     cos, sin = Rotary(4, 10000.0)(6, torch.float32)
@@ -227,8 +233,8 @@ def test_smear_gate_mixes_the_previous_token_but_never_across_bos():
 def test_polar_express_coefficients_converge_tighter():
     torch.manual_seed(0)
     G = torch.randn(64, 256) * torch.linspace(0.5, 3.0, 256)
-    classic = torch.linalg.svdvals(newton_schulz(G, 5, dtype=torch.float32))
-    polar = torch.linalg.svdvals(newton_schulz(G, 5, dtype=torch.float32, coefficients="polar_express"))
+    classic = torch.linalg.svdvals(newton_schulz(G, 5, dtype=torch.float32, coefficients="classic"))
+    polar = torch.linalg.svdvals(newton_schulz(G, 5, torch.float32, "polar_express"))
     assert polar.min() > classic.min() + 0.1 and polar.max() < 1.2
 
 
@@ -241,19 +247,19 @@ def test_muon_row_normalisation_and_decoupled_weight_decay():
     def update(g, row_norm):
         w = torch.nn.Parameter(torch.zeros(16, 48))
         w.grad = g.clone()
-        Muon([w], lr=1.0, momentum=0.0, nesterov=False, ns_dtype=torch.float32, row_norm=row_norm).step()
+        Muon([w], nesterov=False, **plain_muon(lr=1.0, row_norm=row_norm)).step()
         return w.detach()
 
     assert torch.allclose(update(scaled, True), update(grad, True), atol=1e-5)  # MuonEq-R: row scale is gone
     assert not torch.allclose(update(scaled, False), update(grad, False), atol=1e-3)
     w = torch.nn.Parameter(torch.ones(8, 8))
     w.grad = torch.zeros(8, 8)  # no gradient: only the decay acts
-    Muon([w], lr=0.5, momentum=0.0, nesterov=False, ns_dtype=torch.float32, weight_decay=0.1).step()
+    Muon([w], nesterov=False, **plain_muon(lr=0.5, weight_decay=0.1)).step()
     assert torch.allclose(w.detach(), torch.full((8, 8), 1 - 0.5 * 0.1))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Record-stack components (TECHNIQUES.md §2.2–2.10)
+# Record-stack components (the record stack of PR #1855)
 
 def rms(x):
     return torch.nn.functional.rms_norm(x, (x.size(-1),))
@@ -317,7 +323,7 @@ def test_parallel_lanes_route_attention_to_lane0_and_the_mlp_to_lane1():
 
 
 def test_depth_recurrence_order_switch_and_shared_weights():
-    from stages.model import layer_order
+    from pgolf.nn.model import layer_order
 
     cfg = ModelConfig(vocab_size=64, num_layers=11, model_dim=32, num_heads=2, num_kv_heads=1,
                       loop_start=3, loop_end=5, num_loops=2)
@@ -370,7 +376,7 @@ def test_looping_switch_retraces_under_torch_compile_fullgraph():
 def _attention_pair(option: dict):
     """An attention with `option` and a plain one with the same Q/K/V weights and an identity out-projection,
     so each output is the concatenated head outputs."""
-    from stages.model import CausalSelfAttention
+    from pgolf.nn.model import CausalSelfAttention
 
     torch.manual_seed(0)
     cfg = ModelConfig(**{**TINY.__dict__, **option})
@@ -423,12 +429,12 @@ def test_ortho_init_gives_orthonormal_rows_or_columns():
 
 
 def test_mlp_mult_is_a_float_and_int_configs_still_load():
-    from stages.artifacts import PgolfError
-    from stages.config import build
+    from pgolf.errors import PgolfError
+    from pgolf.config.build import build
 
     assert GPT(ModelConfig(**{**TINY.__dict__, "mlp_mult": 2.5})).blocks[0].mlp.fc.weight.shape == (160, 64)
     assert GPT(ModelConfig(**{**TINY.__dict__, "mlp_mult": 3})).blocks[0].mlp.fc.weight.shape == (192, 64)
-    assert build(ModelConfig, ({"mlp_mult": 3}, "params.yaml")).mlp_mult == 3.0
+    assert build(ModelConfig, [({"mlp_mult": 3}, "params.yaml")])[0].mlp_mult == 3.0
     with pytest.raises(PgolfError, match="mlp_mult"):
         ModelConfig(**{**TINY.__dict__, "mlp_mult": 0.001}).validate()
 
@@ -448,7 +454,7 @@ def test_mlp_mult_is_a_float_and_int_configs_still_load():
     ({"attn_backend": "fa5"}, "attn_backend"),
 ])
 def test_bad_component_params_are_refused(bad, message):
-    from stages.artifacts import PgolfError
+    from pgolf.errors import PgolfError
 
     with pytest.raises(PgolfError, match=message):
         ModelConfig(**{**TINY.__dict__, **bad}).validate()
@@ -472,14 +478,14 @@ def test_document_isolation_holds_with_every_option_on(variant):
 
 
 def test_new_small_tensors_are_control_tensors():
-    from stages.model import is_control
+    from pgolf.nn.optim import group_of
 
     model = GPT(ModelConfig(**{**TINY.__dict__, **ALL_OPTIONS}))
-    names = {n for n, p in model.named_parameters() if is_control(n, p)}
+    names = {n for n, p in model.named_parameters() if group_of(n, p) == "scalar"}
     for expected in ("skip_gates", "blocks.2.parallel_post_lambdas", "blocks.2.parallel_resid_lambdas",
                      "blocks.0.attn.attn_gate_w"):
         assert expected in names
-    assert "blocks.0.attn.c_q.weight" not in names  # the widened Q (with its gate rows) stays a Muon matrix
+    assert group_of("blocks.0.attn.c_q.weight", model.blocks[0].attn.c_q.weight) == "matrix"  # the widened Q too
 
 
 @torch.no_grad()
@@ -505,7 +511,7 @@ def test_perdim_smear_gate_blends_the_previous_token_from_sigma_3_and_never_acro
 
 
 def test_bigram_hash_buckets_pairs_within_documents_and_starts_as_a_no_op():
-    from stages.model import BIGRAM_HASH_MULT
+    from pgolf.nn.model import BIGRAM_HASH_MULT
 
     cfg = ModelConfig(**{**TINY.__dict__, "bigram_buckets": 97, "bigram_dim": 8})
     model = GPT(cfg)
@@ -521,7 +527,7 @@ def test_bigram_hash_buckets_pairs_within_documents_and_starts_as_a_no_op():
 
 
 def test_qat_fake_quantizes_block_matrices_with_a_straight_through_gradient():
-    from stages.model import CastedLinear, enable_qat, fake_quantize, set_qat
+    from pgolf.nn.model import CastedLinear, enable_qat, fake_quantize, set_qat
 
     model = randomized(TINY)
     ids = torch.randint(0, TINY.vocab_size, (2, 16))
@@ -547,7 +553,7 @@ def test_qat_fake_quantizes_block_matrices_with_a_straight_through_gradient():
 
 def test_qat_toggle_is_data_not_a_constant_under_torch_compile():
     """A flag read inside a compiled graph must not be constant-folded (late QAT that never fired)."""
-    from stages.model import enable_qat, set_qat
+    from pgolf.nn.model import enable_qat, set_qat
 
     torch._dynamo.reset()
     model = randomized(TINY)

@@ -111,10 +111,12 @@ def test_dvc_repro_reruns_only_what_a_param_change_touches(tmp_path):
     project.mkdir()
     shutil.copy(REPO / "dvc.yaml", project)
     shutil.copytree(REPO / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    from pgolf.config.params_file import render
+
+    params = yaml.safe_load(render("tiny"))  # never the working tree's params.yaml: a user's experiment may edit it
     params["tokenize"].update(vocab_size=512, val_docs=20, max_sentence_length=4192)
     params["train"].update(iterations=15, train_seq_len=64, train_batch_tokens=2048, val_tokens=1024)
-    params["model"] = {"num_layers": 2, "model_dim": 64}
+    params["model"].update(num_layers=2, model_dim=64)
     params["calibrate"].update(n_batches=2, seq_len=64, batch_seqs=4)
     params["ttt_eval"].update(seq_len=64)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,29 +1,33 @@
-"""Presets: every section of every preset is a valid config, and the precedence rules hold."""
+"""Presets: every section of every preset is a valid config, and reaches the stage that reads it."""
 
 from dataclasses import replace
 
 import pytest
 import torch
 
-from stages.artifacts import PgolfError
-from stages.config import (CalibrateConfig, EvalConfig, ModelConfig, PackConfig, QuantizeConfig, TokenizeConfig,
-                           TrainConfig, stage_config)
-from stages.presets import PRESETS
+from pgolf.config.build import build
+from pgolf.config.presets import PRESETS
+from pgolf.config.resolve import STAGE_SECTIONS, resolve
+from pgolf.config.sections import SECTIONS, EvalConfig
+from pgolf.errors import PgolfError
 
-SECTIONS = {"tokenize": TokenizeConfig, "model": ModelConfig, "train": TrainConfig, "calibrate": CalibrateConfig,
-            "quantize": QuantizeConfig, "pack": PackConfig, "ttt_eval": EvalConfig}
+
+def preset_params(name: str) -> dict:
+    """Every section of `name` as the stages resolve it (no params.yaml)."""
+    out = {}
+    for stage, sections in STAGE_SECTIONS.items():
+        resolved = resolve(stage, None, {"preset": name})
+        out.update({s: resolved.sections[s] for s in sections})
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_section_is_a_valid_config(name):
-    from stages.model import GPT
-    from stages.quant import validate_config
-    from stages.train import validate_train_config
+    from pgolf.nn.model import GPT
 
     assert set(PRESETS[name]) <= set(SECTIONS)
-    cfgs = {section: stage_config(cls, section, {"preset": name}, {}) for section, cls in SECTIONS.items()}
-    validate_train_config(cfgs["train"])
-    validate_config(cfgs["quantize"])
+    cfgs = preset_params(name)
+    assert set(cfgs) == set(SECTIONS)
     for section, values in PRESETS[name].items():  # each value really arrives in its stage's config
         for key, value in values.items():
             assert getattr(cfgs[section], key) == value, (section, key)
@@ -33,36 +37,26 @@ def test_every_preset_section_is_a_valid_config(name):
 
 
 def test_record_preset_has_the_records_dimensions():
-    from stages.model import GPT
+    from pgolf.nn.model import GPT
 
-    cfg = replace(stage_config(ModelConfig, "model", {"preset": "record"}, {}), vocab_size=8192)
+    params = resolve("train", None, {"preset": "record"})
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = GPT(replace(params.model, vocab_size=8192))
     # The record's log says 35,945,671; it also allocates parallel-lane lambdas (4 + 2 per layer) for
     # layers 0–7, which never run in parallel: 8 × 6 = 48 parameters that pgolf does not create.
     assert sum(p.numel() for p in model.parameters()) == 35_945_671 - 48
     assert model.looped_order == (0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10)
-    train = stage_config(TrainConfig, "train", {"preset": "record"}, {})
+    train = params.train
     assert train.train_batch_tokens // (train.grad_accum_steps // 8) == 786_432  # one micro-step per GPU on 8
 
 
-def test_params_yaml_overrides_the_preset_and_set_overrides_both():
-    params = {"preset": "record", "quantize": {"bits": 5}, "train": {"seed": 7}}
-    q = stage_config(QuantizeConfig, "quantize", params, {})
-    assert q.bits == 5 and q.method == "gptq" and q.embed_bits == 7  # the rest still from the preset
-    assert stage_config(QuantizeConfig, "quantize", params, {"bits": 4}).bits == 4
-    assert stage_config(TrainConfig, "train", params, {"preset": "baseline"}).matrix_lr == 0.04
-    with pytest.raises(PgolfError, match="unknown preset 'recrod'"):
-        stage_config(TrainConfig, "train", {"preset": "recrod"}, {})
+def test_ttt_settings_are_recorded_but_refused_until_implemented():
+    from pgolf.text.evaluate import check_ttt
 
-
-def test_ttt_settings_are_recorded_but_refused_until_implemented(tmp_path):
-    from stages.ttt_eval import check_ttt
-
-    cfg = stage_config(EvalConfig, "ttt_eval", {"preset": "record"}, {})
+    cfg = resolve("ttt-eval", None, {"preset": "record"}).ttt_eval
     assert cfg.ttt == "phased_lora" and cfg.ttt_lora_rank == 80
     with pytest.raises(PgolfError, match="not implemented.*--set ttt=none"):
         check_ttt(cfg)
     check_ttt(replace(cfg, ttt="none"))
-    with pytest.raises(PgolfError, match="choose one of"):
-        check_ttt(replace(cfg, ttt="slot"))
+    with pytest.raises(PgolfError, match="ttt='slot' must be one of none, score_first, phased_lora"):
+        build(EvalConfig, [({"ttt": "slot"}, "params.yaml: ttt_eval")], "ttt_eval")

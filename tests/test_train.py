@@ -10,9 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.artifacts import PgolfError, load_tensors
-from stages.config import ModelConfig, TrainConfig
-from stages.train import build_optimizers, check_batch_geometry, lr_scale, run, validate_train_config
+from pgolf.errors import PgolfError
+from pgolf.formats.files import load_tensors
+from pgolf.config.sections import ModelConfig, TrainConfig
+from pgolf.nn.optim import build_optimizers
+from pgolf.config.build import build
+from pgolf.nn.schedule import Schedule
+from pgolf.nn.trainer import micro_steps
+from pgolf.train import run
+
+def lr_scale(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
+    return Schedule(cfg).lr_scale(step, elapsed_ms)
+
 
 MODEL = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
 TRAIN = TrainConfig(iterations=12, max_wallclock_seconds=0, warmdown_iters=4, warmup_steps=0,
@@ -63,9 +72,9 @@ def test_lr_schedule_by_steps_and_by_wallclock():
 
 def test_bad_geometry_and_vocab_mismatch_are_clear_errors(tokenized_dir, tmp_path):
     with pytest.raises(PgolfError, match="not divisible by the world size"):
-        check_batch_geometry(replace(TRAIN, grad_accum_steps=3), 2)
+        micro_steps(replace(TRAIN, grad_accum_steps=3), 2)
     with pytest.raises(PgolfError, match="multiple of"):
-        check_batch_geometry(replace(TRAIN, train_batch_tokens=2000), 1)
+        micro_steps(replace(TRAIN, train_batch_tokens=2000), 1)
     with pytest.raises(PgolfError, match="tokenizer"):
         train_once(tokenized_dir, tmp_path, model=replace(MODEL, vocab_size=77))
     assert not (tmp_path / "ckpt.safetensors").exists()
@@ -80,7 +89,7 @@ def test_two_process_torchrun_matches_one_process(tokenized_dir, tmp_path):
 
     def launch(prefix: list[str], out: Path) -> dict:
         out.mkdir()
-        cmd = prefix + ["-m", "stages.cli", "train", "--data", str(tokenized_dir), "--device", "cpu",
+        cmd = prefix + ["-m", "pgolf.cli", "train", "--data", str(tokenized_dir), "--device", "cpu",
                         "--out", str(out / "ckpt.safetensors"), "--metrics", str(out / "m.json"),
                         "--loss-log", str(out / "log.csv"), "--params", str(out / "none.yaml"), *sets]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
@@ -99,7 +108,7 @@ def test_two_process_torchrun_matches_one_process(tokenized_dir, tmp_path):
 @pytest.mark.parametrize("average", [{}, {"ema_decay": 0.9}, {"swa_every": 3, "swa_start_frac": 0.25}],
                          ids=("plain", "ema", "swa"))
 def test_a_killed_run_resumes_to_the_same_result(tokenized_dir, tmp_path, monkeypatch, average):
-    from stages.shards import DistributedTokenLoader
+    from pgolf.formats.shards import DistributedTokenLoader
 
     cfg = replace(TRAIN, iterations=12, checkpoint_every=4, **average)
     full, _, _ = train_once(tokenized_dir, tmp_path / "full", cfg)
@@ -170,7 +179,7 @@ def test_a_suspended_torchrun_run_resumes_with_every_ranks_momentum(tokenized_di
 
     def launch(out: Path, *extra: str) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "stages.cli", "train", "--data", str(tokenized_dir), "--device", "cpu",
+               "pgolf.cli", "train", "--data", str(tokenized_dir), "--device", "cpu",
                "--out", str(out / "ckpt.safetensors"), "--metrics", str(out / "m.json"),
                "--loss-log", str(out / "log.csv"), "--params", str(out / "none.yaml"), *sets, *extra]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
@@ -190,7 +199,7 @@ def test_a_suspended_torchrun_run_resumes_with_every_ranks_momentum(tokenized_di
 
 
 def test_ema_weights_are_saved_and_evaluated(tokenized_dir, tmp_path):
-    from stages.model import GPT
+    from pgolf.nn.model import GPT
 
     one_step = replace(TRAIN, iterations=1)
     live, meta, _ = train_once(tokenized_dir, tmp_path / "live", one_step)
@@ -211,7 +220,7 @@ def test_ema_weights_are_saved_and_evaluated(tokenized_dir, tmp_path):
 
 
 def test_bias_corrected_ema_is_the_normalised_weighted_mean_of_the_steps():
-    from stages.trainstate import WeightAverage
+    from pgolf.nn.average import WeightAverage
 
     net = torch.nn.Linear(3, 2)
     init = {k: v.clone() for k, v in net.state_dict().items()}
@@ -241,7 +250,7 @@ def test_lr_warmup_warmdown_fraction_and_floor():
 
 
 def test_weight_decay_groups_and_bad_train_params():
-    from stages.model import GPT
+    from pgolf.nn.model import GPT
 
     model = GPT(replace(MODEL, vocab_size=64))
     plain, _ = build_optimizers(model, TRAIN, torch.float32)
@@ -251,13 +260,13 @@ def test_weight_decay_groups_and_bad_train_params():
     for bad in ({"muon_ns": "cubic"}, {"warmdown_frac": 1.5}, {"ema_decay": 1.0}, {"muon_wd": -1.0},
                 {"swa_every": 2, "ema_decay": 0.9}, {"qat_bits": 9}, {"loop_enable_frac": 2.0}, {"swa_every": -1}):
         with pytest.raises(PgolfError, match=next(iter(bad))):
-            validate_train_config(replace(TRAIN, **bad))
+            build(TrainConfig, [(bad, "params")], "train")
 
 
 def test_every_model_option_puts_each_parameter_in_one_optimizer_group():
     from test_model import OPTIONS, TINY
 
-    from stages.model import GPT
+    from pgolf.nn.model import GPT
 
     for option in OPTIONS:
         model = GPT(ModelConfig(**{**TINY.__dict__, **option}))
@@ -266,16 +275,16 @@ def test_every_model_option_puts_each_parameter_in_one_optimizer_group():
 
 
 def test_swa_saves_the_fp32_mean_of_its_snapshots(tokenized_dir, tmp_path, monkeypatch):
-    from stages import trainstate
+    from pgolf.nn.average import WeightAverage
 
     snapshots = []
-    real_update = trainstate.WeightAverage.update
+    real_update = WeightAverage.update
 
     def recording_update(self, model):
         snapshots.append({k: v.detach().float().clone() for k, v in model.state_dict().items()})
         real_update(self, model)
 
-    monkeypatch.setattr(trainstate.WeightAverage, "update", recording_update)
+    monkeypatch.setattr(WeightAverage, "update", recording_update)
     cfg = replace(TRAIN, iterations=7, swa_every=2, swa_start_frac=0.5)  # snapshots after steps 4 and 6
     swa, _, out = train_once(tokenized_dir, tmp_path / "swa", cfg)
     live, _, _ = train_once(tokenized_dir, tmp_path / "live", replace(cfg, swa_every=0))
@@ -299,3 +308,19 @@ def test_depth_recurrence_switches_on_at_its_fraction_and_qat_runs(tokenized_dir
     # QAT changes training: the same run without it ends elsewhere
     no_qat, _, _ = train_once(tokenized_dir, tmp_path / "noqat", replace(cfg, qat_bits=0), looped)
     assert not torch.equal(state["blocks.0.mlp.fc.weight"], no_qat["blocks.0.mlp.fc.weight"])
+
+
+def test_dotted_set_of_the_stages_own_section_takes_effect(tokenized_dir, tmp_path):
+    """`pgolf train --set train.iterations=3` trains 3 steps (the preset's 200 once won silently)."""
+    from typer.testing import CliRunner
+
+    from pgolf.cli import app
+
+    args = ["train", "--data", str(tokenized_dir), "--out", str(tmp_path / "ckpt.safetensors"), "--metrics",
+            str(tmp_path / "m.json"), "--loss-log", str(tmp_path / "log.csv"), "--params", str(tmp_path / "none.yaml")]
+    small = ["preset=tiny", "train.iterations=3", "train.train_seq_len=64", "train.train_batch_tokens=1024",
+             "model.num_layers=1", "model.model_dim=32", "train.val_tokens=512", "train.device=cpu"]
+    result = CliRunner().invoke(app, args + [a for s in small for a in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m.json").read_text())["steps"] == 3
+    assert load_tensors(tmp_path / "ckpt.safetensors", "checkpoint")[1]["params"]["iterations"] == 3

@@ -11,17 +11,17 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-import typer
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from stages import pack, quantize, tokenize, ttt_eval, verify
-from stages.artifacts import PgolfError, read_json, save_tensors, sha256_file
-from stages.blob import PREFIX
-from stages.config import EvalConfig, ModelConfig, PackConfig, QuantizeConfig, TokenizeConfig, VerifyConfig
-from stages.model import GPT
-from stages.quant import quantize_rtn_tensor
+from pgolf import pack, quantize, tokenize, ttt_eval, verify
+from pgolf.errors import PgolfError, Rejected
+from pgolf.formats.files import read_json, save_tensors, sha256_file
+from pgolf.formats.blob import PREFIX
+from pgolf.config.sections import EvalConfig, ModelConfig, PackConfig, QuantizeConfig, TokenizeConfig, VerifyConfig
+from pgolf.nn.model import GPT
+from pgolf.quant.grid import quantize_rtn_tensor
 
 WORDS = ("the quick brown fox jumps over lazy dog alpha beta gamma delta golf parameter model byte token "
          "shard river mountain castle window stride claim verify blob header").split()
@@ -70,7 +70,7 @@ def world(tmp_path_factory):
     save_tensors(ckpt, state, "checkpoint", {"model_config": asdict(cfg), "params": {},
                                              "tokenizer_sha256": read_json(data / "manifest.json")["tokenizer_sha256"]})
     quantized = tmp / "quantized.safetensors"
-    quantize.run(ckpt, quantized, QuantizeConfig(bits=6), None, tmp / "quantize.json")
+    quantize.run(ckpt, quantized, QuantizeConfig(bits=6), PackConfig(codec="zlib"), None, tmp / "quantize.json", None)
     blob = tmp / "model.pgolf"
     pack.run(quantized, data, blob, PackConfig(codec="zlib"), tmp / "pack.json")
     claims = tmp / "ttt_eval_metrics.json"
@@ -86,9 +86,9 @@ def run_verify(world, blob=None, data=None, cfg=VerifyConfig(), claim=None, clai
     if report.exists():
         report.unlink()
     try:
-        verify.run(blob or world["blob"], data or world["data"], cfg, eval_cfg, claim, claims, fmt, report)
+        verify.run(blob or world["blob"], data or world["data"], cfg, eval_cfg, {}, claim, claims, fmt, report)
         passed = True
-    except typer.Exit as exc:
+    except Rejected as exc:
         assert exc.exit_code == 1
         passed = False
     rep = read_json(report)  # written whatever the outcome
@@ -186,7 +186,9 @@ def test_official_int8_artifact(world):
     ptz = world["tmp"] / "final_model.int8.ptz"
     write_ptz(ptz, obj)
     # The expected score: the independently dequantized weights in the known architecture.
-    expected = ttt_eval.evaluate_state_dict(reference_dequantize(obj), world["cfg"], world["data"], EVAL, progress=False)
+    from pgolf.text.evaluate import evaluate_state_dict
+
+    expected = evaluate_state_dict(reference_dequantize(obj), world["cfg"], world["data"], EVAL)
     rep, passed = run_verify(world, blob=ptz, claim=expected["val_bpb"], eval_cfg=EVAL)
     st = status(rep)
     assert passed and rep["format"] == "official-int8", rep["checks"]
@@ -223,7 +225,7 @@ def test_claim_inputs_validated(world, tmp_path):
 
 
 def test_cli_exit_codes(world):
-    from stages.cli import app
+    from pgolf.cli import app
 
     runner = CliRunner()
     report = world["tmp"] / "cli_verify.json"
@@ -241,7 +243,7 @@ def test_pack_over_limit_leaves_no_blob(world, tmp_path):
     quantized = world["tmp"] / "quantized.safetensors"
     out = tmp_path / "model.pgolf"
     out.write_bytes(b"stale blob from an earlier run")
-    with pytest.raises(typer.Exit) as exc:
+    with pytest.raises(Rejected, match="exceeds the limit") as exc:
         pack.run(quantized, world["data"], out, PackConfig(codec="zlib", limit=100_000), tmp_path / "pack.json")
     assert exc.value.exit_code == 1
     assert not out.exists()
@@ -258,17 +260,17 @@ def test_pack_refuses_other_tokenizer(world, tmp_path):
 
 def test_blob_matches_quantizer(world):
     """What verify scored is what quantize produced: the blob's codes equal a direct 6-bit RTN."""
-    from stages.blob import read_blob
+    from pgolf.formats.blob import read_blob
 
     _, tensors = read_blob(world["blob"])
-    q, s, _ = quantize_rtn_tensor(world["state"]["blocks.1.mlp.fc.weight"], 6)
+    q, s, _ = quantize_rtn_tensor(world["state"]["blocks.1.mlp.fc.weight"], 6, "percentile", 99.99984, 12.85)
     assert torch.equal(tensors["blocks.1.mlp.fc.weight#codes"], q) and torch.equal(tensors["blocks.1.mlp.fc.weight#scales"], s)
     assert sha256_file(world["blob"]) == world["pack"]["blob_sha256"]
 
 
 def test_eval_settings_follow_the_claim_unless_overridden():
-    from stages.config import EvalConfig
-    from stages.verify import eval_settings
+    from pgolf.config.sections import EvalConfig
+    from pgolf.audit.claims import eval_settings
 
     cfg, sources = eval_settings(EvalConfig(seq_len=1024, stride=0), {"seq_len": 64, "stride": 32}, {"stride": 16})
     assert (cfg.seq_len, cfg.stride, cfg.val_tokens) == (64, 16, 0)

@@ -1,0 +1,245 @@
+"""verify's checks: each one a function of the shared context, registered in the order it runs.
+
+A check returns the detail of a PASS, raises PgolfError for a FAIL (any other exception is a FAIL too:
+a hostile or broken artifact must still end in a report, not a traceback), or raises Skip. A check whose
+prerequisites (`needs`) did not pass is recorded as SKIP. A new check is one decorated function.
+Nothing from the file is executed: pgolf blobs are JSON + raw bytes, and the challenge's
+`final_model.int8.ptz` goes through torch.load(weights_only=True) only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pgolf.config.build import build_section
+from pgolf.config.sections import EvalConfig, ModelConfig, VerifyConfig
+from pgolf.errors import PgolfError
+from pgolf.formats import blob as blobfmt
+from pgolf.formats import codecs
+from pgolf.formats.code import measure_code
+from pgolf.formats.dequant import dequantize
+from pgolf.formats.files import sha256_file
+from pgolf.formats.official_int8 import infer_baseline_config, official_int8_state_dict, read_official_int8
+from pgolf.formats.shards import shard_paths
+from pgolf.text.evaluate import evaluate_state_dict
+
+PGOLF, OFFICIAL = "pgolf", "official-int8"
+FORMATS = (PGOLF, OFFICIAL)
+
+
+@dataclass
+class Context:
+    """What the checks read, and what earlier checks found for later ones."""
+
+    blob: Path
+    data: Path
+    raw: bytes
+    fmt: str
+    manifest: dict
+    manifest_path: Path
+    cfg: VerifyConfig
+    eval_cfg: EvalConfig
+    claimed: float | None
+    header: dict | None = None
+    payload: bytes | None = None
+    official: dict | None = None
+    state_dict: dict[str, torch.Tensor] | None = None
+    model_cfg: ModelConfig | None = None
+    sizes: dict | None = None
+    measured: dict | None = None
+
+
+@dataclass
+class Row:
+    name: str
+    status: str  # PASS | FAIL | SKIP
+    detail: str
+
+
+class Skip(Exception):
+    """Not applicable (or nothing to compare against); the message says why."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    run: Callable[[Context], str]
+    formats: tuple[str, ...] = FORMATS
+    needs: tuple[str, ...] = field(default=())
+
+
+CHECKS: list[Check] = []
+
+
+def check(name: str, *, formats: tuple[str, ...] = FORMATS, needs: tuple[str, ...] = ()):
+    """Register a check (decorator); stacked, one function serves several formats with different needs."""
+    def register(fn: Callable[[Context], str]) -> Callable[[Context], str]:
+        CHECKS.append(Check(name, fn, formats, needs))
+        return fn
+    return register
+
+
+def detect_format(data: bytes) -> str:
+    """pgolf by its magic; the challenge's int8 artifact by its zlib header; else pgolf (the magic check fails)."""
+    if data.startswith(blobfmt.MAGIC):
+        return PGOLF
+    if len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] * 256 + data[1]) % 31 == 0:
+        return OFFICIAL
+    return PGOLF
+
+
+def run_checks(ctx: Context) -> list[Row]:
+    rows: list[Row] = []
+    for spec in CHECKS:
+        if ctx.fmt not in spec.formats:
+            continue
+        blocked = [r.name for r in rows if r.name in spec.needs and r.status != "PASS"]
+        if blocked:
+            rows.append(Row(spec.name, "SKIP", f"needs {', '.join(blocked)}"))
+            continue
+        try:
+            rows.append(Row(spec.name, "PASS", spec.run(ctx)))
+        except Skip as why:
+            rows.append(Row(spec.name, "SKIP", str(why)))
+        except PgolfError as exc:
+            rows.append(Row(spec.name, "FAIL", str(exc)))
+        except Exception as exc:  # noqa: BLE001 — see the module docstring
+            rows.append(Row(spec.name, "FAIL", f"unexpected {type(exc).__name__}: {exc}"))
+    return rows
+
+
+# ---- integrity
+
+@check("header", formats=(PGOLF,))
+def pgolf_header(ctx: Context) -> str:
+    ctx.header, ctx.payload = blobfmt.parse_blob(ctx.raw, ctx.blob)
+    chunks = ctx.header["payload"].get("chunks")
+    layout = f"v{blobfmt.VERSION_CHUNKED}, {len(chunks)} chunks" if chunks else f"v{blobfmt.VERSION}"
+    return f"blob {layout}, codec {ctx.header['codec']}, {len(ctx.header['tensors'])} tensors"
+
+
+@check("header", formats=(OFFICIAL,))
+def official_header(ctx: Context) -> str:
+    ctx.official = obj = read_official_int8(ctx.blob)
+    return f"{obj['__quant_format__']}: {len(obj['quantized'])} quantized, {len(obj['passthrough'])} kept"
+
+
+@check("payload hash", formats=(PGOLF,), needs=("header",))
+def pgolf_payload(ctx: Context) -> str:
+    blobfmt.check_payload(ctx.header, ctx.payload, ctx.blob)
+    return f"sha256 {ctx.header['payload']['sha256'][:16]}… matches ({len(ctx.payload):,} bytes)"
+
+
+@check("payload hash", formats=(OFFICIAL,), needs=("header",))
+def official_payload(ctx: Context) -> str:
+    return "zlib adler-32 verified on decompression (this format records no sha256)"
+
+
+# ---- size: the whole file plus the code that decodes and scores it
+
+@check("size")
+def size(ctx: Context) -> str:
+    recorded = (ctx.header.get("code") or {}).get("bytes") if ctx.header else None
+    code_codec = ((ctx.header or {}).get("code") or {}).get("codec", "auto")
+    recomputed = measure_code(code_codec if code_codec in codecs.CODECS else "auto")["bytes"]
+    code = max(recomputed, recorded) if isinstance(recorded, int) else recomputed
+    total, limit = len(ctx.raw) + code, ctx.cfg.limit
+    ctx.sizes = {"model_bytes": len(ctx.raw), "code_bytes_recorded": recorded, "code_bytes_recomputed": recomputed,
+                 "code_bytes": code, "total_bytes": total, "limit": limit}
+    detail = (f"model {len(ctx.raw):,} + code {code:,} (recorded {recorded if recorded is not None else 'n/a'}, "
+              f"recomputed {recomputed:,}; the larger counts) = {total:,} vs limit {limit:,}")
+    if total > limit:
+        raise PgolfError(f"OVER by {total - limit:,}: {detail}")
+    return detail
+
+
+# ---- decoding
+
+@check("decode", formats=(PGOLF,), needs=("header", "payload hash"))
+def pgolf_decode(ctx: Context) -> str:
+    tensors = blobfmt.decode_payload(ctx.header, ctx.payload, ctx.blob)
+    ctx.state_dict = dequantize(tensors, ctx.header.get("schema"), str(ctx.blob))
+    ctx.model_cfg = build_section(ModelConfig, ctx.header.get("model_config"), f"{ctx.blob}: model config")
+    return f"{len(ctx.state_dict)} tensors, JSON + raw bytes only (nothing executed)"
+
+
+@check("decode", formats=(OFFICIAL,), needs=("header", "payload hash"))
+def official_decode(ctx: Context) -> str:
+    ctx.state_dict = official_int8_state_dict(ctx.official, str(ctx.blob))
+    ctx.model_cfg = c = infer_baseline_config(ctx.state_dict, int(ctx.manifest.get("vocab_size", 0)))
+    return (f"baseline architecture: {c.num_layers} layers, width {c.model_dim}, {c.num_heads}/{c.num_kv_heads} "
+            "heads; torch.load(weights_only=True), nothing executed")
+
+
+# ---- the data it claims
+
+@check("vocab", needs=("decode",))
+def vocab(ctx: Context) -> str:
+    want = int(ctx.manifest.get("vocab_size", -1))
+    have = ctx.model_cfg.vocab_size
+    if have != want:
+        raise PgolfError(f"model vocab {have} != {want} in {ctx.manifest_path}: vocab/tokenizer mismatch")
+    return f"{have} tokens"
+
+
+@check("tokenizer", formats=(PGOLF,), needs=("header",))
+def tokenizer(ctx: Context) -> str:
+    claimed_sha = ctx.header.get("tokenizer_sha256")
+    tok_path = ctx.data / str(ctx.manifest.get("tokenizer", "tokenizer.model"))
+    if not tok_path.is_file():
+        raise PgolfError(f"{tok_path}: tokenizer file missing from the data directory")
+    actual = sha256_file(tok_path)
+    if claimed_sha != ctx.manifest.get("tokenizer_sha256") or claimed_sha != actual:
+        raise PgolfError(f"blob made for tokenizer {str(claimed_sha)[:12]}…, data has {actual[:12]}… ({tok_path}); "
+                         "verify against the data it was made for")
+    return f"sha256 {actual[:16]}… matches {tok_path}"
+
+
+@check("tokenizer", formats=(OFFICIAL,))
+def official_tokenizer(ctx: Context) -> str:
+    raise Skip("the official int8 format records no tokenizer; vocab size checked instead")
+
+
+def actual_val_shards(data: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(shard_paths(data, "val") + shard_paths(data, "val_bytes"))}
+
+
+@check("val shards", formats=(PGOLF,), needs=("header",))
+def val_shards(ctx: Context) -> str:
+    claimed_val = ctx.header.get("val_shards")
+    if not isinstance(claimed_val, dict) or not claimed_val:
+        raise PgolfError(f"{ctx.blob}: header records no val shard hashes")
+    actual = actual_val_shards(ctx.data)
+    missing = sorted(set(claimed_val) - set(actual))
+    extra = sorted(set(actual) - set(claimed_val))
+    differ = sorted(n for n in set(claimed_val) & set(actual) if claimed_val[n] != actual[n])
+    if missing or extra or differ:
+        raise PgolfError(f"val set differs from the one the blob was made for: missing {missing}, "
+                         f"unexpected {extra}, different content {differ} in {ctx.data}")
+    return f"{len(actual)} files match by sha256"
+
+
+@check("val shards", formats=(OFFICIAL,))
+def official_val_shards(ctx: Context) -> str:
+    raise Skip("the official int8 format records no val shard hashes")
+
+
+# ---- the score
+
+@check("bpb", formats=(OFFICIAL,), needs=("decode", "vocab"))
+@check("bpb", formats=(PGOLF,), needs=("decode", "vocab", "tokenizer", "val shards"))
+def bpb(ctx: Context) -> str:
+    ctx.measured = evaluate_state_dict(ctx.state_dict, ctx.model_cfg, ctx.data, ctx.eval_cfg)
+    got = float(ctx.measured["val_bpb"])
+    if ctx.claimed is None:
+        raise Skip(f"measured {got:.6f} (no claim given)")
+    tolerance = ctx.cfg.tolerance
+    detail = (f"measured {got:.6f} vs claimed {ctx.claimed:.6f} (|Δ| {abs(got - ctx.claimed):.6f}, "
+              f"tolerance {tolerance})")
+    if not abs(got - ctx.claimed) <= tolerance:
+        raise PgolfError(f"claim not reproduced: {detail}")
+    return detail

@@ -1,0 +1,359 @@
+"""One typed config per params.yaml section: every key, its default, its one-line doc and its valid range.
+
+Why a table of fields rather than plain defaults: the same declaration feeds the generic validation (a
+range, a choice or a pattern per key, checked in one place), the comments of a full params.yaml
+(`python -m pgolf.config.presets NAME`) and the error messages, so none of them can drift apart. The
+rules that tie several keys together are each section's `check`. Defaults are the challenge's naive
+baseline (the reference `train_gpt.py`); presets (pgolf.config.presets) override them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from pgolf.errors import PgolfError
+
+# Names the building blocks register under (tests hold each registry to its tuple).
+CODECS = ("zlib", "zstd", "brotli", "lzma")
+QUANT_METHODS = ("rtn", "gptq")
+CLIPS = ("percentile", "sdclip")
+NS_COEFFICIENT_SETS = ("classic", "polar_express")
+CALIBRATION_SOURCES = ("train", "self")
+TTT_MODES = ("none", "score_first", "phased_lora")
+ACTIVATIONS = ("relu2", "leaky_relu2")
+ATTN_BACKENDS = ("auto", "sdpa", "flex")
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+MIN_BITS, MAX_BITS = 2, 8
+MIN_CHUNK_BYTES = 1 << 16
+
+
+class ConfigError(PgolfError):
+    """A bad value of one key; the resolver prefixes where the value came from."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def param(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+          lt: float | None = None, off: Any = None, choices: tuple[str, ...] | None = None,
+          pattern: str | None = None) -> Any:
+    """A config key: its default, a one-line doc, and its valid values (bounds; `off` is a value allowed
+    besides them, e.g. 0 for "disabled"; `choices` or a regex `pattern` for strings)."""
+    rule = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, off=off, choices=choices, pattern=pattern).items()
+            if v is not None}
+    return field(default=default, metadata={"doc": doc, "rule": rule})
+
+
+def doc_of(cls: type, name: str) -> str:
+    return next(f.metadata.get("doc", "") for f in fields(cls) if f.name == name)
+
+
+def rule_text(rule: dict[str, Any]) -> str:
+    """A rule as the message shows it, e.g. ">= 1", "0 or in [2, 8]", "one of rtn, gptq"."""
+    if "choices" in rule:
+        return "one of " + ", ".join(rule["choices"])
+    if "pattern" in rule:
+        return f"matching {rule['pattern']}"
+    lo = f"[{rule['ge']}" if "ge" in rule else f"({rule['gt']}" if "gt" in rule else None
+    hi = f"{rule['le']}]" if "le" in rule else f"{rule['lt']})" if "lt" in rule else None
+    text = (f"in {lo}, {hi}" if lo and hi else f">= {rule['ge']}" if "ge" in rule else f"> {rule['gt']}" if "gt" in rule
+            else f"<= {rule['le']}" if "le" in rule else f"< {rule['lt']}" if "lt" in rule else "a finite number")
+    return f"{rule['off']} (off) or {text}" if "off" in rule else text
+
+
+def _breaks(value: Any, rule: dict[str, Any]) -> bool:
+    if "off" in rule and value == rule["off"]:
+        return False
+    if isinstance(value, str):
+        return ("choices" in rule and value not in rule["choices"]) or \
+            ("pattern" in rule and re.fullmatch(rule["pattern"], value) is None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return True
+    return (("ge" in rule and value < rule["ge"]) or ("gt" in rule and value <= rule["gt"])
+            or ("le" in rule and value > rule["le"]) or ("lt" in rule and value >= rule["lt"]))
+
+
+class Section:
+    """Generic validation: every key against its declared rule, then the section's own `check`."""
+
+    def validate(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            rule = f.metadata.get("rule", {})
+            if _breaks(value, rule):
+                raise ConfigError(f.name, f"{f.name}={value!r} must be {rule_text(rule)}")
+        self.check()
+
+    def check(self) -> None:
+        """Rules across keys; raise ConfigError naming the key to blame."""
+
+
+@dataclass
+class ModelConfig(Section):
+    """The GPT of the challenge's naive baseline; defaults are its values."""
+
+    vocab_size: int = param(0, "tokens in the vocabulary; 0: the tokenized data's", ge=0, le=1 << 16)
+    num_layers: int = param(9, "transformer blocks", ge=1)
+    model_dim: int = param(512, "residual stream width", ge=1)
+    num_heads: int = param(8, "query heads", ge=1)
+    num_kv_heads: int = param(4, "key/value heads (GQA); divides num_heads", ge=1)
+    mlp_mult: float = param(2.0, "MLP hidden size = int(mlp_mult · model_dim)", gt=0)
+    rope_base: float = param(10000.0, "RoPE frequency base", gt=0)
+    qk_gain_init: float = param(1.5, "initial per-head query gain")
+    logit_softcap: float = param(30.0, "logits = cap · tanh(z / cap)", gt=0)
+    tie_embeddings: bool = param(True, "the LM head is the token embedding")
+    tied_embed_init_std: float = param(0.005, "init std of the tied embedding", ge=0)
+    bos_id: int = param(1, "the BOS token id (documents start with it); set from the data", ge=0)
+    doc_mask: bool = param(False, "attention never crosses a BOS into the previous document")
+    activation: str = param("relu2", "MLP activation: relu2 | leaky_relu2 (LeakyReLU(0.5)²)",
+                            choices=ACTIVATIONS)
+    rope_dims: int = param(0, "rotate only the first N dims of each head (partial RoPE); 0: all", ge=0)
+    ln_scale: bool = param(False, "scale block l's normed inputs by 1/√(l+1)")
+    xsa_layers: int = param(0, "exclusive self-attention on the last N layers", ge=0)
+    smear_gate: bool = param(False, "mix the previous token's embedding in through a learned gate (never across a BOS)")
+    smear_gate_perdim: bool = param(False, "the older SmearGate: per-channel blend σ(g)·e_t + (1−σ(g))·e_{t−1}")
+    bigram_buckets: int = param(0, "BigramHash: hashed (prev, cur) pair embeddings added to the input; 0: off", ge=0)
+    bigram_dim: int = param(128, "BigramHash embedding width (projected to model_dim)", ge=1)
+    attn_backend: str = param("auto", "document-masked attention: auto (flex when training on CUDA, else SDPA) | sdpa "
+                              "| flex", choices=ATTN_BACKENDS)
+    skip_gates: bool = param(False, "U-Net skip merge as a lerp x ← σ(g)·x + (1−σ(g))·(w ⊙ skip), g init 0")
+    parallel_from: int = param(0, "two-lane parallel residuals in physical layers >= K; 0: off", ge=0)
+    loop_start: int = param(0, "depth recurrence: first looped layer", ge=0)
+    loop_end: int = param(0, "depth recurrence: last looped layer (inclusive)", ge=0)
+    num_loops: int = param(0, "depth recurrence: extra passes over loop_start..loop_end; 0: off", ge=0)
+    sparse_attn_gate: bool = param(False, "per-head output gate σ(scale · W·n[:12]) after XSA, W zero-init")
+    sparse_gate_scale: float = param(0.5, "the sparse gate's logit scale", gt=0)
+    gated_attn_dim: int = param(0, "headwise gated attention: c_q widened by this many rows (a multiple of "
+                                "num_heads); 0: off", ge=0)
+    ortho_init: bool = param(False, "orthogonal init (gain 1) of every non-zero-init block matrix")
+
+    def check(self) -> None:
+        if self.model_dim % self.num_heads:
+            raise ConfigError("model_dim", f"model_dim {self.model_dim} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError("num_kv_heads", f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                                              f"{self.num_kv_heads}")
+        head_dim = self.model_dim // self.num_heads
+        if head_dim % 2:
+            raise ConfigError("model_dim", f"head dim {head_dim} must be even for RoPE")
+        if int(self.mlp_mult * self.model_dim) < 1:
+            raise ConfigError("mlp_mult", f"mlp_mult {self.mlp_mult} must give an MLP of at least one unit "
+                                          "(hidden = int(mlp_mult · model_dim))")
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ConfigError("rope_dims", f"rope_dims {self.rope_dims} must be even and at most the head dim {head_dim}")
+        if self.xsa_layers > self.num_layers:
+            raise ConfigError("xsa_layers", f"xsa_layers {self.xsa_layers} must be between 0 and num_layers "
+                                            f"{self.num_layers}")
+        if self.num_loops and not self.loop_start <= self.loop_end < self.num_layers:
+            raise ConfigError("loop_end", f"loop_start {self.loop_start} and loop_end {self.loop_end} must satisfy "
+                                          f"0 <= loop_start <= loop_end < num_layers {self.num_layers}")
+        if self.parallel_from:
+            # Lanes start at the first parallel layer and last to the end: the parallel layers must be a
+            # suffix of the decoder in both the plain and the looped layer order.
+            low = max(self.num_layers // 2, self.loop_end + 1 if self.num_loops else 0, 1)
+            if not low <= self.parallel_from < self.num_layers:
+                raise ConfigError("parallel_from", f"parallel_from {self.parallel_from} must be 0 (off) or between "
+                                                   f"{low} and {self.num_layers - 1}: parallel layers must be decoder "
+                                                   "layers after any looped ones")
+        if self.smear_gate and self.smear_gate_perdim:
+            raise ConfigError("smear_gate", "smear_gate and smear_gate_perdim are two forms of one gate; pick one")
+        if self.gated_attn_dim % self.num_heads:
+            raise ConfigError("gated_attn_dim", f"gated_attn_dim {self.gated_attn_dim} must be 0 (off) or a positive "
+                                                f"multiple of num_heads {self.num_heads} (each head's gate reads "
+                                                "gated_attn_dim / num_heads rows)")
+
+
+@dataclass
+class TokenizeConfig(Section):
+    vocab_size: int = param(1024, "SentencePiece vocabulary size", ge=1, le=1 << 16)
+    val_docs: int = param(50_000, "the first N documents in input order are validation", ge=1)
+    tokenizer_train_docs: int = param(5_000_000, "the tokenizer trains on the first N training documents", ge=1)
+    # SentencePiece skips longer "sentences" (here: documents) when training; 4192 is its default, which
+    # the challenge kept. Raise it for corpora of long documents (plays, books).
+    max_sentence_length: int = param(4192, "SentencePiece skips longer documents when training (its default)", ge=1)
+    shard_tokens: int = param(100_000_000, "tokens per shard file", ge=1)
+    workers: int = param(0, "encoding processes; 0: all cores", ge=0)
+    # CaseOps (the challenge's lossless_caps_caseops_v1 tokenizer, as in PR #1855): lowercase with case
+    # operators before SentencePiece; the val byte sidecar then counts original bytes and is the only
+    # valid BPB denominator.
+    caseops: bool = param(False, "CaseOps: lossless case operators before SentencePiece (BPB from the byte sidecar)")
+
+
+@dataclass
+class TrainConfig(Section):
+    seed: int = param(1337, "random seed (model init and data order)", ge=0)
+    iterations: int = param(20000, "training steps (fewer when the wall-clock cap ends the run)", ge=0)
+    max_wallclock_seconds: float = param(600.0, "wall-clock cap of the training loop; 0: no cap", ge=0)
+    warmdown_iters: int = param(1200, "linear LR decay over the last N steps (wall-clock estimated under a cap)", ge=0)
+    warmup_steps: int = param(20, "compile-priming steps, rolled back afterwards", ge=0)
+    train_batch_tokens: int = param(524_288, "tokens per optimizer step (all ranks, all micro-steps)", ge=1)
+    train_seq_len: int = param(1024, "tokens per training sequence", ge=1)
+    grad_accum_steps: int = param(8, "micro-steps per step at world size 1; divided by the world size", ge=1)
+    tied_embed_lr: float = param(0.05, "Adam LR of the tied embedding", ge=0)
+    embed_lr: float = param(0.6, "Adam LR of an untied embedding", ge=0)
+    head_lr: float = param(0.008, "Adam LR of an untied LM head", ge=0)
+    matrix_lr: float = param(0.04, "Muon LR of the block matrices", ge=0)
+    scalar_lr: float = param(0.04, "Adam LR of the control tensors", ge=0)
+    muon_momentum: float = param(0.95, "Muon momentum after the warm-up", ge=0, lt=1)
+    muon_momentum_warmup_start: float = param(0.85, "Muon momentum at step 0", ge=0, lt=1)
+    muon_momentum_warmup_steps: int = param(500, "linear momentum warm-up steps", ge=0)
+    muon_backend_steps: int = param(5, "Newton–Schulz iterations per Muon update", ge=1)
+    beta1: float = param(0.9, "Adam β1", ge=0, lt=1)
+    beta2: float = param(0.95, "Adam β2", ge=0, lt=1)
+    adam_eps: float = param(1e-8, "Adam ε", gt=0)
+    grad_clip_norm: float = param(0.0, "clip the global gradient norm; 0: off", ge=0)
+    muon_ns: str = param("classic", "Newton–Schulz coefficients: classic (3.4445, −4.7750, 2.0315) | polar_express",
+                         choices=NS_COEFFICIENT_SETS)
+    muon_row_norm: bool = param(False, "MuonEq-R: normalise every row of the update before orthogonalising")
+    muon_wd: float = param(0.0, "decoupled weight decay of the Muon matrices (×lr)", ge=0)
+    embed_wd: float = param(0.0, "decoupled weight decay of the embedding/head (AdamW when > 0)", ge=0)
+    scalar_wd: float = param(0.0, "decoupled weight decay of the control tensors (AdamW when > 0)", ge=0)
+    lr_warmup_steps: int = param(0, "linear LR warm-up from 0 over the first N steps", ge=0)
+    warmdown_frac: float = param(0.0, "> 0: the warmdown is this fraction of the run, not warmdown_iters", ge=0, le=1)
+    min_lr: float = param(0.0, "floor of the LR multiplier during the warmdown", ge=0, le=1)
+    val_loss_every: int = param(0, "validate every N steps; 0: only at the end", ge=0)
+    val_tokens: int = param(0, "in-training validation on the first N val tokens; 0: all", ge=0)
+    log_every: int = param(50, "log the train loss every N steps", ge=1)
+    checkpoint_every: int = param(0, "save the full training state every N steps (for --resume); 0: never", ge=0)
+    ema_decay: float = param(0.0, "fp32 EMA of the weights (saved and evaluated instead of them); 0: off", ge=0, lt=1)
+    ema_bias_correction: bool = param(True, "EMA from zero / (1 − decayⁿ): no init weight left in short runs")
+    swa_every: int = param(0, "SWA, the alternative to EMA: average a snapshot every N steps; 0: off", ge=0)
+    swa_start_frac: float = param(0.0, "SWA from this fraction of the run on", ge=0, le=1)
+    loop_enable_frac: float = param(0.0, "depth recurrence (model.num_loops) switches on at this fraction of the run",
+                                    ge=0, le=1)
+    qat_bits: int = param(0, "QAT: straight-through fake quantization of the block matrices; 0: off", off=0,
+                          ge=MIN_BITS, le=MAX_BITS)
+    qat_start_frac: float = param(0.0, "QAT from this fraction of the run on", ge=0, le=1)
+    device: str = param("auto", "auto | cpu | cuda[:N]", pattern=DEVICE_PATTERN)
+    compile: bool = param(True, "torch.compile on CUDA (never on CPU)")
+
+    def check(self) -> None:
+        if self.swa_every and self.ema_decay:
+            raise ConfigError("swa_every", "ema_decay and swa_every are two ways to average the weights; set one to 0")
+
+
+@dataclass
+class CalibrateConfig(Section):
+    source: str = param("train", "train: batches of training shards | self: text the model generates itself",
+                        choices=CALIBRATION_SOURCES)
+    n_batches: int = param(16, "calibration batches (spread over the ranks)", ge=1)
+    batch_seqs: int = param(8, "sequences per batch", ge=1)
+    seq_len: int = param(1024, "tokens per sequence", ge=1)
+    temperature: float = param(0.8, "sampling temperature of self-generated calibration text", gt=0)
+    seed: int = param(0, "seed of self-generated calibration text", ge=0)
+    device: str = param("auto", "auto | cpu | cuda[:N]", pattern=DEVICE_PATTERN)
+
+
+@dataclass
+class QuantizeConfig(Section):
+    bits: int = param(8, "bits per quantized weight", ge=MIN_BITS, le=MAX_BITS)
+    method: str = param("rtn", "rtn | gptq (gptq needs the calibrate stage's Hessians; without them: rtn)",
+                        choices=QUANT_METHODS)
+    clip: str = param("percentile", "percentile (the reference's) | sdclip (k·std per row)", choices=CLIPS)
+    clip_percentile: float = param(99.99984, "per-row clip percentile of |w| (the challenge's int8 export)", gt=0,
+                                   le=100)
+    sdclip_k: float = param(12.85, "SDClip: clip at k·std per row", gt=0)
+    keep_float_max_numel: int = param(65_536, "float tensors up to this size stay float (fp16; control tensors fp32)",
+                                      ge=0)
+    # Per-group overrides by parameter name (pgolf.nn.names): embed (tok_emb, lm_head), attn (c_q, c_k, c_v,
+    # proj), mlp (fc, proj). The k overrides apply with clip=sdclip.
+    embed_bits: int = param(0, "bits of the embedding/head; 0: bits", off=0, ge=MIN_BITS, le=MAX_BITS)
+    attn_bits: int = param(0, "bits of the attention matrices; 0: bits", off=0, ge=MIN_BITS, le=MAX_BITS)
+    mlp_bits: int = param(0, "bits of the MLP matrices; 0: bits", off=0, ge=MIN_BITS, le=MAX_BITS)
+    embed_k: float = param(0.0, "SDClip k of the embedding/head; 0: sdclip_k", ge=0)
+    attn_k: float = param(0.0, "SDClip k of the attention matrices; 0: sdclip_k", ge=0)
+    mlp_k: float = param(0.0, "SDClip k of the MLP matrices; 0: sdclip_k", ge=0)
+    # GPTQ (Frantar et al. 2022, arXiv:2210.17323): H += gptq_damp·mean(diag H)·I; columns in blocks; act-order optional.
+    gptq_damp: float = param(0.01, "GPTQ: H += damp·mean(diag H)·I", ge=0)
+    gptq_block_size: int = param(128, "GPTQ: columns per lazy-update block", ge=1)
+    gptq_act_order: bool = param(False, "GPTQ: quantize the columns of largest input energy first")
+    # LQER (Zhang et al. 2024, arXiv:2402.02446; int2/int4 factors as in PR #1797): low-rank correction of
+    # the lqer_top_k tensors with the largest ‖W − Ŵ‖_F.
+    lqer_top_k: int = param(0, "LQER: correct the k tensors with the largest error; 0: off", ge=0)
+    lqer_rank: int = param(4, "LQER: rank of each correction", ge=1)
+    lqer_weighted: bool = param(False, "LQER: fit the H-weighted error (E·H^½) instead of E; needs the Hessians")
+    device: str = param("auto", "where GPTQ runs: auto | cpu | cuda[:N]", pattern=DEVICE_PATTERN)
+    # Bit allocation to a byte budget (pgolf.quant.budget): packed blob + code bytes <= budget. Each
+    # quantized tensor gets a width from budget_bits; bits is then unused, a group's *_bits pins it.
+    budget: int = param(0, "choose per-tensor bits so the packed artifact fits this many bytes; 0: off", ge=0)
+    budget_bits: str = param("4,5,6,7,8", "widths --budget may choose, comma-separated")
+    budget_lqer: bool = param(True, "--budget also offers each width with an LQER correction")
+    # Without the tokenized data quantize cannot see pack's header, which lists the val shards (about 90
+    # bytes each).
+    budget_reserve: int = param(1024, "bytes --budget holds back when not given the tokenized data", ge=0)
+
+    def check(self) -> None:
+        budget_widths(self)
+        if self.budget and self.lqer_top_k:
+            raise ConfigError("lqer_top_k", "--budget chooses LQER per tensor itself (budget_lqer); set lqer_top_k=0 "
+                                            "with it")
+
+    def group_overrides(self, group: str) -> tuple[int, float]:
+        """(bits, SDClip k) pinned for a tensor group (embed, attn, mlp); 0 where not pinned."""
+        return getattr(self, f"{group}_bits"), getattr(self, f"{group}_k")
+
+
+def budget_widths(cfg: QuantizeConfig) -> list[int]:
+    """The sorted widths of `budget_bits`."""
+    try:
+        bits = sorted({int(b) for b in str(cfg.budget_bits).split(",") if b.strip()})
+    except ValueError:
+        bits = []
+    if not bits or not all(MIN_BITS <= b <= MAX_BITS for b in bits):
+        raise ConfigError("budget_bits", f"budget_bits={cfg.budget_bits!r} must list widths in {MIN_BITS}..{MAX_BITS}, "
+                                         "e.g. '4,5,6,7,8'")
+    return bits
+
+
+@dataclass
+class PackConfig(Section):
+    codec: str = param("auto", "auto (the smallest) | zlib | zstd | brotli | lzma", choices=("auto",) + CODECS)
+    limit: int = param(16_000_000, "the challenge's limit on model + code bytes", ge=1)
+    # Independent chunks compress in parallel (blob format version 2); bench/chunk_bench.py measures it.
+    chunk_bytes: int = param(0, "compress the payload in chunks of N bytes, in parallel; 0: one stream", off=0,
+                             ge=MIN_CHUNK_BYTES)
+
+
+@dataclass
+class EvalConfig(Section):
+    seq_len: int = param(1024, "evaluation window in tokens", ge=1)
+    stride: int = param(0, "sliding windows scoring S new tokens each; 0: non-overlapping windows (the reference)",
+                        ge=0)
+    val_tokens: int = param(0, "score only the first N validation tokens (whole windows); 0: all", ge=0)
+    batch_seqs: int = param(32, "windows per forward batch", ge=1)
+    device: str = param("auto", "auto | cpu | cuda[:N]", pattern=DEVICE_PATTERN)
+    # Test-time training (score-first full-model SGD, PR #549; phased LoRA, PR #1530 → PR #1855) is
+    # recorded by the record presets but not implemented yet: evaluation refuses anything but "none".
+    ttt: str = param("none", "none | score_first (full-model SGD per chunk) | phased_lora", choices=TTT_MODES)
+    ttt_lr: float = param(0.0, "TTT learning rate", ge=0)
+    ttt_chunk_tokens: int = param(0, "TTT chunk: tokens scored before each update", ge=0)
+    ttt_lora_rank: int = param(0, "TTT LoRA rank", ge=0)
+    ttt_lora_alpha: float = param(0.0, "TTT LoRA α", ge=0)
+    ttt_beta2: float = param(0.0, "TTT Adam β2", ge=0, lt=1)
+    ttt_weight_decay: float = param(0.0, "TTT weight decay", ge=0)
+    ttt_prefix_docs: int = param(0, "phased TTT: documents scored before the global SGD phases end", ge=0)
+    ttt_phases: int = param(0, "phased TTT: global SGD phases", ge=0)
+    ttt_global_lr: float = param(0.0, "phased TTT: global SGD learning rate", ge=0)
+
+    def check(self) -> None:
+        if self.stride > self.seq_len:
+            raise ConfigError("stride", f"stride {self.stride} must be at most seq_len {self.seq_len}")
+
+
+@dataclass
+class VerifyConfig(Section):
+    tolerance: float = param(0.002, "|measured − claimed| BPB allowed", ge=0)
+    limit: int = param(16_000_000, "the size limit the artifact is held to", ge=1)
+
+
+# params.yaml section name -> its config class, in pipeline order.
+SECTIONS: dict[str, type[Section]] = {
+    "tokenize": TokenizeConfig, "model": ModelConfig, "train": TrainConfig, "calibrate": CalibrateConfig,
+    "quantize": QuantizeConfig, "pack": PackConfig, "ttt_eval": EvalConfig, "verify": VerifyConfig,
+}

@@ -1,0 +1,46 @@
+"""One process or a torchrun group: the launcher's protocol (RANK, WORLD_SIZE, LOCAL_RANK) and the
+few collectives the stages need."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from pgolf.nn.model import resolve_device
+
+
+class Dist:
+    """The torchrun launch protocol (RANK / WORLD_SIZE / LOCAL_RANK), or a single process."""
+
+    def __init__(self, device_name: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = resolve_device(device_name)
+        if device == "cuda":
+            device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(device)
+        self.device = torch.device(device)
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor(int(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` across ranks in place (a no-op for one process)."""
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t

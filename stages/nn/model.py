@@ -1,0 +1,472 @@
+"""The GPT of the challenge's naive baseline, read top to bottom.
+
+Token embedding → RMSNorm → U-Net of blocks (the first half pushes skips, the second half pops them,
+weighted) → RMSNorm → tied LM head → softcap 30·tanh(z/30). Each block mixes its input with the
+embedding stream x0, then runs attention (GQA, QK RMSNorm, RoPE, learned per-head q gain) and a relu²
+MLP, each scaled by a learned per-channel vector. Output projections start at zero.
+
+Options beyond the baseline (all off by default; as the record PR #1855 has them unless noted):
+document masking (SDPA with a dense mask, or flex_attention with a block mask), SmearGate (BOS-fixed,
+PR #1667 + the PR #1851 fix, or the older per-dim blend of PR #398) and BigramHash embeddings (PR #398),
+LeakyReLU(0.5)², a float MLP width, partial RoPE, layerwise norm scaling 1/√(l+1), exclusive
+self-attention (XSA, arXiv:2603.09078) on the last layers, a sparse (PR #1787) and a headwise (Q-widened,
+PR #2071) attention output gate, skip gates, two-lane parallel residuals in the last layers (PR #1204),
+depth recurrence, and orthogonal init. An option that is off creates no parameter and draws no random number, so the
+baseline's init is unchanged.
+
+Two switches change the forward at run time without a retrace that could go stale under torch.compile:
+depth recurrence (`GPT.set_looping`) and straight-through fake quantization for QAT (`enable_qat` /
+`set_qat`, a tensor toggle: an early record's late QAT never fired because torch.compile constant-folded
+its class-attribute flag).
+
+Parameter names match the challenge's `train_gpt.py`, so its int8 artifacts load directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pgolf.config.sections import ModelConfig
+from pgolf.errors import PgolfError
+BIGRAM_HASH_MULT = 1_000_003  # bucket = (prev · K + cur) mod buckets; K prime, larger than any vocab
+SMEAR_WINDOW = 12  # the gate reads the current token's first 12 embedding dims
+GATE_WINDOW = 12  # the sparse attention gate reads the first 12 dims of the normed block input
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Weights stay fp32 (the optimizer's master copy); the matmul runs in the activation dtype.
+
+    With QAT enabled (`enable_qat`), the weight goes through a straight-through per-row fake quantizer,
+    blended in by the `qat_mix` buffer (0 off, 1 on): the forward sees the quantized weight, the
+    gradient flows to the float weight unchanged."""
+
+    qat_bits = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.qat_bits:
+            w = w + self.qat_mix * (fake_quantize(w, self.qat_bits) - w).detach()
+        return F.linear(x, w.to(x.dtype))
+
+
+def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-row round-to-nearest on ±(2^(b−1)−1) levels, scale = row absmax (no clipping)."""
+    top = 2 ** (bits - 1) - 1
+    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
+    return torch.round(w / scale).clamp(-top, top) * scale
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2·cos.size(-1) dims (half-split pairs); the rest carry no position."""
+    rot = 2 * cos.size(-1)
+    half = rot // 2
+    x1, x2, rest = x[..., :half], x[..., half:rot], x[..., rot:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def exclusive(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output y [B,H,T,D] its component along the same position's own
+    value v [B,Hkv,T,D], so heads must carry information from other positions."""
+    B, H, T, D = y.shape
+    y = y.view(B, v.size(1), H // v.size(1), T, D)
+    vn = F.normalize(v, dim=-1)[:, :, None]
+    return (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, H, T, D)
+
+
+class CausalSelfAttention(nn.Module):
+    """GQA with QK-norm, (partial) RoPE and per-head q gain; optionally XSA and two output gates:
+    sparse (σ(scale·W_h·n[:12]), W zero-init) and headwise (PR #2071: c_q carries gated_attn_dim extra
+    rows; head h's gate is σ of the mean of its gated_attn_dim/H rows' outputs)."""
+
+    def __init__(self, cfg: ModelConfig, xsa: bool = False):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        self.xsa = xsa
+        self.gate_dim = cfg.gated_attn_dim
+        kv_dim = cfg.num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim + self.gate_dim, bias=False)
+        if self.gate_dim:
+            self.c_q.ortho_rows = (cfg.model_dim, self.gate_dim)  # Q and gate rows are initialised apart
+        self.c_k = CastedLinear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = CastedLinear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.proj.zero_init = True
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
+        self.rotary = Rotary(cfg.rope_dims or self.head_dim, cfg.rope_base)
+        self.attn_gate_w = (nn.Parameter(torch.zeros(cfg.num_heads, min(GATE_WINDOW, cfg.model_dim)))
+                            if cfg.sparse_attn_gate else None)
+        self.sparse_gate_scale = cfg.sparse_gate_scale
+
+    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        """x: the block's normed input n [B, T, C]; mask: None (causal), a dense [B,1,T,T] bool mask or a
+        flex_attention BlockMask."""
+        B, T, C = x.shape
+        q = self.c_q(x)
+        if self.gate_dim:
+            q, gate_logits = q.split((C, self.gate_dim), dim=-1)
+        q = q.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rms_norm(q), rms_norm(k)
+        cos, sin = self.rotary(T, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        gqa = self.num_kv_heads != self.num_heads
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a flex_attention BlockMask
+            y = flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        if self.xsa:
+            y = exclusive(y, v)
+        if self.attn_gate_w is not None:
+            window = x[..., :self.attn_gate_w.size(1)]
+            gate = torch.sigmoid(self.sparse_gate_scale * F.linear(window, self.attn_gate_w.to(x.dtype)))  # [B, T, H]
+            y = y * gate.transpose(1, 2)[..., None]
+        if self.gate_dim:
+            gate = torch.sigmoid(gate_logits.view(B, T, self.num_heads, -1).mean(-1))  # [B, T, H]
+            y = y * gate.transpose(1, 2)[..., None]
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.fc = CastedLinear(cfg.model_dim, hidden, bias=False)
+        self.proj = CastedLinear(hidden, cfg.model_dim, bias=False)
+        self.proj.zero_init = True
+        self.leaky = cfg.activation == "leaky_relu2"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h = F.leaky_relu(h, 0.5) if self.leaky else torch.relu(h)
+        return self.proj(h.square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        dim = cfg.model_dim
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.attn = CausalSelfAttention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_layers)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # (x, x0) weights
+        self.parallel = bool(cfg.parallel_from) and layer >= cfg.parallel_from
+        if self.parallel:
+            # post[s, d]: how much of sublayer s (0 attention, 1 MLP) goes into lane d; resid[d]: lane d's carry
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((2,), 1.1))
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, mask=None) -> torch.Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, mask)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+    def forward_lanes(self, lane0: torch.Tensor, lane1: torch.Tensor, x0: torch.Tensor,
+                      mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parallel residuals (PR #1204): attention reads lane0 (mixed with x0), the MLP reads lane1 and does
+        not see this block's attention output; both write into both lanes through learned lambdas."""
+        dt = lane0.dtype
+        mix = self.resid_mix.to(dt)
+        a = self.attn_scale.to(dt) * self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.norm_scale, mask)
+        f = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.norm_scale)
+        post, resid = self.parallel_post_lambdas.to(dt), self.parallel_resid_lambdas.to(dt)
+        return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * f,
+                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * f)
+
+
+class SmearGate(nn.Module):
+    """e_t ← e_t + λ·σ(w·e_t[:12])·e_{t−1}, except where token t is BOS: a document's first token never
+    sees the previous document's last. w and λ start at zero, so the gate starts as the identity."""
+
+    def __init__(self, dim: int, bos_id: int):
+        super().__init__()
+        self.bos_id = bos_id
+        self.smear_w = nn.Parameter(torch.zeros(1, min(SMEAR_WINDOW, dim)))
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+
+    def forward(self, e: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(F.linear(e[..., :self.smear_w.size(1)], self.smear_w.to(e.dtype)))  # [B, T, 1]
+        keep = (input_ids[:, 1:] != self.bos_id).unsqueeze(-1).to(e.dtype)
+        prev = self.smear_lambda.to(e.dtype) * gate[:, 1:] * e[:, :-1] * keep
+        return torch.cat([e[:, :1], e[:, 1:] + prev], dim=1)
+
+
+class PerDimSmearGate(nn.Module):
+    """The older SmearGate (03-19): e_t ← g⊙e_t + (1−g)⊙e_{t−1}, g = σ(smear_logit) per channel, init
+    σ(3) ≈ 0.95. Like the newer gate, a BOS never takes in the previous document's last token."""
+
+    def __init__(self, dim: int, bos_id: int):
+        super().__init__()
+        self.bos_id = bos_id
+        self.smear_logit = nn.Parameter(torch.full((dim,), 3.0))
+
+    def forward(self, e: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.smear_logit.to(e.dtype))
+        keep = (input_ids[:, 1:] != self.bos_id).unsqueeze(-1).to(e.dtype)
+        blended = g * e[:, 1:] + (1 - g) * e[:, :-1]
+        return torch.cat([e[:, :1], keep * blended + (1 - keep) * e[:, 1:]], dim=1)
+
+
+class BigramHash(nn.Module):
+    """A hashed embedding of (previous, current) token pairs, projected to the model width and added to
+    the token embedding. A BOS (and position 0) hashes as the pair (BOS, BOS): no pair spans two
+    documents. The projection starts at zero, so the model starts as if it were absent."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
+        super().__init__()
+        self.buckets, self.bos_id = buckets, bos_id
+        self.embed = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.embed.weight, std=0.005)
+        self.proj = CastedLinear(dim, model_dim, bias=False)
+        self.proj.zero_init = True
+
+    def bucket_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(input_ids[:, :-1], (1, 0), value=self.bos_id)
+        prev = torch.where(input_ids == self.bos_id, self.bos_id, prev)
+        return (prev * BIGRAM_HASH_MULT + input_ids) % self.buckets
+
+    def forward(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.proj(self.embed(self.bucket_ids(input_ids)).to(dtype))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (train fills it from the data manifest)")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.bigram = (BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim, cfg.bos_id)
+                       if cfg.bigram_buckets else None)
+        self.smear = (SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate
+                      else PerDimSmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate_perdim else None)
+        # Layer orders: physical indices in the order they run. The encoder is the first half of the
+        # order (it pushes skips), the decoder the rest; both modes share skip indices (as in PR #1855).
+        self.plain_order = layer_order(cfg, looping=False)
+        self.looped_order = layer_order(cfg, looping=True)
+        self.looping = cfg.num_loops > 0  # on by default: evaluation, calibration and TTT run the full model
+        num_skips = len(self.looped_order) // 2  # the decoder is never shorter than the encoder
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim)) if cfg.skip_gates else None
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.num_layers))
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, bias=False)
+        if self.lm_head is not None:
+            self.lm_head.zero_init = True
+        self._init_weights()
+
+    def set_looping(self, on: bool) -> None:
+        """Switch depth recurrence on or off (a no-op without num_loops). `looping` is a plain Python
+        attribute read while tracing: torch.compile guards on it, so the first call after a switch
+        retraces once and later calls reuse that graph (fullgraph still holds; a compiled function
+        that skips guards must be recompiled by its caller). Switch on the unwrapped model."""
+        self.looping = bool(on) and self.cfg.num_loops > 0
+
+    def _init_weights(self) -> None:
+        # Linear layers keep PyTorch's default init (or orthogonal with ortho_init), except output
+        # projections, which start at zero.
+        if self.cfg.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.cfg.tied_embed_init_std)
+        if self.cfg.ortho_init:
+            for module in self.blocks.modules():
+                if isinstance(module, CastedLinear) and not getattr(module, "zero_init", False):
+                    row_blocks = getattr(module, "ortho_rows", (module.weight.size(0),))
+                    for rows in module.weight.data.split(list(row_blocks)):
+                        nn.init.orthogonal_(rows)
+        for module in self.modules():
+            if getattr(module, "zero_init", False):
+                nn.init.zeros_(module.weight)
+        # The reference builds the model in bf16 and then restores fp32 masters, so its initial
+        # weights are bf16-representable; round the same way (with equal seeds the inits match bit for bit).
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(p.bfloat16().float())
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states [B, T, D] (the LM head's input)."""
+        mask = None
+        if self.cfg.doc_mask:
+            # auto: flex_attention's block mask skips masked blocks in training; without gradients (evaluation,
+            # calibration) SDPA's memory-efficient kernel with the dense mask needs no compiled kernel.
+            flex = self.cfg.attn_backend == "flex" or (self.cfg.attn_backend == "auto" and input_ids.is_cuda
+                                                       and torch.is_grad_enabled())
+            mask = (flex_document_mask if flex else document_mask)(input_ids, self.cfg.bos_id)
+        e = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            e = e + self.bigram(input_ids, e.dtype)
+        if self.smear is not None:
+            e = self.smear(e, input_ids)
+        x = rms_norm(e)
+        x0 = x
+        order = self.looped_order if self.looping else self.plain_order
+        num_encoder = len(order) // 2
+        skips = []
+        for layer in order[:num_encoder]:
+            x = self.blocks[layer](x, x0, mask)
+            skips.append(x)
+        lanes = None  # (lane0, lane1) from the first parallel block on
+        for j, layer in enumerate(order[num_encoder:]):
+            block = self.blocks[layer]
+            if block.parallel and lanes is None:
+                lanes = (x, x)
+            if skips:  # into the sequential stream, or into the attention lane only
+                if lanes is None:
+                    x = self.merge_skip(j, x, skips.pop())
+                else:
+                    lanes = (self.merge_skip(j, lanes[0], skips.pop()), lanes[1])
+            if lanes is None:
+                x = block(x, x0, mask)
+            else:
+                lanes = block.forward_lanes(*lanes, x0, mask)
+        if lanes is not None:
+            x = 0.5 * (lanes[0] + lanes[1])
+        return rms_norm(x)
+
+    def merge_skip(self, j: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Decoder step j's U-Net skip: x + w⊙skip, or with skip gates the lerp σ(g)·x + (1−σ(g))·(w⊙skip)."""
+        scaled = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        gate = torch.sigmoid(self.skip_gates[j].to(x.dtype))
+        return gate * x + (1 - gate) * scaled
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Softcapped logits [B, T, V] in float32."""
+        h = self.hidden(input_ids)
+        z = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        cap = self.cfg.logit_softcap
+        return (cap * torch.tanh(z / cap)).float()
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (nats) over all positions."""
+        logits = self.logits(input_ids)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
+
+
+def document_mask(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """[B, 1, T, T] boolean: causal, and only within the query's document (documents start at BOS).
+
+    Tokens before a window's first BOS form a document of their own (the tail of one cut by the window).
+    """
+    doc = torch.cumsum(input_ids == bos_id, dim=1)  # document index of every position
+    T = input_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+def flex_document_mask(input_ids: torch.Tensor, bos_id: int):
+    """The same mask as `document_mask`, as a flex_attention BlockMask: fully masked blocks are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = torch.cumsum(input_ids == bos_id, dim=1)
+
+    def same_document_causal(b, h, q, kv):
+        return (q >= kv) & (doc[b, q] == doc[b, kv])
+
+    B, T = input_ids.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=input_ids.device)
+
+
+_compiled_flex = None
+
+
+def flex_attention_fn(cuda: bool):
+    """flex_attention, compiled on CUDA (a fused kernel; eager materialises every score), eager on CPU."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not cuda:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def layer_order(cfg: ModelConfig, looping: bool) -> tuple[int, ...]:
+    """Physical layer indices in running order: with looping, loop_start..loop_end run num_loops extra
+    times in a row, e.g. (3, 5, 2) on 11 layers: 0 1 2 3 4 5 3 4 5 3 4 5 6 7 8 9 10."""
+    layers = list(range(cfg.num_layers))
+    if not (looping and cfg.num_loops > 0):
+        return tuple(layers)
+    loop = layers[cfg.loop_start:cfg.loop_end + 1]
+    return tuple(layers[:cfg.loop_end + 1] + loop * cfg.num_loops + layers[cfg.loop_end + 1:])
+
+
+def resolve_device(name: str) -> str:
+    """`auto` → cuda when there is one, else cpu; a CUDA device asked for where there is none is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PgolfError(f"device {name!r} asked for, but no CUDA device is available; use --set device=cpu")
+    return name
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (matmuls in bf16, fp32 masters), nothing on CPU: the reference's precision."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def prepare_for_device(model: GPT, device: torch.device | str) -> GPT:
+    """Reference precision: on CUDA the embedding lives in bf16 while linear weights and control
+    tensors are fp32 masters (autocast runs matmuls in bf16); on CPU everything is fp32."""
+    model = model.to(device)
+    if torch.device(device).type == "cuda":
+        model.tok_emb.to(torch.bfloat16)
+    return model
+
+
+def enable_qat(model: GPT, bits: int) -> None:
+    """Give every block matrix a straight-through fake quantizer at `bits`, off until `set_qat(model, True)`.
+    Call before torch.compile: the toggle is a buffer, read as data, so flipping it needs no retrace."""
+    for module in model.blocks.modules():
+        if isinstance(module, CastedLinear):
+            module.qat_bits = bits
+            module.register_buffer("qat_mix", torch.zeros((), device=module.weight.device), persistent=False)
+
+
+def set_qat(model: GPT, on: bool) -> None:
+    for module in model.blocks.modules():
+        if isinstance(module, CastedLinear) and module.qat_bits:
+            module.qat_mix.fill_(1.0 if on else 0.0)
+
+
+def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None, device: torch.device | str) -> GPT:
+    """A GPT for `cfg`, optionally loaded (strictly) from `state_dict`, placed on `device`."""
+    model = prepare_for_device(GPT(cfg), device)
+    if state_dict is not None:
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        extra = sorted(set(state_dict) - set(own))
+        bad = [n for n in own if n in state_dict and tuple(state_dict[n].shape) != tuple(own[n].shape)]
+        if missing or extra or bad:
+            raise ValueError(f"weights do not fit the model config: missing {missing[:5]}, unexpected {extra[:5]}, "
+                             f"wrong shape {bad[:5]}")
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(state_dict[name].to(t.dtype))
+    return model

@@ -1,0 +1,62 @@
+"""Every training switch as a function of the run's progress, in one object.
+
+Progress is the fraction of the run done: by wall-clock under a cap (the reference's rule, so a capped
+run's warmdown ends at the cap whatever its step time), else by steps. The loop asks the schedule, step
+by step, for the LR multiplier, Muon's momentum, and whether depth recurrence, QAT and SWA are on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pgolf.config.sections import TrainConfig
+
+
+@dataclass(frozen=True)
+class Schedule:
+    cfg: TrainConfig
+
+    def progress(self, step: int, elapsed_ms: float) -> float:
+        cfg = self.cfg
+        if cfg.max_wallclock_seconds > 0:
+            return elapsed_ms / (1000.0 * cfg.max_wallclock_seconds)
+        return step / max(cfg.iterations, 1)
+
+    def lr_scale(self, step: int, elapsed_ms: float) -> float:
+        """A linear warm-up over `lr_warmup_steps`, then 1, then a linear warmdown to 0 floored at `min_lr`.
+        The warmdown is the last `warmdown_frac` of the run, or else the last `warmdown_iters` steps —
+        under a cap, that many steps' worth of time at the average step time so far (the reference's rule)."""
+        cfg = self.cfg
+        warmup = min((step + 1) / cfg.lr_warmup_steps, 1.0) if cfg.lr_warmup_steps > 0 else 1.0
+        if cfg.warmdown_frac > 0:
+            decay = min((1.0 - self.progress(step, elapsed_ms)) / cfg.warmdown_frac, 1.0)
+        elif cfg.warmdown_iters <= 0:
+            decay = 1.0
+        elif cfg.max_wallclock_seconds <= 0:
+            start = max(cfg.iterations - cfg.warmdown_iters, 0)
+            decay = max((cfg.iterations - step) / cfg.warmdown_iters, 0.0) if start <= step < cfg.iterations else 1.0
+        else:
+            warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
+            remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
+            decay = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+        return warmup * max(decay, cfg.min_lr)
+
+    def muon_momentum(self, step: int) -> float:
+        """Linear from `muon_momentum_warmup_start` to `muon_momentum` over the warm-up steps."""
+        cfg = self.cfg
+        frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0
+        return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+    def delays_looping(self, num_loops: int) -> bool:
+        """Whether depth recurrence starts off and switches on part-way (one retrace when it does)."""
+        return num_loops > 0 and self.cfg.loop_enable_frac > 0
+
+    def looping(self, progress: float) -> bool:
+        return progress >= self.cfg.loop_enable_frac
+
+    def qat(self, progress: float) -> bool:
+        return bool(self.cfg.qat_bits) and progress >= self.cfg.qat_start_frac
+
+    def swa_snapshot(self, step: int, progress: float) -> bool:
+        """Whether SWA averages in the weights after `step` steps."""
+        return self.cfg.swa_every > 0 and progress >= self.cfg.swa_start_frac and step % self.cfg.swa_every == 0

@@ -1,0 +1,271 @@
+"""The training loop, as a story: prime the compiled kernels, resume if asked, then step until the
+iteration count or the wall-clock cap, validating on the way and saving a resumable state when due.
+
+The reference recipe (the challenge's train_gpt.py): gradient accumulation to a fixed global batch, the
+schedule of pgolf.nn.schedule, compile-priming steps that are rolled back, validation time not counted
+as training time. One process, or DDP under torchrun (NCCL on CUDA, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pgolf.config.sections import EvalConfig, ModelConfig, TrainConfig
+from pgolf.errors import PgolfError
+from pgolf.formats.shards import DistributedTokenLoader
+from pgolf.nn.average import weight_average_for
+from pgolf.nn.distributed import Dist
+from pgolf.nn.model import GPT, autocast_for, enable_qat, prepare_for_device, set_qat
+from pgolf.nn.optim import build_optimizers
+from pgolf.nn.schedule import Schedule
+from pgolf.nn.trainstate import Checkpointer, Progress, optimizer_states
+from pgolf.text.evaluate import EvalData, evaluate_model
+
+
+def micro_steps(cfg: TrainConfig, world: int) -> int:
+    """Micro-steps per rank; the global batch stays the same whatever the world size."""
+    if cfg.grad_accum_steps % world:
+        raise PgolfError(f"train.grad_accum_steps={cfg.grad_accum_steps} is not divisible by the world size {world}; "
+                         "use a world size that divides it")
+    accum = cfg.grad_accum_steps // world
+    if cfg.train_batch_tokens % (world * accum * cfg.train_seq_len):
+        raise PgolfError(f"train.train_batch_tokens={cfg.train_batch_tokens} must be a multiple of "
+                         f"world·accum·seq_len = {world * accum * cfg.train_seq_len}")
+    return accum
+
+
+class Clock:
+    """Training time in ms: running while the model trains, paused for validation and saving."""
+
+    def __init__(self, cuda: bool, train_ms: float = 0.0):
+        self.cuda, self.train_ms = cuda, train_ms
+        self.start()
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.train_ms += 1000.0 * (time.perf_counter() - self.t0)
+
+    def elapsed_ms(self) -> float:
+        return self.train_ms + 1000.0 * (time.perf_counter() - self.t0)
+
+    @contextlib.contextmanager
+    def excluded(self):
+        """Time spent in the block (saving a state) is not training time."""
+        pause = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - pause
+
+
+@dataclass
+class TrainResult:
+    """What a finished run hands to the train stage to write out (on the main rank)."""
+
+    model: GPT
+    progress: Progress
+    last_loss: float
+    final_val: dict
+    live_val: dict  # before the EMA/SWA swap; {} without one
+    val_history: list[dict] = field(default_factory=list)
+    weight_average: dict | None = None
+    looping_enabled_at_step: int | None = None
+    peak_memory_bytes: int | None = None
+
+
+class Trainer:
+    """One rank's run: the model (compiled, DDP-wrapped), its optimizers, schedule, weight average and checkpointer."""
+
+    def __init__(self, d: Dist, data: Path, model_cfg: ModelConfig, cfg: TrainConfig, checkpointer: Checkpointer):
+        self.d, self.data, self.cfg, self.checkpointer = d, data, cfg, checkpointer
+        self.accum = micro_steps(cfg, d.world)
+        self.cuda = d.device.type == "cuda"
+        torch.manual_seed(cfg.seed)
+        if self.cuda:
+            torch.cuda.manual_seed(cfg.seed)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.cuda.reset_peak_memory_stats()
+        self.model = prepare_for_device(GPT(model_cfg), d.device)
+        if cfg.qat_bits:
+            enable_qat(self.model, cfg.qat_bits)  # before compile: the on/off toggle is a buffer
+        compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if (self.cuda and cfg.compile) else self.model
+        self.forward = DDP(compiled, device_ids=[d.local_rank] if self.cuda else None,
+                           broadcast_buffers=False) if d.enabled else compiled
+        self.optimizers, self.muon = build_optimizers(self.model, cfg, torch.bfloat16 if self.cuda else torch.float32)
+        self.schedule = Schedule(cfg)
+        self.delayed_loops = self.schedule.delays_looping(model_cfg.num_loops)
+        self.average = weight_average_for(self.model, cfg)  # evaluated and saved instead of the live weights
+        self.progress = Progress()
+        self.val_history: list[dict] = []
+
+    # ---- one optimizer step
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def train_step(self, loader: DistributedTokenLoader) -> torch.Tensor:
+        """Accumulate `accum` micro-batches (DDP syncs on the last), clip, step every optimizer; mean loss."""
+        cfg = self.cfg
+        total = torch.zeros((), device=self.d.device)
+        for micro in range(self.accum):
+            x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, self.accum)
+            last = not self.d.enabled or micro == self.accum - 1
+            with contextlib.nullcontext() if last else self.forward.no_sync():
+                with autocast_for(self.d.device):
+                    loss = self.forward(x, y)
+                total += loss.detach()
+                (loss / self.accum).backward()
+        if cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        self.zero_grad()
+        return total / self.accum
+
+    def apply_schedule(self, elapsed_ms: float, say) -> float:
+        """Set the switches, momentum and learning rates for the next step; returns the LR multiplier."""
+        step, schedule, model = self.progress.step, self.schedule, self.model
+        progress = schedule.progress(step, elapsed_ms)
+        if self.delayed_loops and model.looping != schedule.looping(progress):
+            model.set_looping(schedule.looping(progress))
+            self.progress.loop_switch_step = step if model.looping else None
+            say(f"step {step}: depth recurrence {'on' if model.looping else 'off'}")
+        if self.cfg.qat_bits:
+            set_qat(model, schedule.qat(progress))
+        for group in self.muon.param_groups:
+            group["momentum"] = schedule.muon_momentum(step)
+        scale = schedule.lr_scale(step, elapsed_ms)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        return scale
+
+    # ---- before the loop
+
+    def prime_compiled_kernels(self) -> None:
+        """Run `warmup_steps` steps (in both depth modes when looping switches on later) so compilation is
+        not timed, then roll model, optimizers and data back."""
+        if self.cfg.warmup_steps <= 0:
+            return
+        initial_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        initial_opts = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        warm_loader = DistributedTokenLoader(self.data, self.d.rank, self.d.world, self.d.device)
+        for looping in ((False, True) if self.delayed_loops else (True,)):
+            self.model.set_looping(looping)
+            for _ in range(self.cfg.warmup_steps):
+                self.train_step(warm_loader)
+        self.model.load_state_dict(initial_model, strict=True)
+        for opt, state in zip(self.optimizers, initial_opts):
+            opt.load_state_dict(state)
+        self.zero_grad()
+
+    def resume(self) -> None:
+        self.progress = self.checkpointer.load(self.model, self.optimizers, self.average)
+        if self.delayed_loops:  # as the saved run was, so that a switch still to come is seen (and reported)
+            self.model.set_looping(self.progress.loop_switch_step is not None)
+        if self.d.main:
+            print(f"train: resuming at step {self.progress.step} ({self.progress.train_ms / 1000:.1f} s trained) "
+                  f"from {self.checkpointer.path}")
+
+    # ---- validation
+
+    def validate(self, eval_data: EvalData | None, eval_cfg: EvalConfig) -> dict:
+        result = evaluate_model(self.model, eval_data, eval_cfg, progress=False) if self.d.main else {}
+        self.val_history.append({"step": self.progress.step, "val_loss": result.get("val_loss"),
+                                 "val_bpb": result.get("val_bpb")})
+        return result
+
+    # ---- the loop
+
+    def run(self, started: float, suspend_after: float | None) -> TrainResult | None:
+        """Train to the end (None when suspended after `suspend_after` seconds since `started`)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+        cfg, d, p = self.cfg, self.d, self.progress
+        loader = DistributedTokenLoader(self.data, d.rank, d.world, d.device, p.stream_position)
+        eval_cfg = EvalConfig(seq_len=cfg.train_seq_len, val_tokens=cfg.val_tokens, device=str(d.device))
+        eval_data = EvalData.load(self.data) if d.main else None
+        bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), disable=not d.main, transient=True)
+        task = bar.add_task("", total=cfg.iterations, completed=p.step)
+
+        def say(text: str) -> None:
+            if d.main:
+                bar.console.print(text)
+
+        stop_after, last_loss, final_val, live_val = None, float("nan"), {}, {}
+        clock = Clock(self.cuda, p.train_ms)
+        with bar:
+            while True:
+                last_step = p.step == cfg.iterations or (stop_after is not None and p.step >= stop_after)
+                if last_step or (cfg.val_loss_every > 0 and p.step % cfg.val_loss_every == 0 and p.step > 0):
+                    clock.stop()  # validation time is not training time
+                    if last_step:  # the float weights of the full model are evaluated and saved
+                        self.model.set_looping(True)
+                        set_qat(self.model, False)
+                        if self.average is not None and self.average.count:
+                            live_val = self.validate(eval_data, eval_cfg)
+                            self.average.load_into(self.model)
+                    final_val = self.validate(eval_data, eval_cfg)
+                    if final_val:
+                        say(f"step {p.step}: val_loss {final_val['val_loss']:.4f} val_bpb {final_val['val_bpb']:.4f}")
+                    clock.start()
+                if last_step:
+                    break
+
+                scale = self.apply_schedule(clock.elapsed_ms(), say)
+                loss = self.train_step(loader)
+                p.step += 1
+                elapsed_ms = clock.elapsed_ms()
+                if self.average is not None and (self.average.kind == "ema" or self.schedule.swa_snapshot(
+                        p.step, self.schedule.progress(p.step, elapsed_ms))):
+                    self.average.update(self.model)
+
+                if p.step % cfg.log_every == 0 or p.step == 1 or p.step == cfg.iterations:
+                    last_loss = float(loss.item())
+                    if not math.isfinite(last_loss):
+                        raise PgolfError(f"training diverged at step {p.step} (loss {last_loss}); lower the learning rates")
+                    p.loss_rows.append((p.step, last_loss, scale, round(elapsed_ms, 1), p.step * cfg.train_batch_tokens))
+                    status = f"loss {last_loss:.4f} lr×{scale:.3f} {elapsed_ms / p.step:.0f} ms/step"
+                    bar.update(task, completed=p.step, description=status)
+                    if p.step % cfg.log_every == 0 or p.step == 1:
+                        say(f"step {p.step}/{cfg.iterations}: {status}")
+
+                capped = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000.0 * cfg.max_wallclock_seconds
+                if stop_after is None and d.any(capped):
+                    stop_after = p.step
+                unfinished = p.step < cfg.iterations and stop_after is None
+                suspend = (unfinished and suspend_after is not None
+                           and d.any(time.perf_counter() - started >= suspend_after))
+                if suspend or (unfinished and self.checkpointer.due(p.step)):
+                    with clock.excluded():  # saving is not training time
+                        p.train_ms, p.stream_position = elapsed_ms, loader.stream.state()
+                        opt_states = optimizer_states(self.optimizers)  # every rank: Muon gathers its momentum
+                        if d.main:
+                            self.checkpointer.save(self.model, opt_states, p, self.average)
+                if suspend:
+                    say(f"train: suspended at step {p.step} ({elapsed_ms / 1000:.1f} s trained); the state is in "
+                        f"{self.checkpointer.path}: run the same command with --resume")
+                    return None
+
+        p.train_ms = clock.train_ms
+        return TrainResult(
+            model=self.model, progress=p, last_loss=last_loss, final_val=final_val, live_val=live_val,
+            val_history=self.val_history,
+            weight_average={"kind": self.average.kind, "snapshots": self.average.count} if self.average else None,
+            looping_enabled_at_step=p.loop_switch_step if self.delayed_loops else None,
+            peak_memory_bytes=torch.cuda.max_memory_allocated() if self.cuda else None)

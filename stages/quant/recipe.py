@@ -1,0 +1,83 @@
+"""A whole state dict by one recipe: encode every tensor, correct the worst with LQER, store, report errors.
+
+The report's weighted error, trace((W − Ŵ) H (W − Ŵ)ᵀ), is the expected squared output error over the
+calibration inputs; it is given wherever the Hessians hold the tensor's H, whatever the method.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from pgolf.config.sections import QuantizeConfig
+from pgolf.formats.dequant import decode_entry, dtype_name
+from pgolf.quant.encode import Encoded, encode_tensor, store_encoded
+from pgolf.quant.gptq import weighted_error
+from pgolf.quant.lqer import add_lqer
+
+
+def _error_stats(original: torch.Tensor, restored: torch.Tensor) -> dict[str, float]:
+    w, w_hat = original.detach().double(), restored.detach().double()
+    if not w.numel():
+        return {"max_abs_err": 0.0, "rmse": 0.0, "rel_err": 0.0}
+    diff = w - w_hat
+    norm = float(w.norm())
+    return {"max_abs_err": float(diff.abs().max()), "rmse": float(diff.pow(2).mean().sqrt()),
+            "rel_err": float(diff.norm()) / norm if norm > 0 else float(diff.norm())}
+
+
+def quantize_state_dict(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig,
+                        hessians: dict[str, torch.Tensor] | None = None, encoded: dict[str, Encoded] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, Any]]:
+    """(tensors for quantized.safetensors, schema {name: entry}, report with per-tensor errors).
+
+    The report's weighted error, trace((W − Ŵ) H (W − Ŵ)ᵀ), is given wherever `hessians` has the tensor's H.
+    `encoded`: every tensor already encoded (the budget search's choice, pgolf.quant.budget); used as given.
+    """
+    hessians = hessians or {}
+    if encoded is None:
+        encoded = {name: encode_tensor(name, t, cfg, hessians.get(name)) for name, t in state_dict.items()}
+        if cfg.lqer_top_k:
+            add_lqer(encoded, state_dict, cfg, hessians)
+    fallbacks = {name: enc.entry["fallback"] for name, enc in encoded.items() if "fallback" in enc.entry}
+    if fallbacks:
+        print(f"quantize: note: {cfg.method} fell back to rtn for {len(fallbacks)} tensor(s): "
+              + ", ".join(f"{n} ({why})" for n, why in fallbacks.items())
+              + ("; give --hessians from `pgolf calibrate`" if any("Hessian" in w for w in fallbacks.values()) else ""))
+    tensors, schema = store_encoded(encoded, state_dict)
+    rows = []
+    for name, enc in encoded.items():
+        t = state_dict[name]
+        restored = decode_entry(name, enc.entry, tensors, "quantize")
+        original = t.detach().cpu()
+        stats = (_error_stats(original, restored) if original.is_floating_point()
+                 else {"max_abs_err": 0.0, "rmse": 0.0, "rel_err": 0.0})
+        h = hessians.get(name)
+        fits = h is not None and original.ndim == 2 and tuple(h.shape) == (original.shape[1],) * 2
+        entry = enc.entry
+        stored_as = (f"int{entry['bits']} {entry['scheme'].replace('_', '-')}" if entry["bits"]
+                     else dtype_name(next(iter(enc.parts.values())).dtype))
+        if "lqer" in entry:
+            stored_as += f" +lqer r{entry['lqer']['rank']}"
+        rows.append({"name": name, "method": entry["method"], "bits": entry["bits"], "clip": entry["clip"],
+                     "fallback": entry.get("fallback"), "stored_as": stored_as,
+                     "shape": entry["shape"], "dtype": entry["dtype"], "numel": original.numel(),
+                     "original_bytes": original.numel() * original.element_size(),
+                     "stored_bytes": sum(p.numel() * p.element_size() for p in enc.parts.values()),
+                     "weighted_err": weighted_error(original, restored, h) if fits else None, **stats})
+    quantized = [r for r in rows if r["method"] not in ("keep_float", "passthrough")]
+    sq_err = sum(r["rmse"] ** 2 * r["numel"] for r in quantized)
+    n_q = sum(r["numel"] for r in quantized)
+    weighted = [r["weighted_err"] for r in quantized if r["weighted_err"] is not None]
+    totals = {
+        "tensors": len(rows), "quantized_tensors": len(quantized), "params": sum(r["numel"] for r in rows),
+        "quantized_params": n_q, "original_bytes": sum(r["original_bytes"] for r in rows),
+        "stored_bytes": sum(r["stored_bytes"] for r in rows),
+        "max_abs_err": max((r["max_abs_err"] for r in rows), default=0.0),
+        "quantized_rmse": math.sqrt(sq_err / n_q) if n_q else 0.0,
+        "weighted_err": sum(weighted) if weighted else None, "weighted_tensors": len(weighted),
+        "fallback_tensors": sorted(fallbacks), "lqer_tensors": sorted(n for n, e in schema.items() if "lqer" in e),
+    }
+    return tensors, schema, {"tensors": rows, "totals": totals}

@@ -1,0 +1,89 @@
+"""Scoring a model on the validation stream: the data it needs, and the BPB of a model or of plain weights.
+
+Windows are planned by pgolf.text.bpb (each target scored exactly once, causally, over the full
+softmax); bytes are the canonical sidecar's when present, and the tokenizer-LUT bytes are reported beside
+them. CaseOps data (case-transformed text) must have the sidecar: its LUT bytes are not the original
+text's bytes, so without one it is refused rather than scored with a wrong denominator. Test-time
+training will plug in here: score a chunk first, then adapt on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.config.sections import EvalConfig, ModelConfig
+from pgolf.errors import PgolfError
+from pgolf.formats.files import read_json
+from pgolf.formats.shards import load_val
+from pgolf.nn.model import GPT, autocast_for, build_model, resolve_device
+from pgolf.text import bpb
+from pgolf.text.tokenizer import load_tokenizer
+
+
+@dataclass
+class EvalData:
+    """Validation tokens, their canonical byte counts (if any), and the tokenizer's byte LUTs."""
+
+    tokens: np.ndarray
+    sidecar: np.ndarray | None
+    luts: bpb.ByteLUTs
+    manifest: dict
+    data_dir: Path
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> "EvalData":
+        data_dir = Path(data_dir)
+        manifest = read_json(data_dir / "manifest.json", "tokenized-data manifest")
+        sp = load_tokenizer(data_dir / manifest.get("tokenizer", "tokenizer.model"))
+        tokens, sidecar = load_val(data_dir)
+        # Tokens of transformed text (CaseOps): the LUT counts transformed bytes, not the original's.
+        if sidecar is None and (manifest.get("caseops") or manifest.get("text_transform")):
+            raise PgolfError(f"{data_dir}: CaseOps data without the byte sidecar (fineweb_val_bytes_*.bin); its BPB "
+                             "can only be measured in original bytes, which the tokenizer LUT does not give: "
+                             "re-run `pgolf tokenize --caseops` to write the sidecar")
+        return cls(tokens, sidecar, bpb.build_luts(sp, int(manifest["vocab_size"])), manifest, data_dir)
+
+
+def evaluate_model(model: GPT, data: EvalData, cfg: EvalConfig, progress: bool) -> dict:
+    """Score `model` on the validation stream as `cfg` says; returns the BPB accounting."""
+    device = next(model.parameters()).device
+    if model.cfg.vocab_size != int(data.manifest["vocab_size"]):
+        raise PgolfError(f"model vocab {model.cfg.vocab_size} != the data's {data.manifest['vocab_size']} "
+                         f"({data.data_dir}); evaluate on the data the model was trained for")
+    was_training = model.training
+    model.eval()
+
+    def logits_fn(x: torch.Tensor) -> torch.Tensor:
+        with autocast_for(device):
+            return model.logits(x)
+
+    try:
+        with torch.inference_mode():
+            return bpb.score(logits_fn, data.tokens, data.sidecar, data.luts, seq_len=cfg.seq_len,
+                             stride=cfg.stride, val_tokens=cfg.val_tokens, batch_seqs=cfg.batch_seqs,
+                             device=device, progress=progress)
+    finally:
+        model.train(was_training)
+
+
+def check_ttt(cfg: EvalConfig) -> None:
+    """Refuse a TTT mode this version cannot run, rather than report a score made without it."""
+    if cfg.ttt != "none":
+        raise PgolfError(f"ttt_eval.ttt={cfg.ttt!r}: test-time training is not implemented in this version of pgolf "
+                         "(its settings are recorded for when it is); score without it with --set ttt=none")
+
+
+def evaluate_state_dict(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, data: str | Path,
+                        eval_cfg: EvalConfig) -> dict:
+    """Build the model from plain weights and score it (what ttt-eval and verify report)."""
+    check_ttt(eval_cfg)
+    device = resolve_device(eval_cfg.device)
+    try:
+        model = build_model(model_cfg, state_dict, device)
+    except ValueError as exc:
+        raise PgolfError(f"the weights do not match their model config: {exc}") from None
+    return evaluate_model(model, EvalData.load(data), eval_cfg, progress=True)

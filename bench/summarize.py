@@ -32,6 +32,11 @@ SCHEMES = ("int8_rtn", "int6_rtn", "int6_gptq", "int6_gptq_h1m", "int6_gptq_lqer
 ATTENTION = ("2026-11-23_h100_attention_b12.json", "2026-11-23_h100_attention_b48.json")
 
 
+def detail(run: dict, stage: str) -> dict | None:
+    """A stage's full record: its report in newer runs (the metrics file is a short row), its metrics in older."""
+    return run.get(f"{stage}_report") or run.get(f"{stage}_metrics")
+
+
 def flops_per_token(cfg: dict, looped: bool, seq_len: int) -> float:
     d, L = cfg["model_dim"], cfg["num_layers"]
     head_dim = d // cfg["num_heads"]
@@ -45,7 +50,7 @@ def flops_per_token(cfg: dict, looped: bool, seq_len: int) -> float:
 
 
 def mfu(run: dict) -> float:
-    t = run["train_metrics"]
+    t = detail(run, "train")
     cfg, steps = run["_model_config"], t["steps"]
     switch = t.get("looping_enabled_at_step") or run.get("_loop_switch")
     on = steps - switch if switch is not None else (steps if cfg["num_loops"] else 0)
@@ -65,12 +70,13 @@ def main() -> None:
         sets = {"model.num_loops": 0} if "num_loops 0" in label else {}
         params = resolve("train", None, {"preset": preset, **sets})
         model, train = params.model, params.train
-        run["_model_config"] = {**model.__dict__, "vocab_size": run["tokenize_metrics"]["vocab_size"]
-                                if "tokenize_metrics" in run else (8192 if "8192" in tok else 1024)}
+        tokenized = detail(run, "tokenize")
+        run["_model_config"] = {**model.__dict__, "vocab_size": tokenized["vocab_size"]
+                                if tokenized else (8192 if "8192" in tok else 1024)}
         run["_seq_len"] = train.train_seq_len
         run["_loop_switch"] = LOOP_SWITCH.get(label)
         loaded[label] = run
-        t = run["train_metrics"]
+        t = detail(run, "train")
         live = t.get("val_bpb_live_weights")
         print(f"| {label} | {tok} | {t['steps']} | {t['ms_per_step']:.1f} | {t['tokens_per_s'] / 1e6:.2f} M | "
               f"{100 * mfu(run):.0f} % | {t['peak_memory_bytes'] / 2**30:.1f} | {t['val_bpb_sidecar']:.4f} | "
@@ -80,12 +86,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for label in ("baseline", "baseline run 2", "pr2071", "pr2071 run 2", "pr2071 run 3"):
         run = loaded[label]
-        pre = run["train_metrics"]["val_bpb"]
+        pre = detail(run, "train")["val_bpb"]
         for s in SCHEMES:
             ev = run.get(f"ttt_eval_{s}_metrics")
             if not ev:
                 continue
-            pack = run[f"pack_{s}_metrics"]
+            pack = detail(run, f"pack_{s}")
             print(f"| {label} ({pre:.4f}) | {s} | {ev['val_bpb']:.4f} | {ev['val_bpb'] - pre:+.4f} | "
                   f"{pack['total_bytes']:,} | {pack['codec']} | {run['stage_ms'][f'quantize_{s}'] / 1000:.1f} |")
     print()

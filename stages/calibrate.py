@@ -10,21 +10,24 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from rich.progress import track
-
 from pgolf.config.build import build_section
 from pgolf.config.sections import CalibrateConfig, ModelConfig
 from pgolf.errors import PgolfError
-from pgolf.formats.files import load_tensors, save_tensors, sha256_file, write_json
+from pgolf.formats.files import load_tensors, save_tensors, sha256_file
+from pgolf.formats.submission import check_data_matches
 from pgolf.nn.distributed import Dist
 from pgolf.nn.model import build_model
 from pgolf.quant.calibration import calibration_batches, collect_hessians
+from pgolf.report.metrics import write_metrics
+from pgolf.report.progress import Bar
 
 
 def run(ckpt: Path, data: Path, out: Path, cfg: CalibrateConfig, metrics: Path) -> None:
     t0 = time.perf_counter()
     state, meta = load_tensors(ckpt, "checkpoint")
     model_cfg = build_section(ModelConfig, meta.get("model_config"), f"{ckpt}: model config")
+    if cfg.source == "train":  # self-generated text reads no data
+        check_data_matches(Path(data), meta.get("tokenizer_sha256"), model_cfg.vocab_size, str(ckpt))
     d = Dist(cfg.device)
     try:
         if cfg.n_batches < d.world:
@@ -32,9 +35,8 @@ def run(ckpt: Path, data: Path, out: Path, cfg: CalibrateConfig, metrics: Path) 
                              "give every rank at least one batch")
         model = build_model(model_cfg, state, d.device)
         share = (cfg.n_batches - d.rank + d.world - 1) // d.world
-        batches = track(calibration_batches(cfg, model, Path(data), d), total=share,
-                        description=f"calibrate ({cfg.source})", disable=not d.main)
-        hessians, n_tokens = collect_hessians(model, batches, d)
+        with Bar(f"calibrate ({cfg.source})", share, "batches", enabled=d.main) as bar:
+            hessians, n_tokens = collect_hessians(model, bar.track(calibration_batches(cfg, model, Path(data), d)), d)
     finally:
         d.close()
     if not d.main:
@@ -48,6 +50,7 @@ def run(ckpt: Path, data: Path, out: Path, cfg: CalibrateConfig, metrics: Path) 
         "world_size": d.world,
     })
     seconds = time.perf_counter() - t0
-    write_json(metrics, {"source": cfg.source, "tensors": len(hessians), "tokens": n_tokens,
-                         "seconds": round(seconds, 2), "world_size": d.world})
+    write_metrics(metrics, {"tokens": n_tokens, "seconds": round(seconds, 1)},
+                  {"source": cfg.source, "tensors": len(hessians), "tokens": n_tokens, "seconds": round(seconds, 2),
+                   "world_size": d.world})
     print(f"calibrate: {len(hessians)} Hessians from {n_tokens:,} {cfg.source} tokens in {seconds:.1f}s, wrote {out}")

@@ -1,10 +1,10 @@
 """The `pgolf` command: seven stages, each reading the previous stage's files and writing its own.
 
 Every stage takes `--params params.yaml` and `--set KEY=VALUE` / `--set SECTION.KEY=VALUE` overrides;
-the named options below are shortcuts for the most used keys. The CLI only maps options to config keys
-(pgolf.config.resolve does the resolving) and turns errors into exit codes: PgolfError exits 2,
-Rejected (a failed verify, a blob over the limit) exits 1. Stage modules are imported lazily so that
-`pgolf --help` stays fast.
+the named options below are shortcuts for the most used keys. The CLI maps options to config keys
+(pgolf.config.resolve does the resolving), picks the paths of outputs the user did not name, and turns
+errors into exit codes: PgolfError exits 2, Rejected (a failed verify, a blob over the limit) exits 1.
+Stage modules are imported lazily so that `pgolf --help` stays fast.
 """
 
 from __future__ import annotations
@@ -41,6 +41,37 @@ def _run(fn: Callable[[], Any]) -> None:
         raise typer.Exit(130) from None
 
 
+def _pipeline_outputs() -> set[Path]:
+    """The paths the DVC pipeline in the current directory writes (every stage's outs, metrics and plots)."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return set()
+    owned = set()
+    for spec in stages.values() if isinstance(stages, dict) else []:
+        for key in ("outs", "metrics", "plots"):
+            for item in (spec or {}).get(key) or []:
+                owned.add(Path(next(iter(item)) if isinstance(item, dict) else str(item)).resolve())
+    return owned
+
+
+def _output(given: Optional[Path], default: Path) -> Path:
+    """The path the user named, else `default`; but a stage run by hand never writes over an output of the
+    DVC pipeline here (it would leave `dvc status` dirty and the pipeline's results silently replaced):
+    such a default becomes the same name in the current folder, with a note."""
+    if given is not None:
+        return given
+    target = default.resolve()
+    if any(target == owned or owned in target.parents for owned in _pipeline_outputs()):
+        instead = Path(default.name)
+        typer.echo(f"pgolf: note: {default} is an output of the DVC pipeline here (dvc.yaml); writing {instead} "
+                   "instead (name the path to choose)", err=True)
+        return instead
+    return default
+
+
 def _params(stage: str, params_path: Path, sets: Optional[list[str]], named: dict[str, Any]):
     from pgolf.config.resolve import resolve
 
@@ -51,13 +82,14 @@ def _params(stage: str, params_path: Path, sets: Optional[list[str]], named: dic
 def tokenize(
     inputs: list[Path] = typer.Argument(..., help=".jsonl(.gz/.xz/.zst) with a `text` field, .txt files (one document each), "
                                              "directories of those, or one directory of existing challenge shards + tokenizer."),
-    out: Path = typer.Option(Path("data/tokenized"), help="Output directory for shards, tokenizer and manifest."),
+    out: Optional[Path] = typer.Option(None, help="Output directory for shards, tokenizer and manifest "
+                                       "[default: data/tokenized]."),
     tokenizer: Optional[Path] = typer.Option(None, help="Reuse this SentencePiece .model instead of training one."),
     vocab_size: Optional[int] = typer.Option(None, help="Tokenizer vocabulary size (params: tokenize.vocab_size)."),
     val_docs: Optional[int] = typer.Option(None, help="The first N documents are validation (challenge: 50,000)."),
     caseops: Optional[bool] = typer.Option(None, "--caseops/--no-caseops", help="Lossless case transform before "
                                            "SentencePiece; BPB then comes from the byte sidecar (params: tokenize.caseops)."),
-    metrics: Path = typer.Option(Path("artifacts/tokenize_metrics.json"), help="Metrics JSON to write."),
+    metrics: Optional[Path] = typer.Option(None, help="Metrics JSON to write [default: artifacts/tokenize_metrics.json]."),
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
 ) -> None:
@@ -67,20 +99,22 @@ def tokenize(
 
         p = _params("tokenize", params, sets, {"tokenize.vocab_size": vocab_size, "tokenize.val_docs": val_docs,
                                                "tokenize.caseops": caseops})
-        stage.run(inputs, out, p.tokenize, tokenizer, metrics)
+        stage.run(inputs, _output(out, Path("data/tokenized")), p.tokenize, tokenizer,
+                  _output(metrics, Path("artifacts/tokenize_metrics.json")))
     _run(go)
 
 
 @app.command(epilog="Example: pgolf train --data data/tokenized --set preset=tiny --set iterations=50")
 def train(
     data: Path = typer.Option(Path("data/tokenized"), help="Tokenized data directory (from `pgolf tokenize`)."),
-    out: Path = typer.Option(Path("artifacts/ckpt.safetensors"), help="Checkpoint to write."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint to write [default: artifacts/ckpt.safetensors]."),
     preset: Optional[str] = typer.Option(None, help="Preset: tiny | baseline | record | pr2071 | pr398 (params: preset)."),
     iterations: Optional[int] = typer.Option(None, help="Training steps (params: train.iterations)."),
     max_wallclock_seconds: Optional[float] = typer.Option(None, help="Wall-clock cap in seconds; 0 = none."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
-    metrics: Path = typer.Option(Path("artifacts/train_metrics.json"), help="Metrics JSON to write."),
-    loss_log: Path = typer.Option(Path("artifacts/train_log.csv"), help="Per-step loss table (for `dvc plots`)."),
+    metrics: Optional[Path] = typer.Option(None, help="Metrics JSON to write [default: artifacts/train_metrics.json]."),
+    loss_log: Optional[Path] = typer.Option(None, help="Per-step loss table, for `dvc plots` "
+                                            "[default: artifacts/train_log.csv]."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved state "
                                 "(saved every train.checkpoint_every steps beside --out)."),
     suspend_after: Optional[float] = typer.Option(None, "--suspend-after", min=0, help="Save the full state and stop "
@@ -96,7 +130,9 @@ def train(
         p = _params("train", params, sets, {"preset": preset, "train.iterations": iterations,
                                             "train.max_wallclock_seconds": max_wallclock_seconds,
                                             "train.device": device})
-        stage.run(data, out, p.model, p.train, metrics, loss_log, resume, suspend_after)
+        stage.run(data, _output(out, Path("artifacts/ckpt.safetensors")), p.model, p.train,
+                  _output(metrics, Path("artifacts/train_metrics.json")), _output(loss_log, Path("artifacts/train_log.csv")),
+                  resume, suspend_after)
     _run(go)
 
 
@@ -104,8 +140,8 @@ def train(
 def calibrate(
     ckpt: Path = typer.Argument(Path("artifacts/ckpt.safetensors"), help="Checkpoint from `pgolf train`."),
     data: Path = typer.Option(Path("data/tokenized"), help="Tokenized data directory (training shards are read)."),
-    out: Path = typer.Option(Path("artifacts/hessians.safetensors"), help="Hessians file to write."),
-    metrics: Path = typer.Option(Path("artifacts/calibrate_metrics.json"), help="Metrics JSON to write."),
+    out: Optional[Path] = typer.Option(None, help="Hessians file to write [default: artifacts/hessians.safetensors]."),
+    metrics: Optional[Path] = typer.Option(None, help="Metrics JSON to write [default: artifacts/calibrate_metrics.json]."),
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
 ) -> None:
@@ -114,7 +150,8 @@ def calibrate(
         from pgolf import calibrate as stage
 
         p = _params("calibrate", params, sets, {})
-        stage.run(ckpt, data, out, p.calibrate, metrics)
+        stage.run(ckpt, data, _output(out, Path("artifacts/hessians.safetensors")), p.calibrate,
+                  _output(metrics, Path("artifacts/calibrate_metrics.json")))
     _run(go)
 
 
@@ -136,7 +173,8 @@ def quantize(
                                         "skipped if absent)."),
     hessians: Optional[Path] = typer.Option(None, help="Hessians from `pgolf calibrate` (used by gptq; weighted errors in the report)."),
     out: Optional[Path] = typer.Option(None, help="Output file [default: quantized.safetensors beside CKPT]."),
-    metrics: Optional[Path] = typer.Option(None, help="Report JSON [default: quantize_metrics.json beside the output]."),
+    metrics: Optional[Path] = typer.Option(None, help="Metrics row JSON; the per-tensor report and chart go beside it "
+                                           "[default: quantize_metrics.json beside the output]."),
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
 ) -> None:
@@ -147,8 +185,8 @@ def quantize(
         named = {"bits": bits, "method": method, "clip": clip, "embed_bits": embed_bits, "attn_bits": attn_bits,
                  "mlp_bits": mlp_bits, "lqer_top_k": lqer_top_k, "budget": budget}
         p = _params("quantize", params, sets, {f"quantize.{k}": v for k, v in named.items()})
-        target = out or ckpt.with_name("quantized.safetensors")
-        stage.run(ckpt, target, p.quantize, p.pack, hessians, metrics or target.with_name("quantize_metrics.json"),
+        target = _output(out, ckpt.with_name("quantized.safetensors"))
+        stage.run(ckpt, target, p.quantize, p.pack, hessians, _output(metrics, target.with_name("quantize_metrics.json")),
                   data if data is not None and (data / "manifest.json").is_file() else None)
     _run(go)
 
@@ -157,10 +195,10 @@ def quantize(
 def pack(
     quantized: Path = typer.Argument(Path("artifacts/quantized.safetensors"), help="Output of `pgolf quantize`."),
     data: Path = typer.Option(Path("data/tokenized"), help="Tokenized data whose tokenizer and val shards the blob is made for."),
-    out: Path = typer.Option(Path("artifacts/model.pgolf"), help="Blob to write."),
+    out: Optional[Path] = typer.Option(None, help="Blob to write [default: artifacts/model.pgolf]."),
     codec: Optional[str] = typer.Option(None, help="auto | zlib | zstd | brotli | lzma (auto keeps the smallest)."),
     limit: Optional[int] = typer.Option(None, help="Byte limit for model + code (default 16,000,000); over it: exit 1."),
-    metrics: Path = typer.Option(Path("artifacts/pack_metrics.json"), help="Size report JSON to write."),
+    metrics: Optional[Path] = typer.Option(None, help="Size report JSON to write [default: artifacts/pack_metrics.json]."),
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
 ) -> None:
@@ -169,7 +207,8 @@ def pack(
         from pgolf import pack as stage
 
         p = _params("pack", params, sets, {"pack.codec": codec, "pack.limit": limit})
-        stage.run(quantized, data, out, p.pack, metrics)
+        stage.run(quantized, data, _output(out, Path("artifacts/model.pgolf")), p.pack,
+                  _output(metrics, Path("artifacts/pack_metrics.json")))
     _run(go)
 
 
@@ -181,7 +220,7 @@ def ttt_eval(
     seq_len: Optional[int] = typer.Option(None, help="Window length in tokens."),
     val_tokens: Optional[int] = typer.Option(None, help="Score only the first N val tokens (whole windows); 0 = all."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
-    metrics: Path = typer.Option(Path("artifacts/ttt_eval_metrics.json"), help="Metrics JSON to write."),
+    metrics: Optional[Path] = typer.Option(None, help="Metrics JSON to write [default: artifacts/ttt_eval_metrics.json]."),
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
 ) -> None:
@@ -191,7 +230,7 @@ def ttt_eval(
 
         p = _params("ttt-eval", params, sets, {"ttt_eval.stride": stride, "ttt_eval.seq_len": seq_len,
                                                "ttt_eval.val_tokens": val_tokens, "ttt_eval.device": device})
-        stage.run(blob, data, p.ttt_eval, metrics)
+        stage.run(blob, data, p.ttt_eval, _output(metrics, Path("artifacts/ttt_eval_metrics.json")))
     _run(go)
 
 
@@ -204,7 +243,8 @@ def verify(
     limit: Optional[int] = typer.Option(None, help="Size limit in bytes (default 16,000,000)."),
     val_tokens: Optional[int] = typer.Option(None, help="Re-score only the first N val tokens; 0 = all."),
     fmt: str = typer.Option("auto", "--format", help="auto | pgolf | official-int8."),
-    report: Path = typer.Option(Path("artifacts/verify_metrics.json"), help="JSON report to write."),
+    report: Optional[Path] = typer.Option(None, help="Metrics row JSON; the check table goes to *_report.json beside "
+                                          "it [default: artifacts/verify_metrics.json]."),
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
 ) -> None:
@@ -213,7 +253,8 @@ def verify(
         from pgolf import verify as stage
 
         p = _params("verify", params, sets, {"verify.limit": limit, "ttt_eval.val_tokens": val_tokens})
-        stage.run(blob, data, p.verify, p.ttt_eval, p.from_command_line("ttt_eval"), claim, claims, fmt, report)
+        stage.run(blob, data, p.verify, p.ttt_eval, p.from_command_line("ttt_eval"), claim, claims, fmt,
+                  _output(report, Path("artifacts/verify_metrics.json")))
     _run(go)
 
 

@@ -2,12 +2,13 @@
 
 The challenge counts code bytes + compressed model bytes against 16,000,000. Model bytes are the whole
 blob file (pgolf.formats.blob_writer); code bytes are the compressed decode path, the sources needed to
-read and score it (pgolf.formats.code). Over the limit the report is still written, the blob is not,
-and the stage is rejected (exit 1).
+read and score it (pgolf.formats.code). Over the limit the report is still written, no blob is (an
+existing one is left as it was), and the stage is rejected (exit 1).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ from pgolf.errors import PgolfError, Rejected
 from pgolf.formats import codecs
 from pgolf.formats.blob_writer import build_blob
 from pgolf.formats.code import measure_code
-from pgolf.formats.files import load_tensors, sha256_file, write_bytes, write_json
-from pgolf.formats.submission import blob_header_fields, data_identity
+from pgolf.formats.files import load_tensors, sha256_file, write_bytes
+from pgolf.formats.submission import blob_header_fields, check_data_matches, data_identity
+from pgolf.report.metrics import write_metrics
+from pgolf.report.progress import Bar
 
 
 def print_report(rep: dict[str, Any], out: Path) -> None:
@@ -43,16 +46,11 @@ def print_report(rep: dict[str, Any], out: Path) -> None:
 
 
 def run(quantized: Path, data: Path, out: Path, cfg: PackConfig, metrics: Path) -> None:
+    t0 = time.perf_counter()
     tensors, meta = load_tensors(quantized, kind="quantized")
-    ident = data_identity(Path(data))
-    if meta.get("tokenizer_sha256") != ident["tokenizer_sha256"]:
-        raise PgolfError(f"{quantized} was trained with tokenizer {str(meta.get('tokenizer_sha256'))[:12]}…, but "
-                         f"{data}/manifest.json has {ident['tokenizer_sha256'][:12]}…: vocab/tokenizer mismatch; "
-                         "pack against the data the model was trained on")
     model_vocab = (meta.get("model_config") or {}).get("vocab_size")
-    if ident["vocab_size"] is not None and model_vocab != ident["vocab_size"]:
-        raise PgolfError(f"{quantized}: model vocab {model_vocab} != {ident['vocab_size']} in {data}/manifest.json; "
-                         "pack against the data the model was trained on")
+    check_data_matches(Path(data), meta.get("tokenizer_sha256"), model_vocab, str(quantized))
+    ident = data_identity(Path(data))
     if not isinstance(meta.get("schema"), dict):
         raise PgolfError(f"{quantized}: no quantization schema in its metadata; re-run `pgolf quantize`")
 
@@ -61,8 +59,9 @@ def run(quantized: Path, data: Path, out: Path, cfg: PackConfig, metrics: Path) 
            "as one stream (pack.chunk_bytes compresses chunks in parallel)")
     print(f"pack: compressing {len(tensors)} tensors with {tried}, {how}")
     code = measure_code(cfg.codec)
-    blob, header, sizes = build_blob(tensors, blob_header_fields(meta, ident, sha256_file(quantized), code), cfg.codec,
-                                     cfg.chunk_bytes)
+    with Bar(f"pack: compressing with {tried}", None):  # one call: a spinner and the time it takes
+        blob, header, sizes = build_blob(tensors, blob_header_fields(meta, ident, sha256_file(quantized), code),
+                                         cfg.codec, cfg.chunk_bytes)
     total = len(blob) + code["bytes"]
     rep = {
         "model_bytes": len(blob), "code_bytes": code["bytes"], "total_bytes": total, "limit": cfg.limit,
@@ -75,11 +74,12 @@ def run(quantized: Path, data: Path, out: Path, cfg: PackConfig, metrics: Path) 
     if rep["fits"]:
         write_bytes(out, blob)
         rep["blob_sha256"] = sha256_file(out)
-    elif out.exists():
-        out.unlink()  # a stale blob from an earlier run would contradict this report
-    write_json(metrics, rep)
+    # passed: fits the limit (else the stage is rejected, as verify is on a failed check): one column for both
+    report = write_metrics(metrics, {"bytes": total, "passed": rep["fits"], "seconds": round(time.perf_counter() - t0, 1)},
+                           rep)
     print_report(rep, out)
     if not rep["fits"]:
+        kept = f"; the existing {out} is left as it was" if out.exists() else ""
         raise Rejected(f"model {len(blob):,} + code {code['bytes']:,} = {total:,} bytes exceeds the limit of "
-                       f"{cfg.limit:,} by {total - cfg.limit:,}; no blob was written to {out} (the report is in "
-                       f"{metrics}). Use fewer bits, a stronger clip or a smaller model.")
+                       f"{cfg.limit:,} by {total - cfg.limit:,}; no blob was written (the sizes are in {report}"
+                       f"{kept}). Use fewer bits, a stronger clip or a smaller model.")

@@ -1,4 +1,5 @@
-"""quantize: ckpt.safetensors (+ hessians) → quantized.safetensors (codes + scales + schema) and a report.
+"""quantize: ckpt.safetensors (+ hessians) → quantized.safetensors (codes + scales + schema), metrics, a report
+(every tensor's encoding, size and errors) and a chart of bits and bytes per tensor.
 
 The encoders are pgolf.quant (recipe, GPTQ, LQER, the budget search). The output is self-describing:
 its metadata carries the per-tensor schema that pgolf.formats.dequant needs, the model config and
@@ -8,6 +9,7 @@ the report also holds each tensor's weighted error trace((W − Ŵ) H (W − Ŵ)
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,12 @@ import torch
 
 from pgolf.config.sections import PackConfig, QuantizeConfig
 from pgolf.errors import PgolfError
-from pgolf.formats.files import load_tensors, read_meta, save_tensors, sha256_file, write_json
-from pgolf.formats.submission import data_identity
+from pgolf.formats.files import load_tensors, read_meta, save_tensors, sha256_file
+from pgolf.formats.submission import check_data_matches, data_identity
 from pgolf.quant.budget import BudgetSearch
 from pgolf.quant.recipe import quantize_state_dict
+from pgolf.report.metrics import companion, write_metrics
+from pgolf.report.plots import bits_chart
 
 # Methods that read the Hessians; for the others a given --hessians file only feeds the report.
 HESSIAN_METHODS: tuple[str, ...] = ("gptq",)
@@ -98,6 +102,7 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, pack: PackConfig, hessians: 
     """pack: how pack will compress (its codec and chunking), which --budget measures sizes with;
     data: the tokenized data pack will be given, so that --budget predicts pack's header exactly
     (None: budget_reserve bytes are held back)."""
+    t0 = time.perf_counter()
     state, meta = load_tensors(ckpt, kind="checkpoint")  # refuses NaN/inf weights
     if not isinstance(meta.get("model_config"), dict):
         raise PgolfError(f"{ckpt}: checkpoint metadata has no model config; re-run `pgolf train`")
@@ -119,7 +124,10 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, pack: PackConfig, hessians: 
                 "params": asdict(cfg), "inputs": inputs}
     chosen = None
     if cfg.budget:
-        ident = data_identity(data) if data is not None else None
+        ident = None
+        if data is not None:
+            check_data_matches(data, meta.get("tokenizer_sha256"), meta["model_config"].get("vocab_size"), str(ckpt))
+            ident = data_identity(data)
         chosen = BudgetSearch(state, cfg, pack, hessian_tensors, out_meta, ident).fit(cfg.budget)
     tensors, schema, report = quantize_state_dict(state, cfg, hessian_tensors,
                                                   encoded=chosen.encoded if chosen else None)
@@ -128,5 +136,9 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, pack: PackConfig, hessians: 
         for row in report["tensors"]:
             row["est_bytes"] = (chosen.report["tensors"].get(row["name"]) or {}).get("est_bytes")
     save_tensors(out, tensors, "quantized", {**out_meta, "schema": schema})
-    write_json(metrics, {"params": asdict(cfg), "inputs": inputs, "output": str(out), **report})
+    t = report["totals"]
+    row = {"bytes": t["stored_bytes"], "seconds": round(time.perf_counter() - t0, 1)}  # bytes: before compression
+    write_metrics(metrics, row, {"params": asdict(cfg), "inputs": inputs, "output": str(out), **report})
+    bits_chart(companion(metrics, "bits", ".png"), report["tensors"], f"{out.name}: {t['quantized_tensors']}/"
+               f"{t['tensors']} tensors quantized, {t['stored_bytes']:,} bytes stored")
     print_report(report, cfg, out)

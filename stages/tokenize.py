@@ -1,7 +1,7 @@
 """tokenize: documents (or existing challenge shards) → shards, byte sidecar, tokenizer, manifest, metrics.
 
 The building blocks are pgolf.text.dataset (documents mode and ingest mode); this stage picks the mode,
-reports and writes the metrics.
+reports and writes the metrics (a row for `dvc metrics show`, the split counts in the report beside it).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from pgolf.config.sections import TokenizeConfig
-from pgolf.formats.files import write_json
+from pgolf.report.metrics import write_metrics
 from pgolf.text.dataset import ingest, is_shard_directory, tokenize_documents
 
 
@@ -26,7 +26,7 @@ def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, tokenizer: Path | No
     print(f"tokenize: {out}: vocab {manifest['vocab_size']}, train {train['docs']:,} docs / {train['tokens']:,} "
           f"tokens, val {val['docs']:,} docs / {val['tokens']:,} tokens")
     val_bytes = val["sidecar_bytes"] if val["sidecar_bytes"] is not None else val["lut_bytes"]
-    write_json(metrics, {
+    detail = {
         "mode": manifest["mode"],
         "caseops": manifest["caseops"],
         "vocab_size": manifest["vocab_size"],
@@ -36,4 +36,6 @@ def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, tokenizer: Path | No
         "val_bytes_per_token": val_bytes / max(val["tokens"], 1),  # BOS included: every target is scored
         "val_lut_bytes": val["lut_bytes"],
         "seconds": round(time.time() - t0, 3),
-    })
+    }
+    row = {"tokens": train["tokens"], "val_tokens": val["tokens"], "seconds": round(detail["seconds"], 1)}
+    write_metrics(metrics, row, detail)  # the row: training tokens, validation tokens, time

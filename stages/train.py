@@ -1,4 +1,4 @@
-"""train: tokenized shards → ckpt.safetensors, train_metrics.json, train_log.csv.
+"""train: tokenized shards → ckpt.safetensors, train_metrics.json (+ its report), train_log.csv (+ .png).
 
 The loop, the optimizer groups and the schedule are pgolf.nn (trainer, optim, schedule); this stage
 reads the data's manifest, runs the trainer on every rank, and on the main rank writes the checkpoint
@@ -16,10 +16,12 @@ import torch
 
 from pgolf.config.sections import ModelConfig, TrainConfig
 from pgolf.errors import PgolfError
-from pgolf.formats.files import atomic_path, finite_or_none, read_json, save_tensors, sha256_file, write_json
+from pgolf.formats.files import atomic_path, finite_or_none, read_json, save_tensors, sha256_file
 from pgolf.nn.distributed import Dist
 from pgolf.nn.trainer import Trainer, TrainResult
 from pgolf.nn.trainstate import Checkpointer
+from pgolf.report.metrics import write_metrics
+from pgolf.report.plots import loss_chart
 
 LOG_COLUMNS = ("step", "train_loss", "lr_scale", "elapsed_ms", "tokens")
 
@@ -44,7 +46,7 @@ def run(data: Path, out: Path, model_cfg: ModelConfig, cfg: TrainConfig, metrics
     model_cfg = resolve_vocab(model_cfg, manifest, manifest_path)
     d = Dist(cfg.device)
     try:
-        checkpointer = Checkpointer(out, model_cfg, cfg, d.world)
+        checkpointer = Checkpointer(out, model_cfg, cfg, d.world, manifest.get("tokenizer_sha256"))
         trainer = Trainer(d, data, model_cfg, cfg, checkpointer)
         trainer.prime_compiled_kernels()
         if resume:
@@ -74,9 +76,11 @@ def write_outputs(result: TrainResult, cfg: TrainConfig, manifest_path: Path, ma
         writer = csv.writer(f)
         writer.writerow(LOG_COLUMNS)
         writer.writerows(p.loss_rows)
+    loss_chart(Path(log).with_suffix(".png"), p.loss_rows, result.val_history,
+               f"{out.name}: {p.step} steps, val_bpb {val.get('val_bpb'):.4f}")
     seconds = max(p.train_ms / 1000.0, 1e-9)
     cuda = device.startswith("cuda")
-    write_json(metrics, {
+    detail = {
         "steps": p.step,
         "train_time_ms": round(p.train_ms, 1),
         "ms_per_step": round(p.train_ms / max(p.step, 1), 2),
@@ -95,7 +99,11 @@ def write_outputs(result: TrainResult, cfg: TrainConfig, manifest_path: Path, ma
         "peak_memory_bytes": result.peak_memory_bytes,
         "world_size": world,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-    })
+    }
+    # tokens trained (steps × batch: comparable across batch sizes; steps are in the report), seconds of
+    # training as the wall-clock cap counts them
+    row = {"tokens": p.step * cfg.train_batch_tokens, "val_bpb": val.get("val_bpb"), "seconds": round(seconds, 1)}
+    write_metrics(metrics, row, detail)
     peak = result.peak_memory_bytes
     mem = f", peak {peak / 2**30:.2f} GiB" if peak else ""
     print(f"train: {p.step} steps, {p.train_ms / max(p.step, 1):.1f} ms/step, "

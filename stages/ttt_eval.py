@@ -1,8 +1,9 @@
 """ttt-eval: model.pgolf + validation shards → BPB (ttt_eval_metrics.json).
 
 Scores the decoded blob, never the checkpoint, so the number is the artifact's. Reading is
-pgolf.formats (blob, dequant), scoring pgolf.text.evaluate. This module's import closure is the decode
-path whose bytes a submission counts (pgolf.formats.code), so it imports nothing it does not need.
+pgolf.formats (blob, dequant), scoring pgolf.ttt.modes (plain, or with test-time training). This module's
+import closure is the decode path whose bytes a submission counts (pgolf.formats.code), so it imports
+nothing it does not need.
 """
 
 from __future__ import annotations
@@ -11,36 +12,39 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pgolf.config.build import build_section
-from pgolf.config.sections import EvalConfig, ModelConfig
-from pgolf.errors import PgolfError
-from pgolf.formats.blob import read_blob
+from pgolf.config.sections import EvalConfig
+from pgolf.formats.blob import CHALLENGE_LIMIT, decode_payload, open_blob
+from pgolf.formats.blob_model import model_config
 from pgolf.formats.dequant import dequantize
-from pgolf.formats.files import read_json, sha256_file, write_json
-from pgolf.text.evaluate import evaluate_state_dict
+from pgolf.formats.files import sha256_file
+from pgolf.formats.submission import check_data_matches
+from pgolf.report.metrics import write_metrics
+from pgolf.ttt.modes import score_weights
 
 
 def run(blob: Path, data: Path, cfg: EvalConfig, metrics: Path) -> None:
     t0 = time.perf_counter()
-    header, tensors = read_blob(blob)
-    manifest_path = Path(data) / "manifest.json"
-    manifest = read_json(manifest_path, "tokenized-data manifest")
-    if header.get("tokenizer_sha256") != manifest.get("tokenizer_sha256"):
-        raise PgolfError(f"{blob} was made for tokenizer {str(header.get('tokenizer_sha256'))[:12]}…, but {manifest_path} "
-                         f"uses {str(manifest.get('tokenizer_sha256'))[:12]}…; evaluate on the data it was trained for")
-    state_dict = dequantize(tensors, header.get("schema"), str(blob))
-    model_cfg = build_section(ModelConfig, header.get("model_config"), f"{blob}: model config")
+    # Everything the header says is checked, the model config against the schema too, before the payload
+    # is decoded; ttt-eval scores any blob its reading bounds allow (the size verdict is pack's and verify's).
+    header, payload = open_blob(blob, CHALLENGE_LIMIT)
+    model_cfg = model_config(header, blob)
+    check_data_matches(Path(data), header["tokenizer_sha256"], model_cfg.vocab_size, str(blob))
+    state_dict = dequantize(decode_payload(header, payload, blob), header["schema"], str(blob))
     decode_s = time.perf_counter() - t0
-    result = evaluate_state_dict(state_dict, model_cfg, data, cfg)
+    result = score_weights(state_dict, model_cfg, data, cfg)
     result.update({
         "blob": str(blob),
         "blob_sha256": sha256_file(blob),
-        "eval": asdict(cfg),
-        "ttt": None,  # test-time training arrives with its own issue
+        "eval": asdict(cfg),  # every setting, TTT's included: `pgolf verify --claims` re-scores with them
         "decode_seconds": round(decode_s, 2),
-        "eval_seconds": round(time.perf_counter() - t0 - decode_s, 2),
     })
-    write_json(metrics, result)
+    # the row holds the window settings too (verify reads them from either file; the TTT mode and its
+    # settings are in the report, which keeps `dvc metrics show` to a terminal's width)
+    row = {"val_bpb": result["val_bpb"], "seq_len": cfg.seq_len, "stride": cfg.stride, "val_tokens": cfg.val_tokens,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    write_metrics(metrics, row, result)
     sidecar = result.get("val_bpb_sidecar")
+    before = f"; {result['val_bpb_before_ttt']:.4f} before {cfg.ttt} TTT" if cfg.ttt != "none" else ""
     print(f"ttt-eval: val_bpb {result['val_bpb']:.4f} (LUT {result['val_bpb_lut']:.4f}"
-          + (f", sidecar {sidecar:.4f}" if sidecar is not None else "") + f") over {result['tokens_scored']:,} tokens")
+          + (f", sidecar {sidecar:.4f}" if sidecar is not None else "") + f") over {result['tokens_scored']:,} tokens"
+          + before)

@@ -111,3 +111,40 @@ def calibrated_model(tokenized_dir, tmp_path_factory) -> dict:
                   root / "calibrate_metrics.json")
     return {"root": root, "ckpt": ckpt, "hess": hess, "model": model,
             "state": load_tensors(ckpt, "checkpoint")[0], "hessians": load_tensors(hess, "hessians")[0]}
+
+
+@pytest.fixture(scope="session")
+def foreign_tokenized(tmp_path_factory) -> dict[str, Path]:
+    """Data the session's model was not trained on: the same vocabulary size from another tokenizer
+    (trained on other documents), and another vocabulary size."""
+    from pgolf import tokenize
+
+    root = tmp_path_factory.mktemp("foreign")
+    corpus = write_jsonl(root / "other.jsonl", make_docs(seed=7))
+    out = {}
+    for name, vocab in (("same_vocab", VOCAB_SIZE), ("other_vocab", VOCAB_SIZE - 128)):
+        out[name] = root / name
+        tokenize.run([corpus], out[name], tokenize_config(vocab_size=vocab), None, root / f"{name}.json")
+    return out
+
+
+def assert_png(path: Path) -> None:
+    """A real chart: PNG bytes, more than a blank canvas's worth, that matplotlib reads back with ink on it."""
+    from matplotlib.image import imread
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert len(data) > 10_000, (path, len(data))
+    pixels = imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 400, pixels.shape
+    assert pixels[..., :3].std() > 0.05, "a blank image"
+
+
+def assert_flat_metrics(path: Path) -> dict:
+    """A metrics file is one row of `dvc metrics show`: every value a number, a bool, None or a short string."""
+    row = json.loads(path.read_text())
+    assert isinstance(row, dict) and row, path
+    for key, value in row.items():
+        assert value is None or isinstance(value, (bool, int, float)) or \
+            (isinstance(value, str) and len(value) <= 24), (path, key, value)
+    return row

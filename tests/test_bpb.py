@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from pgolf.errors import PgolfError
-from pgolf.text import bpb
+from pgolf.text import bpb, ledger
 from pgolf.text.bpb import build_luts, lut_byte_counts, plan_windows, stream_lut_bytes
 from pgolf.formats.shards import load_val
 from pgolf.text.tokenizer import encode_with_bytes, load_tokenizer
 
 
 def score(logits_fn, tokens, sidecar, luts, seq_len, stride, val_tokens=0, batch_seqs=32, progress=False):
-    """bpb.score on the CPU, the evaluation defaults filled in."""
-    return bpb.score(logits_fn, tokens, sidecar, luts, seq_len=seq_len, stride=stride, val_tokens=val_tokens,
+    """ledger.score on the CPU, the evaluation defaults filled in."""
+    return ledger.score(logits_fn, tokens, sidecar, luts, seq_len=seq_len, stride=stride, val_tokens=val_tokens,
                      batch_seqs=batch_seqs, device="cpu", progress=progress)
 
 

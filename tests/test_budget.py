@@ -15,6 +15,7 @@ from pgolf.formats.files import load_tensors, read_json, read_meta, sha256_file
 from pgolf.formats.submission import data_identity
 from pgolf.quant.budget import BudgetSearch
 from pgolf.quant.recipe import quantize_state_dict
+from pgolf.report.metrics import companion
 
 ZLIB = PackConfig(codec="zlib")
 
@@ -42,13 +43,13 @@ def trained(calibrated_model, tokenized_dir, tmp_path_factory) -> dict:
 
 def packed_total(trained, tokenized_dir, quantized, budget: int, codec: str = "zlib") -> int:
     """Bytes of blob + code as the real pack stage measures them (its limit set to the budget)."""
-    report = trained["root"] / "pack_metrics.json"
+    metrics = trained["root"] / "pack_metrics.json"
     try:
         pack.run(quantized, tokenized_dir, trained["root"] / "model.pgolf", PackConfig(codec=codec, limit=budget),
-                 report)
-    except BaseException:  # typer.Exit(1) when over the limit; the report is written either way
+                 metrics)
+    except BaseException:  # typer.Exit(1) when over the limit; the metrics are written either way
         pass
-    return read_json(report)["total_bytes"]
+    return read_json(metrics)["bytes"]
 
 
 @pytest.mark.parametrize("with_data", [True, False])
@@ -60,7 +61,8 @@ def test_budget_output_packs_within_the_budget(trained, tokenized_dir, with_data
     out, metrics = root / f"budget_{with_data}.safetensors", root / f"budget_{with_data}.json"
     quantize.run(trained["ckpt"], out, replace(BASE, budget=budget), ZLIB, trained["hess"], metrics,
                  tokenized_dir if with_data else None)
-    report = read_json(metrics)["budget"]
+    full = read_json(companion(metrics, "report", ".json"))  # the metrics row's report: per-tensor detail
+    report = full["budget"]
     total = packed_total(trained, tokenized_dir, out, budget)
     assert total <= budget and report["measured_bytes"] <= budget
     if with_data:  # quantize saw pack's inputs: its measurement is pack's, byte for byte
@@ -73,7 +75,7 @@ def test_budget_output_packs_within_the_budget(trained, tokenized_dir, with_data
     for name, chosen in report["tensors"].items():
         assert schema[name]["bits"] == chosen["bits"] and chosen["est_bytes"] > 0
     assert set(dequantize(tensors, schema)) == set(trained["state"])
-    assert abs(read_json(metrics)["totals"]["weighted_err"] - report["error"]) <= 1e-9 * report["error"]
+    assert abs(full["totals"]["weighted_err"] - report["error"]) <= 1e-9 * report["error"]
 
 
 def test_more_budget_never_gives_a_larger_error(trained):
@@ -160,14 +162,15 @@ def test_budget_chooses_lqer_per_tensor_and_its_file_decodes(trained, tokenized_
     budget = (lo + hi) // 2
     out, metrics = trained["root"] / "budget_lqer.safetensors", trained["root"] / "budget_lqer.json"
     quantize.run(trained["ckpt"], out, replace(cfg, budget=budget), ZLIB, trained["hess"], metrics, tokenized_dir)
-    report = read_json(metrics)["budget"]
+    full = read_json(companion(metrics, "report", ".json"))  # the metrics row's report: per-tensor detail
+    report = full["budget"]
     assert packed_total(trained, tokenized_dir, out, budget) == report["measured_bytes"] <= budget
     tensors, qmeta = load_tensors(out, "quantized")
     for name, chosen in report["tensors"].items():
         assert (qmeta["schema"][name]["encoding"] == "int_per_row+lqer") == chosen["lqer"]
     assert set(report["lqer_tensors"]) == {n for n, t in report["tensors"].items() if t["lqer"]}
     assert set(dequantize(tensors, qmeta["schema"])) == set(trained["state"])
-    assert abs(read_json(metrics)["totals"]["weighted_err"] - report["error"]) <= 1e-9 * report["error"]
+    assert abs(full["totals"]["weighted_err"] - report["error"]) <= 1e-9 * report["error"]
 
 
 def test_budget_with_brotli_estimates_fast_and_measures_with_brotli_itself(trained, tokenized_dir):
@@ -192,10 +195,11 @@ def test_budget_measures_chunked_packing_as_pack_does(trained, tokenized_dir):
     out, metrics = trained["root"] / "budget_chunked.safetensors", trained["root"] / "budget_chunked.json"
     quantize.run(trained["ckpt"], out, replace(BASE, budget=budget), replace(ZLIB, chunk_bytes=MIN_CHUNK_BYTES),
                  trained["hess"], metrics, tokenized_dir)
-    report = read_json(metrics)["budget"]
+    full = read_json(companion(metrics, "report", ".json"))  # the metrics row's report: per-tensor detail
+    report = full["budget"]
     assert report["chunk_bytes"] == MIN_CHUNK_BYTES
     pack_metrics = trained["root"] / "pack_chunked.json"
     pack.run(out, tokenized_dir, trained["root"] / "chunked.pgolf",
              PackConfig(codec="zlib", limit=budget, chunk_bytes=MIN_CHUNK_BYTES), pack_metrics)
-    packed = read_json(pack_metrics)
+    packed = read_json(trained["root"] / "pack_chunked_report.json")
     assert packed["payload_chunks"] > 1 and packed["total_bytes"] == report["measured_bytes"] <= budget

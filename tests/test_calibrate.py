@@ -93,6 +93,6 @@ def test_two_process_torchrun_calibration_matches_one_process(ckpt, tokenized_di
 
     one = launch([sys.executable], tmp_path / "one")
     two = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], tmp_path / "two")
-    assert json.loads((tmp_path / "two" / "m.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "two" / "m_report.json").read_text())["world_size"] == 2
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-5, rtol=1e-4), name

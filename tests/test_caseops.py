@@ -12,7 +12,7 @@ import torch
 from conftest import VAL_DOCS, make_docs, tokenize_config, write_jsonl
 from typer.testing import CliRunner
 
-from pgolf.text import bpb, caseops
+from pgolf.text import bpb, caseops, ledger
 from pgolf import tokenize
 from pgolf.errors import PgolfError
 from pgolf.formats.files import read_json
@@ -138,7 +138,7 @@ def test_manifest_records_caseops(caseops_dir):
     m = caseops_dir["manifest"]
     assert m["caseops"] is True and m["text_transform"] == "caseops_v1" and m["settings"]["caseops"] is True
     assert m["settings"]["tokenizer"]["settings"]["user_defined_symbols"] == list(OPERATORS)
-    assert read_json(caseops_dir["root"] / "m.json")["caseops"] is True
+    assert read_json(caseops_dir["root"] / "m_report.json")["caseops"] is True
 
 
 def test_operators_are_reserved_single_pieces(caseops_dir):
@@ -204,7 +204,7 @@ def test_eval_scores_caseops_data_with_the_sidecar_and_refuses_it_without(caseop
     data = EvalData.load(caseops_dir["out"])
     assert data.sidecar is not None
     vocab = int(data.manifest["vocab_size"])
-    result = bpb.score(lambda x: torch.zeros(*x.shape, vocab), data.tokens, data.sidecar, data.luts,
+    result = ledger.score(lambda x: torch.zeros(*x.shape, vocab), data.tokens, data.sidecar, data.luts,
                        seq_len=128, stride=0, val_tokens=0, batch_seqs=32, device="cpu", progress=False)
     assert result["val_bpb"] == result["val_bpb_sidecar"] != result["val_bpb_lut"]
 

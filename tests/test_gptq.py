@@ -247,7 +247,7 @@ def test_lqer_file_round_trips_through_the_stage_and_dequantize(trained):
     assert sum("lqer" in e for e in schema.values()) == 2
     for name, w in trained["state"].items():
         assert torch.equal(from_file[name], direct[name]) and from_file[name].dtype == w.dtype, name
-    report = read_json(metrics)
+    report = read_json(root / "lqer_report.json")
     assert len(report["totals"]["lqer_tensors"]) == 2 and report["totals"]["weighted_err"] > 0
     emb = next(r for r in report["tensors"] if r["name"] == "tok_emb.weight")
     assert emb["bits"] == 6 and emb["method"] == "rtn" and emb["weighted_err"] is not None
@@ -269,7 +269,7 @@ def test_lqer_blob_scores_through_ttt_eval(trained, tokenized_dir):
     q, blob = root / "blob_q.safetensors", root / "model.pgolf"
     run_quantize(trained["ckpt"], q, replace(BASE, method="gptq", bits=6, lqer_top_k=3, lqer_weighted=True),
                  trained["hess"], root / "blob_q.json")
-    assert read_json(root / "blob_q.json")["totals"]["lqer_tensors"]
+    assert read_json(root / "blob_q_report.json")["totals"]["lqer_tensors"]
     pack.run(q, tokenized_dir, blob, PackConfig(), root / "pack.json")
     ttt_eval.run(blob, tokenized_dir, EvalConfig(seq_len=64, val_tokens=1024, batch_seqs=4, device="cpu"),
                  root / "eval.json")

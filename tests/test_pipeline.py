@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_docs, write_jsonl
+from conftest import assert_flat_metrics, assert_png, make_docs, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["tokenize", "train", "calibrate", "quantize", "pack", "ttt-eval", "verify"]
@@ -57,12 +57,17 @@ def test_cli_chain_on_a_generated_corpus(tmp_path):
     run("ttt-eval", "model.pgolf", "--data", "tok", "--seq-len", "64", "--val-tokens", "1024", "--metrics", "eval.json")
     verify = run("verify", "model.pgolf", "--data", "tok", "--claims", "eval.json", "--report", "verify.json")
 
-    train, evaluated = json.loads((tmp_path / "train.json").read_text()), json.loads((tmp_path / "eval.json").read_text())
-    pack = json.loads((tmp_path / "pack.json").read_text())
-    report = json.loads((tmp_path / "verify.json").read_text())
-    assert "PASS" in verify.stdout and report["passed"] is True
-    assert pack["total_bytes"] == pack["model_bytes"] + pack["code_bytes"] <= 16_000_000
+    # every metrics file is a flat table row; the detail is in the report beside it
+    rows = {name: assert_flat_metrics(tmp_path / f"{name}.json")
+            for name in ("tokenize", "train", "calibrate", "quantize_metrics", "pack", "eval", "verify")}
+    full = lambda name: json.loads((tmp_path / f"{name}_report.json").read_text())  # noqa: E731
+    train, evaluated, pack = full("train"), full("eval"), full("pack")
+    assert "PASS" in verify.stdout and rows["verify"]["passed"] is True and full("verify")["checks"]
+    assert rows["eval"]["val_bpb"] == evaluated["val_bpb"] and rows["eval"]["seq_len"] == 64
+    assert rows["pack"]["bytes"] == pack["total_bytes"] == pack["model_bytes"] + pack["code_bytes"] <= 16_000_000
     assert pack["model_bytes"] == (tmp_path / "model.pgolf").stat().st_size
+    assert_png(tmp_path / "loss.png")
+    assert_png(tmp_path / "quantize_bits.png")
     # int8 costs little: the blob scores close to the float checkpoint on the same windows
     assert evaluated["tokens_scored"] == train["val_tokens_scored"]
     assert evaluated["val_bpb"] != train["val_bpb"]  # it really is the quantized model
@@ -78,11 +83,11 @@ def test_cli_chain_on_a_generated_corpus(tmp_path):
         "--budget", str(budget), "--out", "qb.safetensors", "--set", "keep_float_max_numel=1024",
         "--set", "budget_bits=2,3,4,5,6,7,8")
     run("pack", "qb.safetensors", "--data", "tok", "--out", "qb.pgolf", "--metrics", "packb.json")
-    assert json.loads((tmp_path / "packb.json").read_text())["total_bytes"] <= budget
+    assert json.loads((tmp_path / "packb.json").read_text())["bytes"] <= budget
     # a lower bit width packs smaller
     run("quantize", "--bits", "4", "ckpt.safetensors", "--out", "q4.safetensors", "--set", "keep_float_max_numel=1024")
     run("pack", "q4.safetensors", "--data", "tok", "--out", "q4.pgolf", "--metrics", "pack4.json")
-    assert json.loads((tmp_path / "pack4.json").read_text())["model_bytes"] < pack["model_bytes"]
+    assert json.loads((tmp_path / "pack4_report.json").read_text())["model_bytes"] < pack["model_bytes"]
 
 
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path):
@@ -133,6 +138,11 @@ def test_dvc_repro_reruns_only_what_a_param_change_touches(tmp_path):
     first = dvc("repro", cwd=project)
     for stage in ["tokenize", "train", "calibrate", "quantize", "pack", "ttt-eval", "verify"]:
         assert f"Running stage '{stage}'" in first, stage
+    # metrics files are rows of one table: it fits a 120-column terminal; the charts are images beside the data
+    table = subprocess.run(["dvc", "metrics", "show"], cwd=project, capture_output=True, text=True, check=True).stdout
+    assert "val_bpb" in table and max(map(len, table.splitlines())) <= 120, table
+    assert_png(project / "artifacts" / "train_log.png")
+    assert_png(project / "artifacts" / "quantize_bits.png")
     ckpt = project / "artifacts" / "ckpt.safetensors"
     ckpt_stat = ckpt.stat().st_mtime_ns
     assert "Running stage" not in dvc("repro", cwd=project)  # up to date

@@ -51,7 +51,7 @@ def test_record_preset_has_the_records_dimensions():
 
 
 def test_ttt_settings_are_recorded_but_refused_until_implemented():
-    from pgolf.text.evaluate import check_ttt
+    from pgolf.ttt.modes import check_ttt
 
     cfg = resolve("ttt-eval", None, {"preset": "record"}).ttt_eval
     assert cfg.ttt == "phased_lora" and cfg.ttt_lora_rank == 80

@@ -8,11 +8,13 @@ import zlib
 import pytest
 import torch
 
+from conftest import assert_flat_metrics, assert_png
 from pgolf.config.build import build
 from pgolf.config.sections import PackConfig, QuantizeConfig
 from pgolf.errors import PgolfError
 from pgolf.formats import dequant
 from pgolf.formats.files import save_tensors
+from pgolf.formats.blob import CHALLENGE_LIMIT
 from pgolf.formats.official_int8 import official_int8_state_dict, read_official_int8
 from pgolf.quant import grid
 from pgolf.quant.recipe import quantize_state_dict
@@ -23,7 +25,7 @@ def dequantize(tensors, schema):
 
 
 def official_int8_to_state_dict(path):
-    return official_int8_state_dict(read_official_int8(path), str(path))
+    return official_int8_state_dict(read_official_int8(path, CHALLENGE_LIMIT), str(path))
 
 
 def quantize_rtn_tensor(w, bits, clip="percentile", sdclip_k=12.85):
@@ -318,8 +320,12 @@ def test_quantize_stage_and_hessian_check(tmp_path, capsys):
     assert meta["tokenizer_sha256"] == "abc" and meta["model_config"] == {"vocab_size": 300}
     assert meta["params"]["bits"] == 6 and set(meta["schema"]) == set(sd)
     assert "does not use Hessians" in capsys.readouterr().out
-    rep = read_json(metrics)
+    rep = read_json(tmp_path / "quantize_report.json")  # the full record: params, per-tensor rows, totals
     assert rep["totals"]["quantized_tensors"] == sum(1 for e in meta["schema"].values() if e["method"] == "rtn")
+    assert rep["params"]["bits"] == 6 and len(rep["tensors"]) == len(sd)
+    row = assert_flat_metrics(metrics)  # the metrics file: a table row
+    assert row["bytes"] == rep["totals"]["stored_bytes"] and row["seconds"] >= 0
+    assert_png(tmp_path / "quantize_bits.png")  # bits and bytes per tensor
 
     other = tmp_path / "other.safetensors"
     save_tensors(other, {"h": torch.eye(4)}, "hessians", {"inputs": {"checkpoint": "0" * 64}})

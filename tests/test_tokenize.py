@@ -167,7 +167,7 @@ def test_ingest_existing_shards(tokenized_dir, tmp_path):
             assert ingested["splits"][split][key] == first["splits"][split][key]
     for key in ("sidecar_bytes", "lut_bytes", "sidecar_files"):
         assert ingested["splits"]["val"][key] == first["splits"]["val"][key]
-    metrics = read_json(tmp_path / "m.json")
+    metrics = read_json(tmp_path / "m_report.json")
     assert metrics["val_bytes"] == first["splits"]["val"]["raw_bytes"]
 
     # in place: only the manifest is added, naming the tokenizer as found

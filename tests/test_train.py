@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_flat_metrics, assert_png
+
 from pgolf.errors import PgolfError
 from pgolf.formats.files import load_tensors
 from pgolf.config.sections import ModelConfig, TrainConfig
@@ -45,10 +47,13 @@ def test_training_learns_and_writes_a_described_checkpoint(tokenized_dir, tmp_pa
     assert meta["model_config"]["vocab_size"] == manifest["vocab_size"]
     assert meta["tokenizer_sha256"] == manifest["tokenizer_sha256"]
     assert meta["steps"] == 40 and state["tok_emb.weight"].shape[0] == manifest["vocab_size"]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 40 and 0 < metrics["val_bpb"] < 20
+    metrics = assert_flat_metrics(out / "metrics.json")
+    assert metrics["tokens"] == 40 * TRAIN.train_batch_tokens and 0 < metrics["val_bpb"] < 20
     # (the generated corpus is word salad: 40 steps memorise it, so val loss is not asserted to fall)
-    assert metrics["val_tokens_scored"] == 2048 and metrics["val_history"][-1]["step"] == 40
+    report = json.loads((out / "metrics_report.json").read_text())
+    assert report["steps"] == 40 and report["val_tokens_scored"] == 2048 and report["val_history"][-1]["step"] == 40
+    assert report["val_bpb"] == metrics["val_bpb"]
+    assert_png(out / "log.png")  # the loss curve beside the loss table
 
 
 def test_compile_priming_steps_are_rolled_back(tokenized_dir, tmp_path):
@@ -101,7 +106,7 @@ def test_two_process_torchrun_matches_one_process(tokenized_dir, tmp_path):
         # Same math, different summation order: differences stay at float rounding level.
         assert torch.allclose(one[name].float(), two[name].float(), atol=2e-4, rtol=1e-3), \
             (name, (one[name].float() - two[name].float()).abs().max().item())
-    assert json.loads((tmp_path / "two" / "m.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "two" / "m_report.json").read_text())["world_size"] == 2
     assert one["blocks.0.attn.proj.weight"].abs().max() > 0  # trained away from its zero init
 
 
@@ -143,7 +148,7 @@ def test_a_killed_run_resumes_to_the_same_result(tokenized_dir, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         run(tokenized_dir, killed / "ckpt.safetensors", MODEL, cfg, killed / "metrics.json", killed / "log.csv")
     monkeypatch.undo()
-    with pytest.raises(PgolfError, match="another params"):
+    with pytest.raises(PgolfError, match=r"another params \(matrix_lr: 0.04 saved, 0.02 now\)"):
         run(tokenized_dir, killed / "ckpt.safetensors", MODEL, replace(cfg, matrix_lr=0.02), killed / "metrics.json",
             killed / "log.csv", resume=True)
 
@@ -166,7 +171,7 @@ def test_a_suspended_run_resumes_to_the_same_result(tokenized_dir, tmp_path):
     assert meta["steps"] == 12 and not (out / "ckpt.safetensors.resume").exists()
     for name in full:
         assert torch.equal(full[name], parts[name]), name
-    looping_at = [json.loads((d / "metrics.json").read_text())["looping_enabled_at_step"] for d in (tmp_path / "full", out)]
+    looping_at = [json.loads((d / "metrics_report.json").read_text())["looping_enabled_at_step"] for d in (tmp_path / "full", out)]
     assert looping_at == [3, 3]  # switched inside a suspended part, still reported after the resume
 
 
@@ -209,7 +214,7 @@ def test_ema_weights_are_saved_and_evaluated(tokenized_dir, tmp_path):
     init = GPT(replace(MODEL, vocab_size=meta["model_config"]["vocab_size"])).state_dict()
     for name in live:  # the reference's EMA: after one step the shadow is 0.75·init + 0.25·live
         assert torch.allclose(ema[name], 0.75 * init[name] + 0.25 * live[name], atol=1e-6), name
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics_report.json").read_text())
     live_metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert metrics["val_bpb_live_weights"] == pytest.approx(live_metrics["val_bpb"], abs=1e-9)
     assert metrics["val_bpb"] != metrics["val_bpb_live_weights"]
@@ -291,7 +296,7 @@ def test_swa_saves_the_fp32_mean_of_its_snapshots(tokenized_dir, tmp_path, monke
     assert len(snapshots) == 2
     for name in swa:
         assert torch.allclose(swa[name], 0.5 * (snapshots[0][name] + snapshots[1][name]), atol=1e-6), name
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics_report.json").read_text())
     assert metrics["weight_average"] == {"kind": "swa", "snapshots": 2}
     assert metrics["val_bpb_live_weights"] == pytest.approx(
         json.loads((tmp_path / "live" / "metrics.json").read_text())["val_bpb"], abs=1e-9)
@@ -302,7 +307,7 @@ def test_depth_recurrence_switches_on_at_its_fraction_and_qat_runs(tokenized_dir
     looped = replace(MODEL, num_layers=3, loop_start=1, loop_end=1, num_loops=1)
     cfg = replace(TRAIN, iterations=8, loop_enable_frac=0.5, qat_bits=6, qat_start_frac=0.75)
     state, meta, out = train_once(tokenized_dir, tmp_path / "loop", cfg, looped)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics_report.json").read_text())
     assert metrics["looping_enabled_at_step"] == 4  # step/iterations >= 0.5 from step 4 on
     assert meta["model_config"]["num_loops"] == 1 and not any("qat" in k for k in state)
     # QAT changes training: the same run without it ends elsewhere
@@ -322,5 +327,5 @@ def test_dotted_set_of_the_stages_own_section_takes_effect(tokenized_dir, tmp_pa
              "model.num_layers=1", "model.model_dim=32", "train.val_tokens=512", "train.device=cpu"]
     result = CliRunner().invoke(app, args + [a for s in small for a in ("--set", s)])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "m.json").read_text())["steps"] == 3
+    assert json.loads((tmp_path / "m_report.json").read_text())["steps"] == 3
     assert load_tensors(tmp_path / "ckpt.safetensors", "checkpoint")[1]["params"]["iterations"] == 3

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -76,7 +76,7 @@ def world(tmp_path_factory):
     claims = tmp / "ttt_eval_metrics.json"
     ttt_eval.run(blob, data, EVAL, claims)
     return {"tmp": tmp, "data": data, "other_val": other_val, "other_tok": other_tok, "blob": blob,
-            "claims": claims, "state": state, "cfg": cfg, "pack": read_json(tmp / "pack.json")}
+            "claims": claims, "state": state, "cfg": cfg, "pack": read_json(tmp / "pack_report.json")}
 
 
 def run_verify(world, blob=None, data=None, cfg=VerifyConfig(), claim=None, claims=None, fmt="auto",
@@ -91,8 +91,8 @@ def run_verify(world, blob=None, data=None, cfg=VerifyConfig(), claim=None, clai
     except Rejected as exc:
         assert exc.exit_code == 1
         passed = False
-    rep = read_json(report)  # written whatever the outcome
-    assert rep["passed"] is passed
+    rep = read_json(world["tmp"] / "verify_report.json")  # written whatever the outcome, with every check row
+    assert rep["passed"] is passed and read_json(report)["passed"] is passed
     return rep, passed
 
 
@@ -186,9 +186,9 @@ def test_official_int8_artifact(world):
     ptz = world["tmp"] / "final_model.int8.ptz"
     write_ptz(ptz, obj)
     # The expected score: the independently dequantized weights in the known architecture.
-    from pgolf.text.evaluate import evaluate_state_dict
+    from pgolf.ttt.modes import score_weights
 
-    expected = evaluate_state_dict(reference_dequantize(obj), world["cfg"], world["data"], EVAL)
+    expected = score_weights(reference_dequantize(obj), world["cfg"], world["data"], EVAL)
     rep, passed = run_verify(world, blob=ptz, claim=expected["val_bpb"], eval_cfg=EVAL)
     st = status(rep)
     assert passed and rep["format"] == "official-int8", rep["checks"]
@@ -239,15 +239,18 @@ def test_cli_exit_codes(world):
     assert missing.exit_code == 2
 
 
-def test_pack_over_limit_leaves_no_blob(world, tmp_path):
+def test_pack_over_limit_writes_no_blob_and_keeps_a_good_one(world, tmp_path):
     quantized = world["tmp"] / "quantized.safetensors"
     out = tmp_path / "model.pgolf"
-    out.write_bytes(b"stale blob from an earlier run")
-    with pytest.raises(Rejected, match="exceeds the limit") as exc:
+    with pytest.raises(Rejected, match="exceeds the limit"):
         pack.run(quantized, world["data"], out, PackConfig(codec="zlib", limit=100_000), tmp_path / "pack.json")
-    assert exc.value.exit_code == 1
     assert not out.exists()
-    rep = read_json(tmp_path / "pack.json")
+    good = world["blob"].read_bytes()  # an earlier, good blob under the same name is not lost
+    out.write_bytes(good)
+    with pytest.raises(Rejected, match="left as it was") as exc:
+        pack.run(quantized, world["data"], out, PackConfig(codec="zlib", limit=100_000), tmp_path / "pack.json")
+    assert exc.value.exit_code == 1 and out.read_bytes() == good
+    rep = read_json(tmp_path / "pack_report.json")
     assert rep["fits"] is False and rep["total_bytes"] == rep["model_bytes"] + rep["code_bytes"] > 100_000
 
 
@@ -260,9 +263,9 @@ def test_pack_refuses_other_tokenizer(world, tmp_path):
 
 def test_blob_matches_quantizer(world):
     """What verify scored is what quantize produced: the blob's codes equal a direct 6-bit RTN."""
-    from pgolf.formats.blob import read_blob
+    from pgolf.formats.blob import CHALLENGE_LIMIT, read_blob
 
-    _, tensors = read_blob(world["blob"])
+    _, tensors = read_blob(world["blob"], CHALLENGE_LIMIT)
     q, s, _ = quantize_rtn_tensor(world["state"]["blocks.1.mlp.fc.weight"], 6, "percentile", 99.99984, 12.85)
     assert torch.equal(tensors["blocks.1.mlp.fc.weight#codes"], q) and torch.equal(tensors["blocks.1.mlp.fc.weight#scales"], s)
     assert sha256_file(world["blob"]) == world["pack"]["blob_sha256"]
@@ -275,3 +278,18 @@ def test_eval_settings_follow_the_claim_unless_overridden():
     cfg, sources = eval_settings(EvalConfig(seq_len=1024, stride=0), {"seq_len": 64, "stride": 32}, {"stride": 16})
     assert (cfg.seq_len, cfg.stride, cfg.val_tokens) == (64, 16, 0)
     assert sources["seq_len"] == "claim" and sources["stride"] == "command line" and sources["val_tokens"] == "params"
+
+
+def test_verify_re_runs_the_claimed_ttt_mode(world, tmp_path):
+    """A claim made with score-first TTT is re-scored with the same mode and settings, read from the claim."""
+    from pgolf.report.metrics import companion
+
+    cfg = replace(EVAL, ttt="score_first", ttt_lr=0.01, ttt_chunk_tokens=256, ttt_epochs=1, ttt_batch_seqs=4)
+    claims = tmp_path / "ttt_eval_metrics.json"
+    ttt_eval.run(world["blob"], world["data"], cfg, claims)
+    report = read_json(companion(claims, "report", ".json"))
+    assert report["ttt"]["mode"] == "score_first" and report["ttt"]["steps"] > 0 and report["ttt"]["compliant"]
+    assert report["val_bpb"] != report["val_bpb_before_ttt"]  # the adaptation changed the score
+    rep, passed = run_verify(world, claims=claims, cfg=VerifyConfig(tolerance=1e-6))
+    assert passed and rep["eval"]["ttt"] == "score_first", rep["checks"]
+    assert rep["measured"]["val_bpb"] == pytest.approx(report["val_bpb"], abs=1e-9)

@@ -15,17 +15,17 @@ from typing import Callable
 
 import torch
 
-from pgolf.config.build import build_section
 from pgolf.config.sections import EvalConfig, ModelConfig, VerifyConfig
 from pgolf.errors import PgolfError
 from pgolf.formats import blob as blobfmt
+from pgolf.formats.blob_model import model_config
 from pgolf.formats import codecs
 from pgolf.formats.code import measure_code
 from pgolf.formats.dequant import dequantize
 from pgolf.formats.files import sha256_file
 from pgolf.formats.official_int8 import infer_baseline_config, official_int8_state_dict, read_official_int8
 from pgolf.formats.shards import shard_paths
-from pgolf.text.evaluate import evaluate_state_dict
+from pgolf.ttt.modes import score_weights
 
 PGOLF, OFFICIAL = "pgolf", "official-int8"
 FORMATS = (PGOLF, OFFICIAL)
@@ -37,7 +37,7 @@ class Context:
 
     blob: Path
     data: Path
-    raw: bytes
+    raw: bytes  # the whole file, read within verify.limit's bounds (pgolf.formats.blob.read_capped)
     fmt: str
     manifest: dict
     manifest_path: Path
@@ -45,7 +45,7 @@ class Context:
     eval_cfg: EvalConfig
     claimed: float | None
     header: dict | None = None
-    payload: bytes | None = None
+    payload: memoryview | None = None
     official: dict | None = None
     state_dict: dict[str, torch.Tensor] | None = None
     model_cfg: ModelConfig | None = None
@@ -116,7 +116,7 @@ def run_checks(ctx: Context) -> list[Row]:
 
 @check("header", formats=(PGOLF,))
 def pgolf_header(ctx: Context) -> str:
-    ctx.header, ctx.payload = blobfmt.parse_blob(ctx.raw, ctx.blob)
+    ctx.header, ctx.payload = blobfmt.parse_blob(ctx.raw, ctx.blob, ctx.cfg.limit)
     chunks = ctx.header["payload"].get("chunks")
     layout = f"v{blobfmt.VERSION_CHUNKED}, {len(chunks)} chunks" if chunks else f"v{blobfmt.VERSION}"
     return f"blob {layout}, codec {ctx.header['codec']}, {len(ctx.header['tensors'])} tensors"
@@ -124,7 +124,7 @@ def pgolf_header(ctx: Context) -> str:
 
 @check("header", formats=(OFFICIAL,))
 def official_header(ctx: Context) -> str:
-    ctx.official = obj = read_official_int8(ctx.blob)
+    ctx.official = obj = read_official_int8(ctx.blob, ctx.cfg.limit)
     return f"{obj['__quant_format__']}: {len(obj['quantized'])} quantized, {len(obj['passthrough'])} kept"
 
 
@@ -161,9 +161,9 @@ def size(ctx: Context) -> str:
 
 @check("decode", formats=(PGOLF,), needs=("header", "payload hash"))
 def pgolf_decode(ctx: Context) -> str:
+    ctx.model_cfg = model_config(ctx.header, ctx.blob)  # held to the schema before decoding
     tensors = blobfmt.decode_payload(ctx.header, ctx.payload, ctx.blob)
-    ctx.state_dict = dequantize(tensors, ctx.header.get("schema"), str(ctx.blob))
-    ctx.model_cfg = build_section(ModelConfig, ctx.header.get("model_config"), f"{ctx.blob}: model config")
+    ctx.state_dict = dequantize(tensors, ctx.header["schema"], str(ctx.blob))
     return f"{len(ctx.state_dict)} tensors, JSON + raw bytes only (nothing executed)"
 
 
@@ -233,7 +233,7 @@ def official_val_shards(ctx: Context) -> str:
 @check("bpb", formats=(OFFICIAL,), needs=("decode", "vocab"))
 @check("bpb", formats=(PGOLF,), needs=("decode", "vocab", "tokenizer", "val shards"))
 def bpb(ctx: Context) -> str:
-    ctx.measured = evaluate_state_dict(ctx.state_dict, ctx.model_cfg, ctx.data, ctx.eval_cfg)
+    ctx.measured = score_weights(ctx.state_dict, ctx.model_cfg, ctx.data, ctx.eval_cfg)
     got = float(ctx.measured["val_bpb"])
     if ctx.claimed is None:
         raise Skip(f"measured {got:.6f} (no claim given)")

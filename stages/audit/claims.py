@@ -2,7 +2,8 @@
 
 A claim comes from `--claim X` or from a JSON file (pgolf's ttt_eval_metrics.json, or any file with a
 positive `val_bpb`). It is re-scored the way it was measured unless the user says otherwise: eval
-settings are params < the claim's own (seq_len, stride, val_tokens) < the command line.
+settings are params < the claim's own (windows and test-time training, from the file or the report
+beside it) < the command line.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from pgolf.config.build import build
 from pgolf.config.sections import EvalConfig
 from pgolf.errors import PgolfError
 from pgolf.formats.files import read_json
+from pgolf.report.metrics import companion
 
-CLAIM_EVAL_KEYS = ("seq_len", "stride", "val_tokens")
+# What a claim is re-scored with: every evaluation setting, TTT's included, but where it runs and how
+# many windows share a forward.
+CLAIM_EVAL_KEYS = tuple(f.name for f in fields(EvalConfig) if f.name not in ("device", "batch_seqs"))
 
 
 def load_claim(claim: float | None, claims: Path | None) -> tuple[float | None, dict[str, Any], str | None]:
@@ -34,13 +38,15 @@ def load_claim(claim: float | None, claims: Path | None) -> tuple[float | None, 
     value = obj.get("val_bpb") if isinstance(obj, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise PgolfError(f"{claims}: needs a positive number under 'val_bpb' (e.g. a ttt_eval_metrics.json)")
-    # ttt-eval records its settings under "eval"; accept them at the top level too.
+    # ttt-eval records every setting under "eval" in its report beside the metrics row (which holds the
+    # window settings at the top level); take them from wherever they are.
     nested = obj.get("eval") if isinstance(obj.get("eval"), dict) else {}
-    settings = {}
-    for key in CLAIM_EVAL_KEYS:
-        v = nested.get(key, obj.get(key))
-        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-            settings[key] = v
+    report = companion(claims, "report", ".json")
+    if not nested and report.is_file():
+        full = read_json(report, "claims report")
+        nested = full.get("eval") if isinstance(full, dict) and isinstance(full.get("eval"), dict) else {}
+    settings = {key: nested.get(key, obj.get(key)) for key in CLAIM_EVAL_KEYS
+                if nested.get(key, obj.get(key)) is not None}
     return float(value), settings, str(claims)
 
 

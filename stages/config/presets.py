@@ -52,6 +52,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "muon_momentum_warmup_steps": 50, "log_every": 20,
         },
         "calibrate": {"n_batches": 4, "batch_seqs": 8, "seq_len": 256},
+        # The tiny matrices (8,192–131,072 weights) would mostly stay float under the reference's 65,536
+        # threshold; quantize every matrix, so the demo shows a quantization gap and --bits changes bytes.
+        "quantize": {"keep_float_max_numel": 4096},
         "ttt_eval": {"seq_len": 256},
     },
     "record": {

@@ -328,11 +328,20 @@ class EvalConfig(Section):
     val_tokens: int = param(0, "score only the first N validation tokens (whole windows); 0: all", ge=0)
     batch_seqs: int = param(32, "windows per forward batch", ge=1)
     device: str = param("auto", "auto | cpu | cuda[:N]", pattern=DEVICE_PATTERN)
-    # Test-time training (score-first full-model SGD, PR #549; phased LoRA, PR #1530 → PR #1855) is
-    # recorded by the record presets but not implemented yet: evaluation refuses anything but "none".
+    # Test-time training (pgolf.ttt): score-first full-model SGD (PR #549), phased LoRA (PR #1530 → PR #1855;
+    # recorded by the record presets, not implemented yet: refused rather than scored without it).
     ttt: str = param("none", "none | score_first (full-model SGD per chunk) | phased_lora", choices=TTT_MODES)
-    ttt_lr: float = param(0.0, "TTT learning rate", ge=0)
-    ttt_chunk_tokens: int = param(0, "TTT chunk: tokens scored before each update", ge=0)
+    ttt_lr: float = param(0.005, "TTT learning rate (score_first: SGD's peak, cosine over chunks)", ge=0)
+    ttt_chunk_tokens: int = param(32768, "TTT chunk: targets scored before each update", ge=1)
+    ttt_epochs: int = param(3, "score_first: passes over each scored chunk", ge=1)
+    ttt_momentum: float = param(0.9, "score_first: SGD momentum", ge=0, lt=1)
+    ttt_grad_clip: float = param(1.0, "score_first: clip the gradient norm; 0: off", ge=0)
+    ttt_batch_seqs: int = param(32, "score_first: sequences (of seq_len) per update", ge=1)
+    ttt_freeze_blocks: int = param(0, "score_first: the first N blocks stay frozen (PR #212)", ge=0)
+    ttt_mlp_only: bool = param(False, "score_first: adapt only the MLPs of the blocks not frozen (PR #375)")
+    ttt_max_steps: int = param(0, "score_first: at most N updates in all; 0: no cap", ge=0)
+    ttt_time_budget: float = param(0.0, "stop adapting (scoring goes on) once the evaluation has run N seconds; "
+                                   "0: no budget", ge=0)
     ttt_lora_rank: int = param(0, "TTT LoRA rank", ge=0)
     ttt_lora_alpha: float = param(0.0, "TTT LoRA α", ge=0)
     ttt_beta2: float = param(0.0, "TTT Adam β2", ge=0, lt=1)

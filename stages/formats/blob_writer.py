@@ -12,7 +12,7 @@ import torch
 
 from pgolf.errors import PgolfError
 from pgolf.formats import codecs
-from pgolf.formats.blob import MAGIC, PREFIX, VERSION, VERSION_CHUNKED
+from pgolf.formats.blob import MAGIC, MAX_HEADER_BYTES, PREFIX, VERSION, VERSION_CHUNKED
 from pgolf.formats.dequant import DTYPES, dtype_name
 from pgolf.formats.files import sha256_bytes
 
@@ -76,6 +76,9 @@ def build_blob(tensors: dict[str, torch.Tensor], header_fields: dict[str, Any], 
         "tensors": table,
     }
     header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(header_bytes) > MAX_HEADER_BYTES:  # readers refuse it (pgolf.formats.blob); never write what cannot be read
+        raise PgolfError(f"the blob header would be {len(header_bytes):,} bytes, beyond the {MAX_HEADER_BYTES:,} readers "
+                         f"accept ({len(table)} tensors); pack fewer, larger tensors")
     version = VERSION_CHUNKED if chunks else VERSION
     prefix = PREFIX.pack(MAGIC, version, len(header_bytes), bytes.fromhex(sha256_bytes(header_bytes)))
     return prefix + header_bytes + payload, header, sizes

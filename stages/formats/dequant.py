@@ -4,6 +4,9 @@ A quantized file (or blob) holds stored parts (integer codes, scales, low-rank f
 a per-tensor schema entry naming the entry's `encoding`, its part keys, shape and dtype. Each encoding is
 a decoder in ENCODINGS; an encoding this version does not know is refused, never guessed, so a reader that
 predates a correction cannot silently drop it. Nothing here imports the encoders (pgolf.quant).
+
+The decoders scale their fresh float copies in place (mul_, add_): one temporary less per tensor, and on
+meta tensors (the blob header check decodes the schema on them) far cheaper than out-of-place ops.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def dtype_from_name(name: Any, source: str) -> torch.dtype:
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:  # a name read from a file may be any JSON value
         raise PgolfError(f"{source}: unsupported dtype {name!r}; the file is corrupt or from another tool")
     return DTYPES[name]
 
@@ -40,10 +43,10 @@ def _decode_int(parts: dict[str, torch.Tensor], entry: dict[str, Any], source: s
     if entry["encoding"] != "int_per_tensor":  # int_per_row, with or without a low-rank correction
         if q.ndim < 1 or tuple(s.shape) != (q.shape[0],):
             raise PgolfError(f"{source}: per-row scales of shape {tuple(s.shape)} do not fit codes {tuple(q.shape)}")
-        return q.float() * s.float().view(q.shape[0], *([1] * (q.ndim - 1)))
+        return q.float().mul_(s.float().view(q.shape[0], *([1] * (q.ndim - 1))))
     if s.numel() != 1:
         raise PgolfError(f"{source}: a per-tensor scale must be a single value, got shape {tuple(s.shape)}")
-    return q.float() * float(s.reshape(()).item())
+    return q.float().mul_(s.float().reshape(()))  # a 0-d tensor, not .item(): the header check decodes on meta tensors
 
 
 def _decode_value(parts: dict[str, torch.Tensor], entry: dict[str, Any], source: str) -> torch.Tensor:
@@ -56,23 +59,26 @@ def decode_lqer_factor(q: torch.Tensor, s: torch.Tensor, group: int, source: str
         raise PgolfError(f"{source}: LQER factors must be 2-D int8 with float scales (got {q.dtype}, {s.dtype})")
     s = s.float().flatten()
     if s.numel() == 1:
-        return q.float() * s[0]
+        return q.float().mul_(s[0])
     if s.numel() == q.shape[0]:
-        return q.float() * s[:, None]
+        return q.float().mul_(s[:, None])
     if group > 0 and q.numel() == s.numel() * group:
-        return (q.float().reshape(-1, group) * s[:, None]).reshape(q.shape)
+        return q.float().reshape(-1, group).mul_(s[:, None]).reshape(q.shape)
     raise PgolfError(f"{source}: {s.numel()} LQER scales do not fit a factor of shape {tuple(q.shape)}")
 
 
 def _decode_int_lqer(parts: dict[str, torch.Tensor], entry: dict[str, Any], source: str) -> torch.Tensor:
     """W = Q·s + (q_A·s_A)(q_B·s_B): the codes plus their low-rank (LQER) correction."""
-    group = (entry.get("lqer") or {}).get("group", 0)
+    lqer = entry.get("lqer") or {}
+    group = lqer.get("group", 0) if isinstance(lqer, dict) else None
+    if not isinstance(group, int) or isinstance(group, bool) or group < 0:
+        raise PgolfError(f"{source}: LQER group {group!r} is not a count; the file is corrupt")
     a = decode_lqer_factor(parts["lqer_a"], parts["lqer_a_scales"], 0, source)
-    b = decode_lqer_factor(parts["lqer_b"], parts["lqer_b_scales"], int(group or 0), source)
+    b = decode_lqer_factor(parts["lqer_b"], parts["lqer_b_scales"], group, source)
     base = _decode_int(parts, entry, source)
     if a.shape[1] != b.shape[0] or (a.shape[0], b.shape[1]) != tuple(base.shape):
         raise PgolfError(f"{source}: LQER factors {tuple(a.shape)}·{tuple(b.shape)} do not fit {tuple(base.shape)}")
-    return base + a @ b
+    return base.add_(a @ b)
 
 
 # encoding -> (required part roles, decoder).
@@ -87,12 +93,12 @@ ENCODINGS: dict[str, tuple[tuple[str, ...], Callable[[dict, dict, str], torch.Te
 
 def decode_entry(name: str, entry: Any, tensors: dict[str, torch.Tensor], source: str) -> torch.Tensor:
     where = f"{source}: tensor {name!r}"
-    if not isinstance(entry, dict) or entry.get("encoding") not in ENCODINGS:
+    if not isinstance(entry, dict) or not isinstance(entry.get("encoding"), str) or entry["encoding"] not in ENCODINGS:
         enc = entry.get("encoding") if isinstance(entry, dict) else entry
         raise PgolfError(f"{where}: unknown encoding {enc!r}; made by a newer pgolf or corrupt (upgrade pgolf)")
     roles, decode = ENCODINGS[entry["encoding"]]
     keys = entry.get("parts")
-    if not isinstance(keys, dict) or any(r not in keys or keys[r] not in tensors for r in roles):
+    if not isinstance(keys, dict) or any(not isinstance(keys.get(r), str) or keys[r] not in tensors for r in roles):
         raise PgolfError(f"{where}: stored parts {roles} are missing; the file is incomplete or corrupt")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):

@@ -12,8 +12,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
+from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -24,6 +26,12 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched, so `pgolf --he
 
 FORMAT_VERSION = 1
 META_KEY = "pgolf"
+MAX_META_BYTES = 1 << 20  # pgolf metadata is a few KB: model config, params, input hashes (and a schema)
+# JSON from a file pgolf did not necessarily write (a blob header, safetensors metadata) is parsed only
+# within these bounds: real files nest a handful of levels and hold 64-bit sizes, while the json module
+# would recurse until RecursionError or raise ValueError past Python's int-string limit.
+MAX_JSON_DEPTH = 32
+MAX_NUMBER_CHARS = 32
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -32,16 +40,19 @@ os.umask(_UMASK)
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path next to `path`; rename it over `path` only if the block succeeds.
 
-    A killed or failing stage therefore never leaves a half-written artifact under the real name.
+    A killed or failing stage therefore never leaves a half-written artifact under the real name; what a
+    killed one (SIGKILL) leaves is a hidden `.NAME.tmp-PID-*` file, removed by the next write of NAME.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
     try:
         yield tmp_path
+        # mkstemp (and some writers, safetensors among them) make 0600 files; outputs get the usual mode
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -63,8 +74,66 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise PgolfError(f"{path}: {what} not found; run the stage that writes it first")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PgolfError(f"{path}: not a valid {what} ({exc}); re-run the stage that writes it") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON syntax, giant integers
+        raise PgolfError(f"{path}: not a valid {what} ({str(exc)[:200]}); re-run the stage that writes it") from None
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth(text: str) -> int:
+    """How deep `text`'s arrays and objects nest, from its brackets outside strings, without parsing it
+    (so no recursion); iterated in C, fast on megabytes."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def loads_bounded(data: bytes | str, what: str, fix: str, max_bytes: int) -> Any:
+    """Parse JSON that may be hostile, refusing with one PgolfError ("{what}: problem; {fix}") what is
+    over `max_bytes`, not UTF-8, nested deeper than MAX_JSON_DEPTH, holds a number longer than
+    MAX_NUMBER_CHARS characters, NaN/Infinity or a duplicate key: checked before or while parsing, so
+    neither a RecursionError nor Python's int-string ValueError can escape and no giant int is built."""
+    def refuse(problem: str) -> PgolfError:
+        return PgolfError(f"{what}: {problem}; {fix}")
+
+    if len(data) > max_bytes:  # characters of a str: never fewer than its UTF-8 bytes
+        raise refuse(f"{len(data):,} {'characters' if isinstance(data, str) else 'bytes'} of JSON, more than the "
+                     f"{max_bytes:,} allowed")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise refuse(f"not UTF-8 ({exc})") from None
+    depth = json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise refuse(f"JSON nested {depth:,} levels deep, more than the {MAX_JSON_DEPTH} allowed")
+
+    def number(text: str, convert: Any) -> Any:
+        if len(text) > MAX_NUMBER_CHARS:
+            raise refuse(f"a {len(text):,}-character number {text[:20]}…, longer than the {MAX_NUMBER_CHARS} allowed")
+        value = convert(text)
+        if value != value or value in (math.inf, -math.inf):  # 1e999 parses as inf
+            raise refuse(f"number {text} is not finite")
+        return value
+
+    def constant(name: str) -> Any:
+        raise refuse(f"{name} is not a JSON number")
+
+    def mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise refuse(f"duplicate key {dup[:80]!r} (readers could disagree on which one counts)")
+        return out
+
+    try:
+        return json.loads(data, parse_int=lambda t: number(t, int), parse_float=lambda t: number(t, float),
+                          parse_constant=constant, object_pairs_hook=mapping)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise refuse(f"not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -103,13 +172,16 @@ def read_meta(path: str | Path, kind: str) -> dict[str, Any]:
         raise PgolfError(f"{path}: not a readable safetensors file ({exc}); it is truncated or of another format") from None
     if raw is None:
         raise PgolfError(f"{path}: safetensors file without pgolf metadata; expected a pgolf {kind}")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise PgolfError(f"{path}: corrupt pgolf metadata; re-run the stage that writes the {kind}") from None
+    meta = loads_bounded(raw, f"{path}: pgolf metadata", f"re-run the stage that writes the {kind}", MAX_META_BYTES)
+    if not isinstance(meta, dict):
+        raise PgolfError(f"{path}: pgolf metadata is not a JSON object; re-run the stage that writes the {kind}")
     if meta.get("kind") != kind:
         raise PgolfError(f"{path}: is a pgolf {meta.get('kind')!r}, expected a {kind!r}; check the file argument")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PgolfError(f"{path}: pgolf metadata has format_version {str(version)[:40]!r}, not a number; re-run the "
+                         f"stage that writes the {kind}")
+    if version > FORMAT_VERSION:
         raise PgolfError(f"{path}: format version {meta['format_version']} is newer than this pgolf "
                          f"({FORMAT_VERSION}); upgrade pgolf")
     return meta
@@ -150,7 +222,7 @@ class staging_dir:
 
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale_dirs(self.out)
+        sweep_stale(self.out)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
         umask = os.umask(0)
         os.umask(umask)
@@ -173,12 +245,15 @@ class staging_dir:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def sweep_stale_dirs(out: Path) -> None:
-    """Remove temp directories left by killed runs (their process is gone)."""
+def sweep_stale(out: Path) -> None:
+    """Remove the temp files and directories that killed runs left beside `out` (their process is gone)."""
     for p in out.parent.glob(f".{out.name}.tmp-*"):
         pid = p.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -16,21 +16,20 @@ import torch
 from pgolf.config.build import build_section
 from pgolf.config.sections import ModelConfig
 from pgolf.errors import PgolfError
+from pgolf.formats.blob import max_raw_bytes, read_capped
 from pgolf.formats.codecs import decompress
 from pgolf.formats.dequant import decode_entry, dtype_from_name
 
 FORMAT = "int8_clean_per_row_v1"
-MAX_DECODED_BYTES = 1 << 31  # no honest 16 MB artifact expands beyond this
 
 
-def read_official_int8(path: str | Path) -> dict[str, Any]:
-    """The validated dict inside a final_model.int8.ptz: zlib, then torch.load(weights_only=True)."""
+def read_official_int8(path: str | Path, limit: int) -> dict[str, Any]:
+    """The validated dict inside a final_model.int8.ptz: zlib, then torch.load(weights_only=True); read
+    and decompressed within `limit`'s bounds, as a pgolf blob is (pgolf.formats.blob)."""
     path = Path(path)
-    if not path.is_file():
-        raise PgolfError(f"{path}: file not found")
-    data = path.read_bytes()
+    data = read_capped(path, limit)
     try:
-        raw = decompress("zlib", data, MAX_DECODED_BYTES)
+        raw = decompress("zlib", data, max_raw_bytes(limit))
     except PgolfError as exc:
         raise PgolfError(f"{path}: not a challenge int8 artifact: {exc}") from None
     try:

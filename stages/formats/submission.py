@@ -26,6 +26,24 @@ def data_identity(data: Path) -> dict[str, Any]:
             "val_shards": val, "manifest_sha256": sha256_file(manifest_path)}
 
 
+def check_data_matches(data: Path, tokenizer_sha256: str | None, vocab_size: int | None, what: str) -> dict[str, Any]:
+    """The data's manifest, once it is known to be tokenized with the tokenizer `what` was made with (its
+    vocabulary and its sha256), so that no stage reads or labels text of another tokenizer."""
+    manifest_path = Path(data) / "manifest.json"
+    manifest = read_json(manifest_path, "tokenized-data manifest")
+    if not isinstance(manifest, dict):
+        raise PgolfError(f"{manifest_path}: not a pgolf manifest; re-run `pgolf tokenize`")
+    have_vocab, have_sha = manifest.get("vocab_size"), manifest.get("tokenizer_sha256")
+    if vocab_size is not None and have_vocab != vocab_size:
+        raise PgolfError(f"{what} has a {vocab_size}-token vocabulary, but {manifest_path} has {have_vocab} tokens: "
+                         "vocab/tokenizer mismatch; use the data it was trained on")
+    if tokenizer_sha256 is not None and have_sha != tokenizer_sha256:
+        raise PgolfError(f"{what} was made with tokenizer {str(tokenizer_sha256)[:12]}…, but {manifest_path} uses "
+                         f"{str(have_sha)[:12]}…: tokenizer mismatch (same vocabulary size, other pieces); use the data it was "
+                         "trained on")
+    return manifest
+
+
 def producer_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

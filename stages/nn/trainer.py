@@ -27,6 +27,7 @@ from pgolf.nn.model import GPT, autocast_for, enable_qat, prepare_for_device, se
 from pgolf.nn.optim import build_optimizers
 from pgolf.nn.schedule import Schedule
 from pgolf.nn.trainstate import Checkpointer, Progress, optimizer_states
+from pgolf.report.progress import Bar
 from pgolf.text.evaluate import EvalData, evaluate_model
 
 
@@ -184,7 +185,7 @@ class Trainer:
     # ---- validation
 
     def validate(self, eval_data: EvalData | None, eval_cfg: EvalConfig) -> dict:
-        result = evaluate_model(self.model, eval_data, eval_cfg, progress=False) if self.d.main else {}
+        result = evaluate_model(self.model, eval_data, eval_cfg, progress=True) if self.d.main else {}
         self.val_history.append({"step": self.progress.step, "val_loss": result.get("val_loss"),
                                  "val_bpb": result.get("val_bpb")})
         return result
@@ -193,23 +194,18 @@ class Trainer:
 
     def run(self, started: float, suspend_after: float | None) -> TrainResult | None:
         """Train to the end (None when suspended after `suspend_after` seconds since `started`)."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
-
         cfg, d, p = self.cfg, self.d, self.progress
         loader = DistributedTokenLoader(self.data, d.rank, d.world, d.device, p.stream_position)
         eval_cfg = EvalConfig(seq_len=cfg.train_seq_len, val_tokens=cfg.val_tokens, device=str(d.device))
         eval_data = EvalData.load(self.data) if d.main else None
-        bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), disable=not d.main, transient=True)
-        task = bar.add_task("", total=cfg.iterations, completed=p.step)
-
-        def say(text: str) -> None:
-            if d.main:
-                bar.console.print(text)
+        bar = Bar("train", cfg.iterations, "steps", enabled=d.main)
+        say = bar.print
 
         stop_after, last_loss, final_val, live_val = None, float("nan"), {}, {}
+        loss_read_at = 0.0
         clock = Clock(self.cuda, p.train_ms)
         with bar:
+            bar.update(p.step)
             while True:
                 last_step = p.step == cfg.iterations or (stop_after is not None and p.step >= stop_after)
                 if last_step or (cfg.val_loss_every > 0 and p.step % cfg.val_loss_every == 0 and p.step > 0):
@@ -235,15 +231,20 @@ class Trainer:
                         p.step, self.schedule.progress(p.step, elapsed_ms))):
                     self.average.update(self.model)
 
-                if p.step % cfg.log_every == 0 or p.step == 1 or p.step == cfg.iterations:
-                    last_loss = float(loss.item())
-                    if not math.isfinite(last_loss):
-                        raise PgolfError(f"training diverged at step {p.step} (loss {last_loss}); lower the learning rates")
+                logged = p.step % cfg.log_every == 0 or p.step == 1 or p.step == cfg.iterations
+                # reading the loss waits for the device: every rank on logged steps (so all stop alike on a
+                # divergence), the main rank also once a second for the bar
+                if logged or (d.main and time.perf_counter() - loss_read_at >= 1.0):
+                    last_loss, loss_read_at = float(loss.item()), time.perf_counter()
+                if logged and not math.isfinite(last_loss):
+                    raise PgolfError(f"training diverged at step {p.step} (loss {last_loss}); lower the learning rates")
+                tokens_per_s = p.step * cfg.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
+                bar.update(p.step, f"loss {last_loss:.4f}, {tokens_per_s:,.0f} tokens/s")
+                if logged:
                     p.loss_rows.append((p.step, last_loss, scale, round(elapsed_ms, 1), p.step * cfg.train_batch_tokens))
-                    status = f"loss {last_loss:.4f} lr×{scale:.3f} {elapsed_ms / p.step:.0f} ms/step"
-                    bar.update(task, completed=p.step, description=status)
                     if p.step % cfg.log_every == 0 or p.step == 1:
-                        say(f"step {p.step}/{cfg.iterations}: {status}")
+                        say(f"step {p.step}/{cfg.iterations}: loss {last_loss:.4f} lr×{scale:.3f} "
+                            f"{elapsed_ms / p.step:.0f} ms/step")
 
                 capped = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000.0 * cfg.max_wallclock_seconds
                 if stop_after is None and d.any(capped):

@@ -50,11 +50,13 @@ def optimizer_states(optimizers: list[torch.optim.Optimizer]) -> list[dict]:
 class Checkpointer:
     """Saves and restores the full training state of one run (its params and world size fingerprinted)."""
 
-    def __init__(self, out: Path, model_cfg: ModelConfig, cfg: TrainConfig, world: int):
+    def __init__(self, out: Path, model_cfg: ModelConfig, cfg: TrainConfig, world: int, tokenizer_sha256: str | None):
+        """tokenizer_sha256: the training data's, so that a run never resumes on text of another tokenizer."""
         self.path = state_path(Path(out))
         self.every = cfg.checkpoint_every
         params = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
-        self.fingerprint = {"model_config": asdict(model_cfg), "params": params, "world_size": world}
+        self.fingerprint = {"model_config": asdict(model_cfg), "params": params, "world_size": world,
+                            "tokenizer_sha256": tokenizer_sha256}
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -87,8 +89,8 @@ class Checkpointer:
         for key, want in self.fingerprint.items():
             if meta.get(key) != want:
                 raise PgolfError(f"{self.path}: saved by a run with another {key.replace('_', ' ')}"
-                                 f"{_differences(meta.get(key), want)}; resume with the same params and world size, "
-                                 "or delete the file to start afresh")
+                                 f"{_differences(meta.get(key), want)}; resume with the same data, params and world "
+                                 "size, or delete the file to start afresh")
         model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
         if average is not None:
             for k, v in average.shadow.items():

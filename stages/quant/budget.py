@@ -36,6 +36,7 @@ from pgolf.nn.names import tensor_group
 from pgolf.quant.encode import Encoded, encode_tensor, is_quantized, store_encoded
 from pgolf.quant.gptq import weighted_error
 from pgolf.quant.lqer import hessian_roots, with_lqer
+from pgolf.report.progress import Bar
 
 PLACEHOLDER_SHA = "0" * 64
 # Relative distances from the predicted stop at which the first round of real builds probes.
@@ -131,8 +132,6 @@ class BudgetSearch:
         self.predicted = [lo + (e - est[0]) * slope for e in est]
 
     def _encode(self, hessians: dict[str, torch.Tensor]):
-        from rich.progress import track
-
         widths = budget_widths(self.cfg)
         free = replace(self.cfg, embed_bits=0, attn_bits=0, mlp_bits=0)  # config_for then uses `bits`
         fixed: dict[str, Encoded] = {}
@@ -147,28 +146,30 @@ class BudgetSearch:
         found: dict[tuple[str, int, bool], tuple[Encoded, float]] = {}
         kinds, roots = {}, {}
         lqer_note = " (+ LQER)" if self.cfg.budget_lqer else ""
-        for name, b in track(jobs, description=f"budget: {len(searched)} tensors × widths {widths}{lqer_note}",
-                             disable=not jobs):
-            w, h = self.state[name].detach().cpu(), hessians.get(name)
-            enc = encode_tensor(name, self.state[name], replace(free, bits=b), h)
-            candidates = [(False, enc)]
-            if self.cfg.budget_lqer:
-                fits = h is not None and tuple(h.shape) == (w.shape[-1],) * 2
-                if fits and self.cfg.lqer_weighted and name not in roots:
-                    roots[name] = hessian_roots(h, self.cfg.gptq_damp)
-                corrected = with_lqer(enc, w, self.cfg, h if fits else None, roots.get(name))
-                if corrected is not None:
-                    candidates.append((True, corrected))
-            for lqer, e in candidates:
-                tensors, schema = store_encoded({name: e}, {name: self.state[name]})
-                restored = decode_entry(name, schema[name], tensors, "budget")
-                err, kinds[name] = tensor_error(w, restored, h)
-                found[name, b, lqer] = (e, err)
+        with Bar(f"budget: {len(searched)} tensors × widths {widths}{lqer_note}", len(jobs), "encodings",
+                 enabled=bool(jobs)) as bar:
+            for name, b in bar.track(jobs):
+                w, h = self.state[name].detach().cpu(), hessians.get(name)
+                enc = encode_tensor(name, self.state[name], replace(free, bits=b), h)
+                candidates = [(False, enc)]
+                if self.cfg.budget_lqer:
+                    fits = h is not None and tuple(h.shape) == (w.shape[-1],) * 2
+                    if fits and self.cfg.lqer_weighted and name not in roots:
+                        roots[name] = hessian_roots(h, self.cfg.gptq_damp)
+                    corrected = with_lqer(enc, w, self.cfg, h if fits else None, roots.get(name))
+                    if corrected is not None:
+                        candidates.append((True, corrected))
+                for lqer, e in candidates:
+                    tensors, schema = store_encoded({name: e}, {name: self.state[name]})
+                    restored = decode_entry(name, schema[name], tensors, "budget")
+                    err, kinds[name] = tensor_error(w, restored, h)
+                    found[name, b, lqer] = (e, err)
         # The codec libraries release the GIL: compress the encodings in parallel.
         keys = list(found)
-        with ThreadPoolExecutor() as pool:
-            sizes = dict(zip(keys, pool.map(
-                lambda key: codecs.estimate_size(self.estimate_codec, encode_payload(found[key][0].parts)[0]), keys)))
+        with ThreadPoolExecutor() as pool, \
+                Bar(f"budget: sizes by {self.estimate_codec}", len(keys), "encodings") as bar:
+            sizes = dict(zip(keys, bar.track(pool.map(
+                lambda key: codecs.estimate_size(self.estimate_codec, encode_payload(found[key][0].parts)[0]), keys))))
         options = {name: [Option(b, lqer, *found[name, b, lqer], sizes[name, b, lqer])
                           for (n, b, lqer) in keys if n == name] for name in searched}
         return fixed, options, kinds
@@ -202,8 +203,9 @@ class BudgetSearch:
         those not built yet in parallel."""
         todo = sorted({k for k in ks if k not in self._real})
         if todo:
-            with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
-                self._real.update(zip(todo, pool.map(self._build, todo)))
+            with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool, \
+                    Bar(f"budget: packing with {self.codec}", len(todo), "builds") as bar:
+                self._real.update(zip(todo, bar.track(pool.map(self._build, todo))))
         return [self._real[k] for k in ks]
 
     def measure(self, k: int) -> int:

@@ -16,6 +16,7 @@ from pgolf.formats.dequant import decode_entry, dtype_name
 from pgolf.quant.encode import Encoded, encode_tensor, store_encoded
 from pgolf.quant.gptq import weighted_error
 from pgolf.quant.lqer import add_lqer
+from pgolf.report.progress import Bar
 
 
 def _error_stats(original: torch.Tensor, restored: torch.Tensor) -> dict[str, float]:
@@ -28,6 +29,27 @@ def _error_stats(original: torch.Tensor, restored: torch.Tensor) -> dict[str, fl
             "rel_err": float(diff.norm()) / norm if norm > 0 else float(diff.norm())}
 
 
+def _report_row(name: str, enc: Encoded, t: torch.Tensor, tensors: dict[str, torch.Tensor],
+                h: torch.Tensor | None) -> dict[str, Any]:
+    """One tensor's line of the report: how it is stored, its size and its errors."""
+    restored = decode_entry(name, enc.entry, tensors, "quantize")
+    original = t.detach().cpu()
+    stats = (_error_stats(original, restored) if original.is_floating_point()
+             else {"max_abs_err": 0.0, "rmse": 0.0, "rel_err": 0.0})
+    fits = h is not None and original.ndim == 2 and tuple(h.shape) == (original.shape[1],) * 2
+    entry = enc.entry
+    stored_as = (f"int{entry['bits']} {entry['scheme'].replace('_', '-')}" if entry["bits"]
+                 else dtype_name(next(iter(enc.parts.values())).dtype))
+    if "lqer" in entry:
+        stored_as += f" +lqer r{entry['lqer']['rank']}"
+    return {"name": name, "method": entry["method"], "bits": entry["bits"], "clip": entry["clip"],
+            "fallback": entry.get("fallback"), "stored_as": stored_as,
+            "shape": entry["shape"], "dtype": entry["dtype"], "numel": original.numel(),
+            "original_bytes": original.numel() * original.element_size(),
+            "stored_bytes": sum(p.numel() * p.element_size() for p in enc.parts.values()),
+            "weighted_err": weighted_error(original, restored, h) if fits else None, **stats}
+
+
 def quantize_state_dict(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig,
                         hessians: dict[str, torch.Tensor] | None = None, encoded: dict[str, Encoded] | None = None
                         ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, Any]]:
@@ -38,7 +60,9 @@ def quantize_state_dict(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig
     """
     hessians = hessians or {}
     if encoded is None:
-        encoded = {name: encode_tensor(name, t, cfg, hessians.get(name)) for name, t in state_dict.items()}
+        with Bar(f"quantize ({cfg.method})", len(state_dict), "tensors") as bar:
+            encoded = {name: encode_tensor(name, t, cfg, hessians.get(name))
+                       for name, t in bar.track(state_dict.items())}
         if cfg.lqer_top_k:
             add_lqer(encoded, state_dict, cfg, hessians)
     fallbacks = {name: enc.entry["fallback"] for name, enc in encoded.items() if "fallback" in enc.entry}
@@ -47,26 +71,9 @@ def quantize_state_dict(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig
               + ", ".join(f"{n} ({why})" for n, why in fallbacks.items())
               + ("; give --hessians from `pgolf calibrate`" if any("Hessian" in w for w in fallbacks.values()) else ""))
     tensors, schema = store_encoded(encoded, state_dict)
-    rows = []
-    for name, enc in encoded.items():
-        t = state_dict[name]
-        restored = decode_entry(name, enc.entry, tensors, "quantize")
-        original = t.detach().cpu()
-        stats = (_error_stats(original, restored) if original.is_floating_point()
-                 else {"max_abs_err": 0.0, "rmse": 0.0, "rel_err": 0.0})
-        h = hessians.get(name)
-        fits = h is not None and original.ndim == 2 and tuple(h.shape) == (original.shape[1],) * 2
-        entry = enc.entry
-        stored_as = (f"int{entry['bits']} {entry['scheme'].replace('_', '-')}" if entry["bits"]
-                     else dtype_name(next(iter(enc.parts.values())).dtype))
-        if "lqer" in entry:
-            stored_as += f" +lqer r{entry['lqer']['rank']}"
-        rows.append({"name": name, "method": entry["method"], "bits": entry["bits"], "clip": entry["clip"],
-                     "fallback": entry.get("fallback"), "stored_as": stored_as,
-                     "shape": entry["shape"], "dtype": entry["dtype"], "numel": original.numel(),
-                     "original_bytes": original.numel() * original.element_size(),
-                     "stored_bytes": sum(p.numel() * p.element_size() for p in enc.parts.values()),
-                     "weighted_err": weighted_error(original, restored, h) if fits else None, **stats})
+    with Bar("quantize: errors", len(encoded), "tensors") as bar:
+        rows = [_report_row(name, enc, state_dict[name], tensors, hessians.get(name))
+                for name, enc in bar.track(encoded.items())]
     quantized = [r for r in rows if r["method"] not in ("keep_float", "passthrough")]
     sq_err = sum(r["rmse"] ** 2 * r["numel"] for r in quantized)
     n_q = sum(r["numel"] for r in quantized)

@@ -1,4 +1,4 @@
-"""Bits per byte: byte accounting (tokenizer LUT and canonical sidecar), window plans, and scoring.
+"""Bits per byte: byte accounting (tokenizer LUT and canonical sidecar) and window plans.
 
 BPB = Σ CE_t / (ln 2 · Σ bytes_t) over every scored target t (the challenge's train_gpt.py): natural-log
 cross-entropy over the full softmax, sums in float64. Each target position 1..N-1 of the validation
@@ -8,12 +8,9 @@ stream is scored at most once; `plan_windows` decides which, and checks it.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
 from pgolf.errors import PgolfError
 
 
@@ -124,87 +121,7 @@ def _check_plan(windows: list[Window], seq_len: int, total: int) -> None:
         raise AssertionError(f"window plan scores targets 1..{next_target - 1}, expected 1..{total}")
 
 
-def score(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray, sidecar: np.ndarray | None,
-          luts: ByteLUTs, *, seq_len: int, stride: int, val_tokens: int, batch_seqs: int, device: str | torch.device,
-          progress: bool) -> dict:
-    """Score `tokens` with `logits_fn(x[B,T]) -> logits[B,T,V]` over the planned windows.
-
-    Returns val_loss (nats/token), tokens_scored, LUT and sidecar byte sums, val_bpb_lut, val_bpb_sidecar
-    (None without a sidecar) and val_bpb (the sidecar's when present: the canonical one; else the LUT's).
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    tokens = np.asarray(tokens)
-    if sidecar is not None and np.shape(sidecar) != tokens.shape:
-        raise PgolfError(f"byte sidecar has {np.size(sidecar)} entries for {tokens.size} tokens; "
-                         "re-run `pgolf tokenize`")
-    if tokens.size and int(tokens.max()) >= luts.base_bytes.size:
-        raise PgolfError(f"validation token id {int(tokens.max())} is outside the tokenizer's "
-                         f"{luts.base_bytes.size} ids; the data and tokenizer do not match")
-    windows = plan_windows(tokens.size, seq_len, stride, val_tokens)
-    lut_bytes = stream_lut_bytes(tokens, luts)
-
-    loss_sum, n_scored, lut_sum, side_sum = 0.0, 0, 0, 0
-    batches = _batches(windows, batch_seqs)
-    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
-                  TimeRemainingColumn(), disable=not progress, transient=True) as bar:
-        task = bar.add_task("score", total=len(windows))
-        with torch.inference_mode():
-            for batch in batches:
-                x = _rows(tokens, batch, 0).to(device)
-                y = _rows(tokens, batch, 1).to(device)
-                logits = logits_fn(x)
-                if logits.shape[:2] != x.shape:
-                    raise PgolfError(f"model returned logits of shape {tuple(logits.shape)} for inputs "
-                                     f"{tuple(x.shape)}")
-                nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-                mask = torch.zeros_like(y, dtype=torch.bool)
-                for row, w in enumerate(batch):
-                    mask[row, w.first_scored:] = True
-                loss_sum += float(nll.double()[mask].sum())
-                for w in batch:
-                    scored = slice(w.start + 1 + w.first_scored, w.end + 1)  # global target positions
-                    n_scored += scored.stop - scored.start
-                    lut_sum += int(lut_bytes[scored].sum(dtype=np.int64))
-                    if sidecar is not None:
-                        side_sum += int(sidecar[scored].sum(dtype=np.int64))
-                bar.advance(task, len(batch))
-
-    if not math.isfinite(loss_sum):
-        raise PgolfError("the model produced non-finite loss on the validation set; the weights are broken")
-    result = {
-        "val_loss": loss_sum / n_scored,
-        "tokens_scored": n_scored,
-        "windows": len(windows),
-        "seq_len": seq_len,
-        "stride": stride,
-        "lut_bytes": lut_sum,
-        "sidecar_bytes": side_sum if sidecar is not None else None,
-        "val_bpb_lut": bits_per_byte(loss_sum, lut_sum),
-        "val_bpb_sidecar": bits_per_byte(loss_sum, side_sum) if sidecar is not None else None,
-    }
-    result["val_bpb"] = result["val_bpb_sidecar"] if sidecar is not None else result["val_bpb_lut"]
-    return result
-
-
 def bits_per_byte(nats_sum: float, n_bytes: int) -> float:
     if n_bytes <= 0:
         raise PgolfError("the scored validation targets hold no bytes; BPB is undefined (validation text empty?)")
     return nats_sum / (math.log(2) * n_bytes)
-
-
-def _rows(tokens: np.ndarray, batch: list[Window], shift: int) -> torch.Tensor:
-    """The batch's inputs (shift 0) or targets (shift 1) as a LongTensor [B, T]."""
-    return torch.from_numpy(np.stack([tokens[w.start + shift:w.end + shift] for w in batch]).astype(np.int64))
-
-
-def _batches(windows: list[Window], batch_seqs: int) -> list[list[Window]]:
-    """Consecutive windows of equal length, at most batch_seqs per batch."""
-    batches: list[list[Window]] = []
-    for w in windows:
-        last = batches[-1] if batches else None
-        if last and len(last) < batch_seqs and (last[0].end - last[0].start) == (w.end - w.start):
-            last.append(w)
-        else:
-            batches.append([w])
-    return batches

@@ -33,6 +33,7 @@ from pgolf.config.sections import TokenizeConfig
 from pgolf.errors import PgolfError
 from pgolf.formats.files import sha256_file, staging_dir, write_bytes, write_json
 from pgolf.formats.shards import ShardWriter, read_header, read_shard, shard_paths
+from pgolf.report.progress import Bar
 from pgolf.text import caseops
 from pgolf.text.bpb import build_luts, stream_lut_bytes
 from pgolf.text.corpus import document_files, iter_documents
@@ -120,8 +121,6 @@ def _chunks(inputs: list[Path], val_docs: int) -> Iterator[tuple[int, list[tuple
 
 def _encode_all(inputs: list[Path], tmp: Path, cfg: TokenizeConfig, model: bytes, bos: int) -> dict:
     """Encode every document in parallel (order kept) and write the shards; return per-split counts."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     train = ShardWriter(tmp, "train", cfg.shard_tokens)
     val = ShardWriter(tmp, "val", cfg.shard_tokens, with_sidecar=True)
     stats = {"train": {"docs": 0, "skipped_docs": 0}, "val": {"docs": 0, "skipped_docs": 0, "raw_bytes": 0}}
@@ -130,10 +129,7 @@ def _encode_all(inputs: list[Path], tmp: Path, cfg: TokenizeConfig, model: bytes
     # fork: workers need only sentencepiece and numpy, and start instantly (spawn would re-import torch)
     ctx = mp.get_context("fork" if "fork" in methods else "spawn")
     with ctx.Pool(_workers(cfg), initializer=init_worker, initargs=(model, _transform(cfg))) as pool, \
-            Progress(SpinnerColumn(), TextColumn("encoding: {task.fields[docs]:,} docs, "
-                                                 "{task.fields[tokens]:,} tokens"),
-                     TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task("encode", total=None, docs=0, tokens=0)
+            Bar("tokenize: encoding", None, "docs") as bar:
         for chunk, encoded in _ordered_map(pool, _chunks(inputs, cfg.val_docs), 4 * _workers(cfg)):
             for (is_val, text), (ids, byte_counts) in zip(chunk, encoded):
                 seen += 1
@@ -148,7 +144,7 @@ def _encode_all(inputs: list[Path], tmp: Path, cfg: TokenizeConfig, model: bytes
                     val.add(doc, np.concatenate([np.zeros(1, dtype=np.uint16), byte_counts]))  # BOS costs 0
                 else:
                     train.add(doc)
-            bar.update(task, docs=seen, tokens=train.total + val.total)
+            bar.update(seen, f"{train.total + val.total:,} tokens")
     if seen <= cfg.val_docs:
         raise PgolfError(f"the inputs hold {seen} documents, all of them validation (val_docs = {cfg.val_docs}); "
                          "lower val_docs so training documents remain")

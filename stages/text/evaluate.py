@@ -1,10 +1,10 @@
-"""Scoring a model on the validation stream: the data it needs, and the BPB of a model or of plain weights.
+"""Scoring a model on the validation stream: the data it needs, and the BPB of a model as it is.
 
 Windows are planned by pgolf.text.bpb (each target scored exactly once, causally, over the full
 softmax); bytes are the canonical sidecar's when present, and the tokenizer-LUT bytes are reported beside
 them. CaseOps data (case-transformed text) must have the sidecar: its LUT bytes are not the original
-text's bytes, so without one it is refused rather than scored with a wrong denominator. Test-time
-training will plug in here: score a chunk first, then adapt on it.
+text's bytes, so without one it is refused rather than scored with a wrong denominator. Scoring with
+test-time training is pgolf.ttt.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.config.sections import EvalConfig, ModelConfig
+from pgolf.config.sections import EvalConfig
 from pgolf.errors import PgolfError
 from pgolf.formats.files import read_json
 from pgolf.formats.shards import load_val
-from pgolf.nn.model import GPT, autocast_for, build_model, resolve_device
-from pgolf.text import bpb
+from pgolf.nn.model import GPT, autocast_for
+from pgolf.text import bpb, ledger
 from pgolf.text.tokenizer import load_tokenizer
 
 
@@ -63,27 +63,8 @@ def evaluate_model(model: GPT, data: EvalData, cfg: EvalConfig, progress: bool) 
 
     try:
         with torch.inference_mode():
-            return bpb.score(logits_fn, data.tokens, data.sidecar, data.luts, seq_len=cfg.seq_len,
+            return ledger.score(logits_fn, data.tokens, data.sidecar, data.luts, seq_len=cfg.seq_len,
                              stride=cfg.stride, val_tokens=cfg.val_tokens, batch_seqs=cfg.batch_seqs,
                              device=device, progress=progress)
     finally:
         model.train(was_training)
-
-
-def check_ttt(cfg: EvalConfig) -> None:
-    """Refuse a TTT mode this version cannot run, rather than report a score made without it."""
-    if cfg.ttt != "none":
-        raise PgolfError(f"ttt_eval.ttt={cfg.ttt!r}: test-time training is not implemented in this version of pgolf "
-                         "(its settings are recorded for when it is); score without it with --set ttt=none")
-
-
-def evaluate_state_dict(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, data: str | Path,
-                        eval_cfg: EvalConfig) -> dict:
-    """Build the model from plain weights and score it (what ttt-eval and verify report)."""
-    check_ttt(eval_cfg)
-    device = resolve_device(eval_cfg.device)
-    try:
-        model = build_model(model_cfg, state_dict, device)
-    except ValueError as exc:
-        raise PgolfError(f"the weights do not match their model config: {exc}") from None
-    return evaluate_model(model, EvalData.load(data), eval_cfg, progress=True)

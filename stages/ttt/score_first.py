@@ -1,0 +1,113 @@
+"""Score-first full-model TTT (PR #549; the R0409 record's settings in PR #1855's lineage).
+
+The validation stream is cut into chunks of `ttt_chunk_tokens` targets. For chunk c: every window whose
+first scored target lies in c is scored (the ledger records those targets); then, unless c is the last
+chunk, the model trains on chunk c's tokens — which the ledger hands out only because they are scored —
+with SGD (momentum, LR η·½(1 + cos(π·c/(C−1))), `ttt_epochs` passes, gradient clipping). What adapts: every
+weight, all but the first `ttt_freeze_blocks` blocks (PR #212's freeze_blocks), or, with `ttt_mlp_only`,
+only the MLPs of the blocks not frozen (PR #375's variant); `ttt_max_steps` caps the optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from pgolf.config.sections import EvalConfig
+from pgolf.nn.model import GPT, autocast_for
+from pgolf.report.progress import Bar
+from pgolf.text.bpb import Window, plan_windows
+from pgolf.text.ledger import Ledger, batches_of
+
+
+def adapted_parameters(model: GPT, cfg: EvalConfig) -> list[torch.nn.Parameter]:
+    """The parameters TTT updates; the others are frozen (requires_grad off)."""
+    keep = set()
+    for i, block in enumerate(model.blocks):
+        if i >= cfg.ttt_freeze_blocks:
+            keep.update(id(p) for p in (block.mlp if cfg.ttt_mlp_only else block).parameters())
+    if not cfg.ttt_mlp_only and cfg.ttt_freeze_blocks == 0:
+        keep = {id(p) for p in model.parameters()}
+    params = []
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+        if id(p) in keep:
+            params.append(p)
+    return params
+
+
+def chunk_windows(windows: list[Window], chunk_tokens: int) -> list[list[Window]]:
+    """Windows grouped by the chunk of their first scored target (targets 1..T; chunk c holds c·n+1 .. (c+1)·n)."""
+    last = windows[-1].end
+    chunks: list[list[Window]] = [[] for _ in range(max(1, -(-last // chunk_tokens)))]
+    for w in windows:
+        chunks[(w.start + w.first_scored) // chunk_tokens].append(w)
+    return chunks
+
+
+def train_on(model: GPT, tokens: torch.Tensor, cfg: EvalConfig, optimizer: torch.optim.Optimizer,
+             device: torch.device, steps_left: int | None) -> tuple[int, int]:
+    """`ttt_epochs` passes over `tokens` cut into sequences of seq_len targets; (steps taken, tokens seen)."""
+    pieces = [tokens[i:i + cfg.seq_len + 1] for i in range(0, tokens.numel() - 1, cfg.seq_len)]
+    full = [p for p in pieces if p.numel() == cfg.seq_len + 1]
+    batches = [torch.stack(full[i:i + cfg.ttt_batch_seqs]) for i in range(0, len(full), cfg.ttt_batch_seqs)]
+    batches += [p[None] for p in pieces if 1 < p.numel() < cfg.seq_len + 1]  # the chunk's tail, alone
+    steps = seen = 0
+    model.train()
+    for _ in range(cfg.ttt_epochs):
+        for batch in batches:
+            if steps_left is not None and steps >= steps_left:
+                return steps, seen
+            batch = batch.to(device)
+            with autocast_for(device):
+                loss = model(batch[:, :-1], batch[:, 1:])
+            loss.backward()
+            if cfg.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               cfg.ttt_grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            seen += batch[:, 1:].numel()
+    return steps, seen
+
+
+def score_first(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.device, deadline: float | None) -> dict:
+    """Score chunk by chunk, adapting after each; returns what the adaptation did (the scores are in the ledger).
+    `deadline` (time.perf_counter()): past it, scoring goes on without updates."""
+    windows = plan_windows(ledger.n_tokens, cfg.seq_len, cfg.stride, cfg.val_tokens)
+    chunks = chunk_windows(windows, cfg.ttt_chunk_tokens)
+    params = adapted_parameters(model, cfg)
+    optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
+    steps = seen = 0
+    stopped_at = None
+
+    def logits_fn(x: torch.Tensor) -> torch.Tensor:
+        with autocast_for(device):
+            return model.logits(x)
+
+    with Bar("ttt score_first", len(chunks), "chunks") as bar:
+        for c, chunk in enumerate(chunks):
+            model.eval()
+            for batch in batches_of(chunk, cfg.batch_seqs):
+                ledger.score(batch, logits_fn)
+            bar.advance(1, f"bpb {ledger.running_bpb() or 0:.4f} so far, {steps} updates")
+            if c == len(chunks) - 1 or cfg.ttt_lr == 0 or not params:
+                continue
+            if deadline is not None and time.perf_counter() > deadline:
+                stopped_at = stopped_at if stopped_at is not None else c
+                continue
+            if cfg.ttt_max_steps and steps >= cfg.ttt_max_steps:
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 1, 1)))
+            end = min((c + 1) * cfg.ttt_chunk_tokens, windows[-1].end) + 1
+            tokens = ledger.training_tokens(c * cfg.ttt_chunk_tokens, end)
+            left = cfg.ttt_max_steps - steps if cfg.ttt_max_steps else None
+            took, saw = train_on(model, tokens, cfg, optimizer, device, left)
+            steps, seen = steps + took, seen + saw
+    model.eval()
+    return {"chunks": len(chunks), "steps": steps, "tokens_adapted": seen, "adapted_params": sum(p.numel() for p in params),
+            "stopped_adapting_at_chunk": stopped_at, "expected_targets": sum(w.end - w.start - w.first_scored for w in windows)}

@@ -1,0 +1,60 @@
+"""What a run shows a person: plain progress lines where no terminal is, metrics rows that stay a table."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+
+import pytest
+
+from pgolf.config.sections import ModelConfig, TrainConfig
+from pgolf.report import progress
+from pgolf.report.metrics import companion, write_metrics
+
+MODEL = ModelConfig(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1)
+TRAIN = TrainConfig(iterations=6, max_wallclock_seconds=0, warmup_steps=0, train_batch_tokens=1024, train_seq_len=64,
+                    grad_accum_steps=1, log_every=100, val_tokens=1024, device="cpu")
+
+
+def test_training_without_a_terminal_prints_plain_progress_lines(tokenized_dir, tmp_path, capsys, monkeypatch):
+    """Captured output is no terminal (as in DVC's logs and CI): status lines, no escape codes, for the steps
+    (with loss and tokens/s) and for the final validation, which once showed nothing at all."""
+    from pgolf import train
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # a line at every update: every step is seen
+    train.run(tokenized_dir, tmp_path / "ckpt.safetensors", MODEL, TRAIN, tmp_path / "m.json", tmp_path / "log.csv")
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out and "\r" not in out
+    lines = out.splitlines()
+    step = re.compile(r"train: 3/6 steps \(50%\), loss \d+\.\d{4}, [\d,]+ tokens/s, \d:\d\d:\d\d, ~\d:\d\d:\d\d left")
+    assert any(step.fullmatch(line) for line in lines), out
+    assert any(re.match(r"scoring: \d+/\d+ windows \(\d+%\), bpb \d+\.\d{4} so far", line) for line in lines), out
+    assert any(re.fullmatch(r"train: done, 6/6 steps in \d:\d\d:\d\d", line) for line in lines), out
+
+
+def test_work_that_cannot_count_is_still_seen_to_be_alive(monkeypatch):
+    """A single long call (a codec compressing) gets time lines from the ticker; quick work prints nothing."""
+    out = io.StringIO()
+    with progress.Bar("quick", 3, "items", file=out) as bar:
+        for _ in bar.track(range(3)):
+            pass
+    assert out.getvalue() == ""
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.05)
+    with progress.Bar("pack: compressing with zlib", None, file=out):
+        time.sleep(0.3)
+    *alive, done = out.getvalue().splitlines()
+    assert alive and all(line == "pack: compressing with zlib: 0:00:00" for line in alive)
+    assert done == "pack: compressing with zlib: done in 0:00:00"
+
+
+def test_a_metrics_row_refuses_what_is_no_table_cell(tmp_path):
+    metrics = tmp_path / "quantize_metrics.json"
+    assert companion(metrics, "report", ".json") == tmp_path / "quantize_report.json"
+    assert companion(tmp_path / "m.json", "bits", ".png") == tmp_path / "m_bits.png"
+    for bad in ({"params": {"bits": 6}}, {"tensors": [1, 2]}, {"blob": "x" * 64}):
+        with pytest.raises(ValueError, match="details go to the report"):
+            write_metrics(metrics, bad, {})
+        assert not metrics.exists()
+    assert write_metrics(metrics, {"bytes": 1, "fits": True, "codec": "zlib", "val_bpb": None}, {"a": {"b": 1}}) \
+        == tmp_path / "quantize_report.json"

@@ -58,3 +58,15 @@ def test_a_metrics_row_refuses_what_is_no_table_cell(tmp_path):
         assert not metrics.exists()
     assert write_metrics(metrics, {"bytes": 1, "fits": True, "codec": "zlib", "val_bpb": None}, {"a": {"b": 1}}) \
         == tmp_path / "quantize_report.json"
+
+
+def test_without_matplotlib_the_chart_alone_is_skipped(tmp_path, monkeypatch, capsys):
+    """A bare machine without matplotlib still trains and quantizes: only the picture is missing, said so."""
+    import importlib.util
+
+    from pgolf.report import plots
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    plots.loss_chart(tmp_path / "log.png", [(1, 4.0, 1.0), (2, 3.5, 0.5)], [], "t")
+    assert not (tmp_path / "log.png").exists() and "matplotlib is not installed" in capsys.readouterr().err

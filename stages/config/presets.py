@@ -36,8 +36,8 @@ _RECORD_QUANTIZE = {
     "gptq_act_order": True, "lqer_top_k": 3, "lqer_rank": 4,
 }
 _RECORD_TTT = {  # phased LoRA TTT (PR #1855)
-    "seq_len": 2048, "ttt": "phased_lora", "ttt_lora_rank": 80, "ttt_lora_alpha": 144.0, "ttt_lr": 1e-4,
-    "ttt_beta2": 0.99, "ttt_weight_decay": 0.5, "ttt_chunk_tokens": 48, "ttt_prefix_docs": 2500, "ttt_phases": 3,
+    "seq_len": 2048, "ttt": "phased_lora", "ttt_lora_rank": 80, "ttt_lora_alpha": 144.0, "ttt_lora_lr": 1e-4,
+    "ttt_beta2": 0.99, "ttt_weight_decay": 0.5, "ttt_lora_chunk_tokens": 48, "ttt_prefix_docs": 2500, "ttt_phases": 3,
     "ttt_global_lr": 1e-3,
 }
 

@@ -342,6 +342,8 @@ class EvalConfig(Section):
     ttt_max_steps: int = param(0, "score_first: at most N updates in all; 0: no cap", ge=0)
     ttt_time_budget: float = param(0.0, "stop adapting (scoring goes on) once the evaluation has run N seconds; "
                                    "0: no budget", ge=0)
+    ttt_lora_lr: float = param(1e-4, "phased TTT: the per-document LoRA's AdamW learning rate", ge=0)
+    ttt_lora_chunk_tokens: int = param(48, "phased TTT: tokens of a document scored before each LoRA update", ge=1)
     ttt_lora_rank: int = param(0, "TTT LoRA rank", ge=0)
     ttt_lora_alpha: float = param(0.0, "TTT LoRA α", ge=0)
     ttt_beta2: float = param(0.0, "TTT Adam β2", ge=0, lt=1)

@@ -11,18 +11,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from pgolf.errors import PgolfError
+import importlib.util
+import sys
+
 from pgolf.formats.files import atomic_path
 
 DPI = 100
 
 
+def drawable(path: str | Path) -> bool:
+    """Whether matplotlib (a pgolf dependency) is here to draw `path`. A chart is a view of results that are
+    already written, so where it is missing (a bare GPU machine) the chart alone is skipped, with a note."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    print(f"pgolf: note: matplotlib is not installed, so {path} was not drawn (pip install matplotlib)",
+          file=sys.stderr)
+    return False
+
+
 def _figure(width: float, height: float):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise PgolfError("drawing the charts needs matplotlib, a pgolf dependency: pip install matplotlib") from None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -38,6 +47,8 @@ def loss_chart(path: str | Path, rows: Sequence[Sequence[float]], val_points: Se
                title: str) -> None:
     """Training loss by step (rows: step, train_loss, lr_scale, ...), the LR multiplier on a second axis,
     and the validation loss at the steps it was measured (val_points: step, val_loss, val_bpb)."""
+    if not drawable(path):
+        return
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()
     steps = [r[0] for r in rows]
@@ -66,6 +77,8 @@ def bits_chart(path: str | Path, tensors: Sequence[dict[str, Any]], title: str) 
     """Per tensor (rows of quantize's report): stored bits per weight (scales and corrections included),
     labelled with how it is stored, and stored bytes. Float tensors' bars (16 or 32 bits) are cut at 1.5×
     the widest quantized one, so that the widths that differ (2..8 bits) stay readable."""
+    if not drawable(path):
+        return
     from matplotlib.ticker import EngFormatter, MaxNLocator
 
     names = [t["name"] for t in tensors]

@@ -4,6 +4,8 @@
 #   bash bench/gpu_ttt.sh train   # tokenize; train pr2071 for CAP (240) s; calibrate; quantize with the
 #                                 # preset's recipe (int6 GPTQ, SDClip, int7 embedding, LQER); pack; score (none)
 #   bash bench/gpu_ttt.sh eval    # the same blob: sliding windows (stride 64), score-first TTT
+#   MODES="lora" VAL_TOKENS=300000 bash bench/gpu_ttt.sh eval   # other modes (sliding score_first
+#                                 # score_first_sliding lora none), on the first N targets only
 # `train` also returns the blob (in 15 MiB parts) and the validation data under $OUT, so that `eval` can run
 # on a fresh machine from them (carried as .ttt) if the first one was given back in between.
 #
@@ -51,12 +53,16 @@ if [ ! -f "$BLOB" ]; then  # a fresh machine: the blob and the validation data c
   mkdir -p "$TOK" && cp .ttt/fineweb_val_* .ttt/tokenizer.model .ttt/manifest.json "$TOK/"
   cat .ttt/blob.part-* > "$BLOB"
 fi
-for mode in sliding score_first; do
+SF=(--set ttt=score_first --set ttt_lr=0.005 --set ttt_chunk_tokens=32768 --set ttt_epochs=3)
+for mode in ${MODES:-sliding score_first}; do
   case $mode in
+    none) ARGS=() ;;
     sliding) ARGS=(--stride 64) ;;
-    score_first) ARGS=(--set ttt=score_first --set ttt_lr=0.005 --set ttt_chunk_tokens=32768 --set ttt_epochs=3) ;;
+    score_first) ARGS=("${SF[@]}") ;;
+    score_first_sliding) ARGS=("${SF[@]}" --stride 64) ;;
+    lora) ARGS=(--set ttt=lora) ;;  # the defaults: rank 80, α 144, chunks of 48, AdamW 1e-4, 64 documents
   esac
-  timed "eval_$mode" $PG ttt-eval "$BLOB" --data "$TOK" "${NP[@]}" "${ARGS[@]}" \
+  timed "eval_$mode" $PG ttt-eval "$BLOB" --data "$TOK" "${NP[@]}" "${ARGS[@]}" --val-tokens "${VAL_TOKENS:-0}" \
     --metrics "$R/eval_${mode}_metrics.json" 2>&1 | tee "$R/eval_$mode.log"
 done
 echo done

@@ -58,5 +58,5 @@ def test_ttt_settings_are_recorded_but_refused_until_implemented():
     with pytest.raises(PgolfError, match="not implemented.*--set ttt=none"):
         check_ttt(cfg)
     check_ttt(replace(cfg, ttt="none"))
-    with pytest.raises(PgolfError, match="ttt='slot' must be one of none, score_first, phased_lora"):
+    with pytest.raises(PgolfError, match="ttt='slot' must be one of none, score_first, lora, phased_lora"):
         build(EvalConfig, [({"ttt": "slot"}, "params.yaml: ttt_eval")], "ttt_eval")

@@ -1,6 +1,6 @@
-"""Test-time training is legal by construction: the same harness holds every mode to score-before-update,
-exactly-once scoring with the sidecar's bytes, and TTT at learning rate 0 being plain scoring — and it
-catches a planted cheat, so these tests can fail."""
+"""Test-time training is legal by construction: the same harness holds every registered mode to
+score-before-update, exactly-once scoring with the sidecar's bytes, document isolation (per-document
+modes) and learning rate 0 being plain scoring — and it catches a planted cheat, so these tests can fail."""
 
 from __future__ import annotations
 
@@ -14,13 +14,24 @@ from pgolf.config.sections import EvalConfig, ModelConfig
 from pgolf.nn.model import GPT
 from pgolf.text.bpb import ByteLUTs, plan_windows
 from pgolf.text.ledger import ComplianceError, Ledger, batches_of
+from pgolf.ttt.lora import chunk_rounds, document_batches
 from pgolf.ttt.modes import MODES as ALL_MODES, no_adaptation
 from pgolf.ttt.score_first import adapted_parameters, chunk_windows, score_first
 
 VOCAB, BOS = 64, 1
 PLAIN = ModelConfig(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
-CFG = EvalConfig(seq_len=32, stride=0, batch_seqs=4, device="cpu", ttt="score_first", ttt_lr=0.05,
-                 ttt_chunk_tokens=64, ttt_epochs=2, ttt_batch_seqs=2)
+BASE = EvalConfig(seq_len=32, stride=0, batch_seqs=4, device="cpu")
+# Every registered TTT mode is held to the harness (a new one cannot skip it), each with small settings.
+SETTINGS = {"score_first": dict(ttt_lr=0.05, ttt_chunk_tokens=64, ttt_epochs=2, ttt_batch_seqs=2),
+            "lora": dict(ttt_lora_lr=0.02, ttt_lora_chunk_tokens=8, ttt_lora_rank=4, ttt_lora_alpha=8.0,
+                         ttt_lora_batch_docs=3)}
+MODES = {name: mode for name, mode in ALL_MODES.items() if name != "none"}
+assert set(MODES) == set(SETTINGS), "a new TTT mode needs its settings here"
+PER_DOCUMENT = {"lora"}
+
+
+def cfg_for(name: str, **extra) -> EvalConfig:
+    return replace(BASE, ttt=name, **{**SETTINGS[name], **extra})
 
 
 def luts() -> ByteLUTs:
@@ -52,12 +63,22 @@ def model(cfg: ModelConfig = PLAIN) -> GPT:
     return m
 
 
-def run(mode, tokens: np.ndarray, sidecar: np.ndarray, cfg: EvalConfig = CFG, model_cfg: ModelConfig = PLAIN,
-        deadline: float | None = None) -> tuple[np.ndarray, dict, dict]:
-    """(every target's recorded loss, the BPB result, what the mode reports)."""
+def run(mode, tokens: np.ndarray, sidecar: np.ndarray, cfg: EvalConfig, model_cfg: ModelConfig = PLAIN,
+        deadline: float | None = None) -> tuple[Ledger, dict, dict]:
+    """(the ledger, with every target's loss and scoring order; the BPB result; what the mode reports)."""
     ledger = Ledger(tokens, sidecar, luts(), "cpu", keep_losses=True)
     info = mode(model(model_cfg), ledger, cfg, torch.device("cpu"), deadline)
-    return ledger.losses, ledger.result(info["expected_targets"]), info
+    return ledger, ledger.result(info["expected_targets"]), info
+
+
+def document_windows_plain(m: GPT, ledger: Ledger, cfg: EvalConfig, device, deadline) -> dict:
+    """No adaptation, but the per-document modes' windows and batches: each chunk in its document's context."""
+    batches = document_batches(ledger, BOS, cfg)
+    m.eval()
+    for batch in batches:
+        for _, windows, _ in chunk_rounds(batch, cfg):
+            ledger.score(windows, m.logits)
+    return {"expected_targets": sum(b - a - 1 for batch in batches for a, b in batch)}
 
 
 def cheat_trains_then_scores(m: GPT, ledger: Ledger, cfg: EvalConfig, device, deadline) -> dict:
@@ -77,29 +98,30 @@ def cheat_trains_then_scores(m: GPT, ledger: Ledger, cfg: EvalConfig, device, de
     return {"expected_targets": sum(w.end - w.start - w.first_scored for w in windows)}
 
 
-# Every registered TTT mode is held to the harness: a new one cannot skip it.
-MODES = {name: mode for name, mode in ALL_MODES.items() if name != "none"}
-
-
-def earlier_losses_survive_a_future_change(mode, position: int) -> bool:
-    """Harness: change token `position`; every loss recorded for an earlier target must stay bit-identical."""
+def earlier_losses_survive_a_future_change(mode, cfg: EvalConfig, position: int) -> bool:
+    """Harness: change token `position`. Every loss recorded before that target was scored (earlier in the
+    scoring order, or earlier in the same window) must stay bit-identical."""
     tokens, sidecar = stream()
-    before, _, _ = run(mode, tokens, sidecar)
+    before, _, _ = run(mode, tokens, sidecar, cfg)
     changed = tokens.copy()
     changed[position] = 4 + (int(changed[position]) + 17) % (VOCAB - 4)
-    after, _, _ = run(mode, changed, sidecar)
-    assert not np.array_equal(before[position:], after[position:], equal_nan=True)  # the change is visible
-    return bool(np.array_equal(before[1:position], after[1:position]))
+    after, _, _ = run(mode, changed, sidecar, cfg)
+    assert not np.array_equal(before.losses, after.losses, equal_nan=True)  # the change is visible
+    at = before.order[position]
+    earlier = (before.order < at) | ((before.order == at) & (np.arange(tokens.size) < position))
+    earlier[0] = False
+    assert earlier.sum() > 20
+    return bool(np.array_equal(before.losses[earlier], after.losses[earlier]))
 
 
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_a_future_token_never_changes_an_earlier_loss(name):
-    for position in (90, 150, 300):  # inside chunks 1, 2 and 4: updates have happened before each
-        assert earlier_losses_survive_a_future_change(MODES[name], position), position
+    for position in (90, 150, 300):  # updates have happened before each is scored
+        assert earlier_losses_survive_a_future_change(MODES[name], cfg_for(name), position), position
 
 
 def test_the_harness_catches_a_planted_cheat():
-    assert not earlier_losses_survive_a_future_change(cheat_trains_then_scores, 150)
+    assert not earlier_losses_survive_a_future_change(cheat_trains_then_scores, cfg_for("score_first"), 150)
     # and the ledger itself refuses the two shortcuts a mode could try through it
     tokens, sidecar = stream()
     ledger = Ledger(tokens, sidecar, luts(), "cpu")
@@ -112,57 +134,84 @@ def test_the_harness_catches_a_planted_cheat():
     assert ledger.training_tokens(0, 65).numel() == 65 and ledger.frontier() == 65
 
 
-@pytest.mark.parametrize("name", sorted(MODES))
-@pytest.mark.parametrize("stride", [0, 8])
+@pytest.mark.parametrize("name, stride", [("score_first", 0), ("score_first", 8), ("lora", 0)])
 def test_every_target_is_scored_once_with_the_sidecars_bytes(name, stride):
     tokens, sidecar = stream()
-    losses, result, info = run(MODES[name], tokens, sidecar, replace(CFG, stride=stride))
-    targets = np.flatnonzero(~np.isnan(losses))
-    expected_last = (tokens.size - 1) // 32 * 32 if stride == 0 else tokens.size - 1
+    ledger, result, info = run(MODES[name], tokens, sidecar, cfg_for(name, stride=stride))
+    targets = np.flatnonzero(~np.isnan(ledger.losses))
+    per_window = name == "score_first" and stride == 0  # non-overlapping windows drop the stream's tail
+    expected_last = (tokens.size - 1) // 32 * 32 if per_window else tokens.size - 1
     assert targets.tolist() == list(range(1, expected_last + 1))
     assert result["tokens_scored"] == expected_last and result["sidecar_bytes"] == int(sidecar[1:expected_last + 1].sum())
-    assert result["val_loss"] == pytest.approx(losses[1:expected_last + 1].mean(), rel=1e-12)
+    assert result["val_loss"] == pytest.approx(ledger.losses[1:expected_last + 1].mean(), rel=1e-12)
     assert info["steps"] > 0  # it did adapt
+
+
+@pytest.mark.parametrize("name", sorted(PER_DOCUMENT))
+def test_a_documents_losses_do_not_depend_on_the_documents_beside_it(name):
+    tokens, sidecar = stream()
+    cfg = cfg_for(name, ttt_lora_warm_a=False)  # warm A carries earlier batches' (scored) documents on purpose
+    alone, _, _ = run(MODES[name], tokens, sidecar, replace(cfg, ttt_lora_batch_docs=1))
+    together, _, _ = run(MODES[name], tokens, sidecar, replace(cfg, ttt_lora_batch_docs=4))
+    assert np.allclose(alone.losses[1:], together.losses[1:], rtol=0, atol=1e-5)
+    assert not np.array_equal(alone.order, together.order)  # the batches really were different
 
 
 OPTIONS = {"smear_gate": True, "bigram_buckets": 64, "xsa_layers": 2, "skip_gates": True, "sparse_attn_gate": True,
            "ln_scale": True, "rope_dims": 8, "num_loops": 1, "loop_start": 0, "loop_end": 0, "doc_mask": True,
            "activation": "leaky_relu2"}
+EVERY_OPTION = ModelConfig(**{**PLAIN.__dict__, **OPTIONS, "num_layers": 3, "parallel_from": 2})
 
 
 @pytest.mark.parametrize("name", sorted(MODES))
-@pytest.mark.parametrize("model_cfg", [PLAIN, ModelConfig(**{**PLAIN.__dict__, **OPTIONS, "num_layers": 3,
-                                                             "parallel_from": 2})], ids=["plain", "every_option"])
-def test_ttt_at_learning_rate_zero_is_no_adaptation(name, model_cfg):
+@pytest.mark.parametrize("model_cfg", [PLAIN, EVERY_OPTION], ids=["plain", "every_option"])
+def test_ttt_at_learning_rate_zero_is_plain_scoring(name, model_cfg):
     """The adapted forward is the model's own (every option applied), and lr 0 changes nothing."""
     tokens, sidecar = stream()
-    none_losses, none_result, _ = run(no_adaptation, tokens, sidecar, CFG, model_cfg)
-    losses, result, _ = run(MODES[name], tokens, sidecar, replace(CFG, ttt_lr=0.0), model_cfg)
-    assert np.array_equal(losses, none_losses, equal_nan=True) and result == none_result
+    plain = document_windows_plain if name in PER_DOCUMENT else no_adaptation
+    cfg = cfg_for(name, ttt_lr=0.0, ttt_lora_lr=0.0)
+    none, none_result, _ = run(plain, tokens, sidecar, cfg, model_cfg)
+    ttt, result, _ = run(MODES[name], tokens, sidecar, cfg, model_cfg)
+    assert np.array_equal(ttt.losses, none.losses, equal_nan=True) and result == none_result
 
 
-def test_score_first_adapting_lowers_the_loss_of_later_chunks():
+@pytest.mark.parametrize("name", sorted(MODES))
+def test_adapting_lowers_the_loss(name):
     tokens, sidecar = stream(n=1025)
-    cfg = replace(CFG, ttt_lr=0.1, ttt_chunk_tokens=128, ttt_epochs=3)
-    _, none, _ = run(no_adaptation, tokens, sidecar, cfg)
-    _, adapted, info = run(score_first, tokens, sidecar, cfg)
-    assert info["tokens_adapted"] > 0 and adapted["val_bpb"] < none["val_bpb"] - 0.05, (adapted, none)
+    cfg = cfg_for(name, ttt_chunk_tokens=128, ttt_epochs=3, ttt_lr=0.1, ttt_lora_lr=0.05)
+    plain = document_windows_plain if name in PER_DOCUMENT else no_adaptation
+    _, none, _ = run(plain, tokens, sidecar, cfg)
+    _, adapted, info = run(MODES[name], tokens, sidecar, cfg)
+    assert info["tokens_adapted"] > 0 and adapted["val_bpb"] < none["val_bpb"] - 0.02, (adapted, none)
 
 
-def test_time_budget_stops_adapting_and_scoring_goes_on():
+@pytest.mark.parametrize("name", sorted(MODES))
+def test_time_budget_stops_adapting_and_scoring_goes_on(name):
     tokens, sidecar = stream()
-    losses, result, info = run(score_first, tokens, sidecar, deadline=0.0)  # long past
-    assert info["steps"] == 0 and info["stopped_adapting_at_chunk"] == 0
-    _, none, _ = run(no_adaptation, tokens, sidecar)
+    plain = document_windows_plain if name in PER_DOCUMENT else no_adaptation
+    ledger, result, info = run(MODES[name], tokens, sidecar, cfg_for(name), deadline=0.0)  # long past
+    assert info["steps"] == 0
+    _, none, _ = run(plain, tokens, sidecar, cfg_for(name))
     assert result == none
 
 
-def test_what_adapts():
+def test_what_score_first_adapts():
     m = model(ModelConfig(**{**PLAIN.__dict__, "num_layers": 4}))
-    count = lambda cfg: sum(p.numel() for p in adapted_parameters(m, cfg))  # noqa: E731
-    total = sum(p.numel() for p in m.parameters())
-    assert count(CFG) == total
-    frozen2 = count(replace(CFG, ttt_freeze_blocks=2))
-    assert frozen2 == sum(p.numel() for p in m.blocks[2:].parameters())
-    assert count(replace(CFG, ttt_freeze_blocks=3, ttt_mlp_only=True)) == sum(p.numel() for p in m.blocks[3].mlp.parameters())
+    cfg = cfg_for("score_first")
+    count = lambda c: sum(p.numel() for p in adapted_parameters(m, c))  # noqa: E731
+    assert count(cfg) == sum(p.numel() for p in m.parameters())
+    assert count(replace(cfg, ttt_freeze_blocks=2)) == sum(p.numel() for p in m.blocks[2:].parameters())
+    assert count(replace(cfg, ttt_freeze_blocks=3, ttt_mlp_only=True)) == sum(p.numel() for p in m.blocks[3].mlp.parameters())
     assert not m.tok_emb.weight.requires_grad and m.blocks[3].mlp.fc.weight.requires_grad
+
+
+def test_lora_leaves_the_model_as_it_found_it():
+    from pgolf.ttt.lora import document_lora
+
+    tokens, sidecar = stream()
+    m = model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ledger = Ledger(tokens, sidecar, luts(), "cpu")
+    document_lora(m, ledger, cfg_for("lora"), torch.device("cpu"), None)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the base stays frozen
+    assert m.head_adapter is None and m.blocks[0].attn.c_q.adapter is None and all(p.requires_grad for p in m.parameters())

@@ -22,7 +22,8 @@ QUANT_METHODS = ("rtn", "gptq")
 CLIPS = ("percentile", "sdclip")
 NS_COEFFICIENT_SETS = ("classic", "polar_express")
 CALIBRATION_SOURCES = ("train", "self")
-TTT_MODES = ("none", "score_first", "phased_lora")
+TTT_MODES = ("none", "score_first", "lora", "phased_lora")
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")
 ACTIVATIONS = ("relu2", "leaky_relu2")
 ATTN_BACKENDS = ("auto", "sdpa", "flex")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
@@ -328,11 +329,13 @@ class EvalConfig(Section):
     val_tokens: int = param(0, "score only the first N validation tokens (whole windows); 0: all", ge=0)
     batch_seqs: int = param(32, "windows per forward batch", ge=1)
     device: str = param("auto", "auto | cpu | cuda[:N]", pattern=DEVICE_PATTERN)
-    # Test-time training (pgolf.ttt): score-first full-model SGD (PR #549), phased LoRA (PR #1530 → PR #1855;
-    # recorded by the record presets, not implemented yet: refused rather than scored without it).
-    ttt: str = param("none", "none | score_first (full-model SGD per chunk) | phased_lora", choices=TTT_MODES)
-    ttt_lr: float = param(0.005, "TTT learning rate (score_first: SGD's peak, cosine over chunks)", ge=0)
-    ttt_chunk_tokens: int = param(32768, "TTT chunk: targets scored before each update", ge=1)
+    # Test-time training (pgolf.ttt): score-first full-model SGD (PR #549), per-document LoRA (PR #1530), and
+    # phased LoRA (PR #1855; recorded by the record presets, not implemented yet: refused rather than scored
+    # without it).
+    ttt: str = param("none", "none | score_first (full-model SGD per chunk) | lora (per-document) | phased_lora",
+                     choices=TTT_MODES)
+    ttt_lr: float = param(0.005, "score_first: SGD's peak learning rate (cosine over chunks)", ge=0)
+    ttt_chunk_tokens: int = param(32768, "score_first: targets scored before each update", ge=1)
     ttt_epochs: int = param(3, "score_first: passes over each scored chunk", ge=1)
     ttt_momentum: float = param(0.9, "score_first: SGD momentum", ge=0, lt=1)
     ttt_grad_clip: float = param(1.0, "score_first: clip the gradient norm; 0: off", ge=0)
@@ -342,12 +345,15 @@ class EvalConfig(Section):
     ttt_max_steps: int = param(0, "score_first: at most N updates in all; 0: no cap", ge=0)
     ttt_time_budget: float = param(0.0, "stop adapting (scoring goes on) once the evaluation has run N seconds; "
                                    "0: no budget", ge=0)
-    ttt_lora_lr: float = param(1e-4, "phased TTT: the per-document LoRA's AdamW learning rate", ge=0)
-    ttt_lora_chunk_tokens: int = param(48, "phased TTT: tokens of a document scored before each LoRA update", ge=1)
-    ttt_lora_rank: int = param(0, "TTT LoRA rank", ge=0)
-    ttt_lora_alpha: float = param(0.0, "TTT LoRA α", ge=0)
-    ttt_beta2: float = param(0.0, "TTT Adam β2", ge=0, lt=1)
-    ttt_weight_decay: float = param(0.0, "TTT weight decay", ge=0)
+    ttt_lora_lr: float = param(1e-4, "lora: the per-document adapters' AdamW learning rate", ge=0)
+    ttt_lora_chunk_tokens: int = param(48, "lora: a document's tokens scored before each adapter update", ge=1)
+    ttt_lora_rank: int = param(80, "lora: adapter rank", ge=1)
+    ttt_lora_alpha: float = param(144.0, "lora: adapter output scale α/rank", gt=0)
+    ttt_lora_targets: str = param("q,k,v,o,mlp,head", "lora: where adapters go (q, k, v, o, mlp, head)")
+    ttt_lora_batch_docs: int = param(64, "lora: documents adapted side by side (sorted by length)", ge=1)
+    ttt_lora_warm_a: bool = param(True, "lora: keep A across document batches, reset only B (PR #1767)")
+    ttt_beta2: float = param(0.99, "lora: AdamW β2 (β1 is 0)", ge=0, lt=1)
+    ttt_weight_decay: float = param(0.5, "lora: AdamW weight decay", ge=0)
     ttt_prefix_docs: int = param(0, "phased TTT: documents scored before the global SGD phases end", ge=0)
     ttt_phases: int = param(0, "phased TTT: global SGD phases", ge=0)
     ttt_global_lr: float = param(0.0, "phased TTT: global SGD learning rate", ge=0)
@@ -355,6 +361,19 @@ class EvalConfig(Section):
     def check(self) -> None:
         if self.stride > self.seq_len:
             raise ConfigError("stride", f"stride {self.stride} must be at most seq_len {self.seq_len}")
+        if self.ttt_lora_chunk_tokens > self.seq_len:
+            raise ConfigError("ttt_lora_chunk_tokens", f"ttt_lora_chunk_tokens {self.ttt_lora_chunk_tokens} must be at "
+                                                       f"most seq_len {self.seq_len} (a chunk is scored in one window)")
+        lora_targets(self)
+
+
+def lora_targets(cfg: EvalConfig) -> list[str]:
+    """The adapter sites of `ttt_lora_targets`, in LORA_TARGETS order."""
+    names = {t.strip() for t in cfg.ttt_lora_targets.split(",") if t.strip()}
+    if not names or not names <= set(LORA_TARGETS):
+        raise ConfigError("ttt_lora_targets", f"ttt_lora_targets={cfg.ttt_lora_targets!r} must name some of "
+                                              f"{', '.join(LORA_TARGETS)}, comma-separated")
+    return [t for t in LORA_TARGETS if t in names]
 
 
 @dataclass

@@ -47,15 +47,18 @@ class CastedLinear(nn.Linear):
 
     With QAT enabled (`enable_qat`), the weight goes through a straight-through per-row fake quantizer,
     blended in by the `qat_mix` buffer (0 off, 1 on): the forward sees the quantized weight, the
-    gradient flows to the float weight unchanged."""
+    gradient flows to the float weight unchanged. `adapter` (test-time LoRA, pgolf.ttt.lora) adds its
+    output; it is a plain callable, not a submodule, so it never enters the state dict."""
 
     qat_bits = 0
+    adapter = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.qat_bits:
             w = w + self.qat_mix * (fake_quantize(w, self.qat_bits) - w).detach()
-        return F.linear(x, w.to(x.dtype))
+        out = F.linear(x, w.to(x.dtype))
+        return out if self.adapter is None else out + self.adapter(x)
 
 
 def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -98,6 +101,8 @@ class CausalSelfAttention(nn.Module):
     """GQA with QK-norm, (partial) RoPE and per-head q gain; optionally XSA and two output gates:
     sparse (σ(scale·W_h·n[:12]), W zero-init) and headwise (PR #2071: c_q carries gated_attn_dim extra
     rows; head h's gate is σ of the mean of its gated_attn_dim/H rows' outputs)."""
+
+    adapter = None  # test-time LoRA from the attention input to its output (pgolf.ttt.lora)
 
     def __init__(self, cfg: ModelConfig, xsa: bool = False):
         super().__init__()
@@ -147,10 +152,13 @@ class CausalSelfAttention(nn.Module):
         if self.gate_dim:
             gate = torch.sigmoid(gate_logits.view(B, T, self.num_heads, -1).mean(-1))  # [B, T, H]
             y = y * gate.transpose(1, 2)[..., None]
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        out = self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return out if self.adapter is None else out + self.adapter(x)  # test-time LoRA from the attention input
 
 
 class MLP(nn.Module):
+    adapter = None  # test-time LoRA from the MLP input to its output (pgolf.ttt.lora)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.mlp_mult * cfg.model_dim)
@@ -162,7 +170,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         h = F.leaky_relu(h, 0.5) if self.leaky else torch.relu(h)
-        return self.proj(h.square())
+        out = self.proj(h.square())
+        return out if self.adapter is None else out + self.adapter(x)
 
 
 class Block(nn.Module):
@@ -256,6 +265,8 @@ class BigramHash(nn.Module):
 
 
 class GPT(nn.Module):
+    head_adapter = None  # test-time LoRA on the logits (pgolf.ttt.lora)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size <= 0:
@@ -359,6 +370,8 @@ class GPT(nn.Module):
         """Softcapped logits [B, T, V] in float32."""
         h = self.hidden(input_ids)
         z = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        if self.head_adapter is not None:  # test-time LoRA on the logits, before the softcap
+            z = z + self.head_adapter(h)
         cap = self.cfg.logit_softcap
         return (cap * torch.tanh(z / cap)).float()
 

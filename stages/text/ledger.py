@@ -34,7 +34,8 @@ class Ledger:
 
     def __init__(self, tokens: np.ndarray, sidecar: np.ndarray | None, luts: ByteLUTs, device: torch.device | str,
                  keep_losses: bool = False):
-        """keep_losses: also keep every target's loss (float64, 8 bytes a token), for tests and audits."""
+        """keep_losses: also keep every target's loss (float64, 8 bytes a token) and the number of the score()
+        call that recorded it (its place in the scoring order), for tests and audits."""
         self._tokens = np.asarray(tokens)  # modes see them only through score() and training_tokens()
         self.n_tokens = self._tokens.size
         if sidecar is not None and np.shape(sidecar) != self._tokens.shape:
@@ -47,6 +48,8 @@ class Ledger:
         self.lut_bytes = stream_lut_bytes(self._tokens, luts)
         self.recorded = np.zeros(self.n_tokens, dtype=bool)  # index p: target p (0 is never a target)
         self.losses = np.full(self.n_tokens, np.nan) if keep_losses else None
+        self.order = np.full(self.n_tokens, -1, dtype=np.int64) if keep_losses else None
+        self.calls = 0
         self.loss_sum, self.count, self.lut_sum, self.sidecar_sum = 0.0, 0, 0, 0
 
     # ---- scoring
@@ -82,6 +85,8 @@ class Ledger:
         self.recorded[targets] = True
         if self.losses is not None:
             self.losses[targets] = scored.cpu().numpy()
+            self.order[targets] = self.calls
+        self.calls += 1
         self.count += targets.size
         self.lut_sum += int(self.lut_bytes[targets].sum(dtype=np.int64))
         if self.sidecar is not None:

@@ -2,8 +2,9 @@
 test-time training, through the one scoring path.
 
 Each mode is a function (model, ledger, eval config, device, deadline) → what it did; the ledger holds
-the scores. `none` scores every window with the model as it is; `score_first` adapts on each chunk once
-it is scored. Every mode runs on the weights of the blob, never a checkpoint, and through the model's own
+the scores. `none` scores every window with the model as it is; `score_first` adapts the whole model on
+each chunk once it is scored; `lora` adapts per-document adapters on each chunk of a document once it is
+scored. Every mode runs on the weights of the blob, never a checkpoint, and through the model's own
 forward, so every model option is applied as in training. A mode this version cannot run is refused,
 never replaced by a score made without it.
 """
@@ -23,6 +24,7 @@ from pgolf.report.progress import Bar
 from pgolf.text.bpb import plan_windows
 from pgolf.text.evaluate import EvalData
 from pgolf.text.ledger import Ledger, batches_of
+from pgolf.ttt.lora import document_lora
 from pgolf.ttt.score_first import score_first
 
 
@@ -44,7 +46,7 @@ def no_adaptation(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.dev
 
 
 Mode = Callable[[GPT, Ledger, EvalConfig, torch.device, "float | None"], dict]
-MODES: dict[str, Mode] = {"none": no_adaptation, "score_first": score_first}
+MODES: dict[str, Mode] = {"none": no_adaptation, "score_first": score_first, "lora": document_lora}
 
 
 def check_ttt(cfg: EvalConfig) -> None:

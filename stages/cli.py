@@ -9,6 +9,7 @@ Stage modules are imported lazily so that `pgolf --help` stays fast.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -41,20 +42,21 @@ def _run(fn: Callable[[], Any]) -> None:
         raise typer.Exit(130) from None
 
 
-def _pipeline_outputs() -> set[Path]:
-    """The paths the DVC pipeline in the current directory writes (every stage's outs, metrics and plots)."""
+@functools.lru_cache(maxsize=None)
+def _pipeline_outputs(cwd: Path) -> frozenset[Path]:
+    """The paths the DVC pipeline in `cwd` writes (every stage's outs, metrics and plots); read once."""
     import yaml
 
     try:
-        stages = (yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {}
+        stages = (yaml.safe_load((cwd / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {}
     except (OSError, yaml.YAMLError, AttributeError):
-        return set()
+        return frozenset()
     owned = set()
     for spec in stages.values() if isinstance(stages, dict) else []:
         for key in ("outs", "metrics", "plots"):
             for item in (spec or {}).get(key) or []:
-                owned.add(Path(next(iter(item)) if isinstance(item, dict) else str(item)).resolve())
-    return owned
+                owned.add((cwd / (next(iter(item)) if isinstance(item, dict) else str(item))).resolve())
+    return frozenset(owned)
 
 
 def _output(given: Optional[Path], default: Path) -> Path:
@@ -64,7 +66,7 @@ def _output(given: Optional[Path], default: Path) -> Path:
     if given is not None:
         return given
     target = default.resolve()
-    if any(target == owned or owned in target.parents for owned in _pipeline_outputs()):
+    if any(target == owned or owned in target.parents for owned in _pipeline_outputs(Path.cwd())):
         instead = Path(default.name)
         typer.echo(f"pgolf: note: {default} is an output of the DVC pipeline here (dvc.yaml); writing {instead} "
                    "instead (name the path to choose)", err=True)

@@ -12,8 +12,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pgolf.config.sections import EvalConfig
-from pgolf.formats.blob import CHALLENGE_LIMIT, decode_payload, open_blob
+from pgolf.config.sections import CHALLENGE_LIMIT, EvalConfig
+from pgolf.formats.blob import decode_payload, open_blob
 from pgolf.formats.blob_model import model_config
 from pgolf.formats.dequant import dequantize
 from pgolf.formats.files import sha256_file

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pgolf.config.build import build
-from pgolf.config.sections import MIN_CHUNK_BYTES, PackConfig, QuantizeConfig
+from pgolf.config.sections import CHALLENGE_LIMIT, MIN_CHUNK_BYTES, PackConfig, QuantizeConfig
 from pgolf.errors import PgolfError
 from pgolf.formats import blob, codecs
 from pgolf.formats.blob_writer import _tensor_bytes, build_blob
@@ -53,7 +53,7 @@ def test_blob_roundtrip_bit_exact(tmp_path, codec):
     tensors, schema = stored_tensors()
     path = tmp_path / "model.pgolf"
     written = write_blob(path, tensors, header_fields(schema), codec)
-    header, back = blob.read_blob(path, blob.CHALLENGE_LIMIT)
+    header, back = blob.read_blob(path, CHALLENGE_LIMIT)
     assert header == json.loads(json.dumps(written))
     assert header["codec"] in codecs.CODECS and (codec == "auto" or header["codec"] == codec)
     assert list(back) == list(tensors)
@@ -97,14 +97,14 @@ def test_flipped_header_byte(good_blob):
     start, end = header_span(good_blob)
     flip(good_blob, (start + end) // 2)
     with pytest.raises(PgolfError, match=f"{good_blob}: header sha256 mismatch"):
-        blob.read_blob(good_blob, blob.CHALLENGE_LIMIT)
+        blob.read_blob(good_blob, CHALLENGE_LIMIT)
 
 
 def test_flipped_payload_byte(good_blob):
     _, end = header_span(good_blob)
     flip(good_blob, end + (good_blob.stat().st_size - end) // 2)
     with pytest.raises(PgolfError, match=f"{good_blob}: payload sha256 mismatch"):
-        blob.read_blob(good_blob, blob.CHALLENGE_LIMIT)
+        blob.read_blob(good_blob, CHALLENGE_LIMIT)
 
 
 def test_forged_header_still_caught(good_blob):
@@ -115,7 +115,7 @@ def test_forged_header_still_caught(good_blob):
 
     _rewrite_header(good_blob, drop_last_tensor)
     with pytest.raises(PgolfError, match=f"{good_blob}: payload does not decode.*expands beyond"):
-        blob.read_blob(good_blob, blob.CHALLENGE_LIMIT)
+        blob.read_blob(good_blob, CHALLENGE_LIMIT)
 
 
 @pytest.mark.parametrize("keep", [0, 10, blob.PREFIX.size + 5, -1])
@@ -123,24 +123,24 @@ def test_truncated_blob(good_blob, keep):
     data = good_blob.read_bytes()
     good_blob.write_bytes(data[:keep] if keep >= 0 else data[:-1])
     with pytest.raises(PgolfError, match=f"{good_blob}:.*(truncated|shorter)"):
-        blob.read_blob(good_blob, blob.CHALLENGE_LIMIT)
+        blob.read_blob(good_blob, CHALLENGE_LIMIT)
 
 
 def test_trailing_data(good_blob):
     good_blob.write_bytes(good_blob.read_bytes() + b"\0")
     with pytest.raises(PgolfError, match="trailing data"):
-        blob.read_blob(good_blob, blob.CHALLENGE_LIMIT)
+        blob.read_blob(good_blob, CHALLENGE_LIMIT)
 
 
 def test_wrong_magic(good_blob, tmp_path):
     data = good_blob.read_bytes()
     good_blob.write_bytes(b"NOTPGOLF" + data[8:])
     with pytest.raises(PgolfError, match=f"{good_blob}: bad magic"):
-        blob.read_blob(good_blob, blob.CHALLENGE_LIMIT)
+        blob.read_blob(good_blob, CHALLENGE_LIMIT)
     other = tmp_path / "random.bin"
     other.write_bytes(os.urandom(4096))
     with pytest.raises(PgolfError, match="bad magic"):
-        blob.read_blob(other, blob.CHALLENGE_LIMIT)
+        blob.read_blob(other, CHALLENGE_LIMIT)
 
 
 def test_unsupported_version(good_blob):
@@ -148,7 +148,7 @@ def test_unsupported_version(good_blob):
     struct.pack_into("<I", data, 8, blob.VERSION_CHUNKED + 1)
     good_blob.write_bytes(bytes(data))
     with pytest.raises(PgolfError, match="version"):
-        blob.read_blob(good_blob, blob.CHALLENGE_LIMIT)
+        blob.read_blob(good_blob, CHALLENGE_LIMIT)
 
 
 def test_oversize_blob(good_blob):
@@ -181,7 +181,7 @@ def _rewrite_header(path, mutate) -> None:
 def test_bad_tensor_table(good_blob, mutate, message):
     _rewrite_header(good_blob, mutate)
     with pytest.raises(PgolfError, match=message):
-        blob.read_blob(good_blob, blob.CHALLENGE_LIMIT)
+        blob.read_blob(good_blob, CHALLENGE_LIMIT)
 
 
 def test_decompression_bomb_refused(good_blob):
@@ -197,7 +197,7 @@ def test_decompression_bomb_refused(good_blob):
     _rewrite_header(good_blob, mutate)
     good_blob.write_bytes(good_blob.read_bytes() + bomb)
     with pytest.raises(PgolfError, match="expands beyond"):
-        blob.read_blob(good_blob, blob.CHALLENGE_LIMIT)
+        blob.read_blob(good_blob, CHALLENGE_LIMIT)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_chunked_blob_roundtrip_bit_exact(tmp_path, codec):
     assert len(chunks) == -(-written["payload"]["raw_bytes"] // MIN_CHUNK_BYTES) >= 3
     assert all(raw == MIN_CHUNK_BYTES for raw, _ in chunks[:-1])
     assert blob.PREFIX.unpack_from(path.read_bytes())[1] == blob.VERSION_CHUNKED
-    header, back = blob.read_blob(path, blob.CHALLENGE_LIMIT)
+    header, back = blob.read_blob(path, CHALLENGE_LIMIT)
     assert header == json.loads(json.dumps(written)) and list(back) == list(tensors)
     for name, t in tensors.items():
         assert _tensor_bytes(back[name]) == _tensor_bytes(t), name
@@ -256,7 +256,7 @@ def _rewrite(path, mutate, version=None, payload=None) -> None:
 def test_bad_chunk_table(chunked_blob, mutate, version, message):
     _rewrite(chunked_blob, mutate, version)
     with pytest.raises(PgolfError, match=message):
-        blob.read_blob(chunked_blob, blob.CHALLENGE_LIMIT)
+        blob.read_blob(chunked_blob, CHALLENGE_LIMIT)
 
 
 def test_chunk_that_decodes_to_another_size_is_refused(chunked_blob):
@@ -280,7 +280,7 @@ def test_chunk_that_decodes_to_another_size_is_refused(chunked_blob):
 
     _rewrite(chunked_blob, mutate, payload=payload)
     with pytest.raises(PgolfError, match="chunk 0|expands beyond"):
-        blob.read_blob(chunked_blob, blob.CHALLENGE_LIMIT)
+        blob.read_blob(chunked_blob, CHALLENGE_LIMIT)
 
 
 def test_chunk_bytes_below_the_minimum_is_refused():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pgolf.errors import PgolfError
-from pgolf.text import bpb, ledger
+from pgolf.text import ledger
 from pgolf.text.bpb import build_luts, lut_byte_counts, plan_windows, stream_lut_bytes
 from pgolf.formats.shards import load_val
 from pgolf.text.tokenizer import encode_with_bytes, load_tokenizer

@@ -124,7 +124,6 @@ def test_impossible_budget_is_a_clear_error_and_writes_nothing(trained):
 
 
 def test_budget_params_are_checked_and_group_bits_pin_tensors(trained, capsys):
-    root = trained["root"]
     for bad, match in ((dict(budget_bits="4,9"), "budget_bits"), (dict(budget_bits="x"), "budget_bits"),
                        (dict(lqer_top_k=2), "lqer_top_k=0"), (dict(budget=-5), "budget=-5")):
         with pytest.raises(PgolfError, match=match):

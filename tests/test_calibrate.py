@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgolf.errors import PgolfError
 from pgolf.formats.files import load_tensors
 from pgolf.calibrate import run
 from pgolf.config.sections import CalibrateConfig, ModelConfig, TrainConfig

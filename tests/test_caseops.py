@@ -12,7 +12,7 @@ import torch
 from conftest import VAL_DOCS, make_docs, tokenize_config, write_jsonl
 from typer.testing import CliRunner
 
-from pgolf.text import bpb, caseops, ledger
+from pgolf.text import caseops, ledger
 from pgolf import tokenize
 from pgolf.errors import PgolfError
 from pgolf.formats.files import read_json

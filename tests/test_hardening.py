@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -87,8 +86,8 @@ def test_a_killed_write_leaves_no_lasting_temp_file_and_outputs_get_normal_permi
     assert not dead.exists() and live.exists()
     umask = os.umask(0)
     os.umask(umask)
+    write_json(tmp_path / "m.json", {"a": 1})
     for out in (path, tmp_path / "m.json"):
-        write_json(tmp_path / "m.json", {"a": 1})
         assert (out.stat().st_mode & 0o777) == 0o666 & ~umask, out  # safetensors alone would make it 0600
 
 

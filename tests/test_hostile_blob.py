@@ -29,16 +29,16 @@ import torch
 
 from pgolf import pack, quantize, ttt_eval, verify
 from pgolf.audit import checks
-from pgolf.config.sections import (MIN_CHUNK_BYTES, EvalConfig, ModelConfig, PackConfig, QuantizeConfig,
-                                   VerifyConfig)
-from pgolf.errors import PgolfError, Rejected
+from pgolf.config.sections import (CHALLENGE_LIMIT, MIN_CHUNK_BYTES, EvalConfig, ModelConfig, PackConfig,
+                                   QuantizeConfig, VerifyConfig)
+from pgolf.errors import PgolfError
 from pgolf.formats import blob, blob_model, codecs
 from pgolf.formats.dequant import DTYPES, ENCODINGS, dequantize
 from pgolf.formats.files import read_json, save_tensors, sha256_bytes
 from pgolf.nn.model import GPT
 from test_verify import tokenize_into, write_corpus
 
-LIMIT = blob.CHALLENGE_LIMIT
+LIMIT = CHALLENGE_LIMIT
 EVAL = EvalConfig(seq_len=64, val_tokens=512, batch_seqs=8, device="cpu")
 GIB2 = 1 << 31
 MB = 1 << 20

@@ -10,11 +10,11 @@ import torch
 
 from conftest import assert_flat_metrics, assert_png
 from pgolf.config.build import build
-from pgolf.config.sections import PackConfig, QuantizeConfig
+from pgolf.config.sections import CHALLENGE_LIMIT, PackConfig, QuantizeConfig
 from pgolf.errors import PgolfError
 from pgolf.formats import dequant
 from pgolf.formats.files import save_tensors
-from pgolf.formats.blob import CHALLENGE_LIMIT
+from pgolf.formats.blob import read_capped
 from pgolf.formats.official_int8 import official_int8_state_dict, read_official_int8
 from pgolf.quant import grid
 from pgolf.quant.recipe import quantize_state_dict
@@ -25,7 +25,8 @@ def dequantize(tensors, schema):
 
 
 def official_int8_to_state_dict(path):
-    return official_int8_state_dict(read_official_int8(path, CHALLENGE_LIMIT), str(path))
+    return official_int8_state_dict(read_official_int8(read_capped(path, CHALLENGE_LIMIT), path, CHALLENGE_LIMIT),
+                                    str(path))
 
 
 def quantize_rtn_tensor(w, bits, clip="percentile", sdclip_k=12.85):

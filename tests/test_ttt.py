@@ -12,11 +12,11 @@ import torch
 
 from pgolf.config.sections import EvalConfig, ModelConfig
 from pgolf.nn.model import GPT
-from pgolf.text.bpb import ByteLUTs, plan_windows
+from pgolf.text.bpb import ByteLUTs, plan_windows, scored_targets
 from pgolf.text.ledger import ComplianceError, Ledger, batches_of
 from pgolf.ttt.lora import chunk_rounds, document_batches
 from pgolf.ttt.modes import MODES as ALL_MODES, no_adaptation
-from pgolf.ttt.score_first import adapted_parameters, chunk_windows, score_first
+from pgolf.ttt.score_first import adapted_parameters, chunk_windows
 
 VOCAB, BOS = 64, 1
 PLAIN = ModelConfig(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
@@ -95,7 +95,7 @@ def cheat_trains_then_scores(m: GPT, ledger: Ledger, cfg: EvalConfig, device, de
         m.eval()
         for batch in batches_of(chunk, cfg.batch_seqs):
             ledger.score(batch, m.logits)
-    return {"expected_targets": sum(w.end - w.start - w.first_scored for w in windows)}
+    return {"expected_targets": scored_targets(windows)}
 
 
 def earlier_losses_survive_a_future_change(mode, cfg: EvalConfig, position: int) -> bool:
@@ -131,7 +131,9 @@ def test_the_harness_catches_a_planted_cheat():
     ledger.score(windows[:2], model().logits)
     with pytest.raises(ComplianceError, match="scored a second time"):
         ledger.score(windows[1:3], model().logits)
-    assert ledger.training_tokens(0, 65).numel() == 65 and ledger.frontier() == 65
+    assert ledger.training_tokens(0, 65).numel() == 65  # targets 1..64: scored by the first two windows
+    with pytest.raises(ComplianceError, match="target 65"):
+        ledger.training_tokens(0, 66)
 
 
 @pytest.mark.parametrize("name, stride", [("score_first", 0), ("score_first", 8), ("lora", 0)])

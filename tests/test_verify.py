@@ -19,7 +19,8 @@ from pgolf import pack, quantize, tokenize, ttt_eval, verify
 from pgolf.errors import PgolfError, Rejected
 from pgolf.formats.files import read_json, save_tensors, sha256_file
 from pgolf.formats.blob import PREFIX
-from pgolf.config.sections import EvalConfig, ModelConfig, PackConfig, QuantizeConfig, TokenizeConfig, VerifyConfig
+from pgolf.config.sections import (CHALLENGE_LIMIT, EvalConfig, ModelConfig, PackConfig, QuantizeConfig, TokenizeConfig,
+                                   VerifyConfig)
 from pgolf.nn.model import GPT
 from pgolf.quant.grid import quantize_rtn_tensor
 
@@ -263,7 +264,7 @@ def test_pack_refuses_other_tokenizer(world, tmp_path):
 
 def test_blob_matches_quantizer(world):
     """What verify scored is what quantize produced: the blob's codes equal a direct 6-bit RTN."""
-    from pgolf.formats.blob import CHALLENGE_LIMIT, read_blob
+    from pgolf.formats.blob import read_blob
 
     _, tensors = read_blob(world["blob"], CHALLENGE_LIMIT)
     q, s, _ = quantize_rtn_tensor(world["state"]["blocks.1.mlp.fc.weight"], 6, "percentile", 99.99984, 12.85)

@@ -124,7 +124,7 @@ def pgolf_header(ctx: Context) -> str:
 
 @check("header", formats=(OFFICIAL,))
 def official_header(ctx: Context) -> str:
-    ctx.official = obj = read_official_int8(ctx.blob, ctx.cfg.limit)
+    ctx.official = obj = read_official_int8(ctx.raw, ctx.blob, ctx.cfg.limit)
     return f"{obj['__quant_format__']}: {len(obj['quantized'])} quantized, {len(obj['passthrough'])} kept"
 
 

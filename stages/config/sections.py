@@ -29,6 +29,7 @@ ATTN_BACKENDS = ("auto", "sdpa", "flex")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 MIN_BITS, MAX_BITS = 2, 8
 MIN_CHUNK_BYTES = 1 << 16
+CHALLENGE_LIMIT = 16_000_000  # bytes of code + compressed model a submission may have
 
 
 class ConfigError(PgolfError):
@@ -315,7 +316,7 @@ def budget_widths(cfg: QuantizeConfig) -> list[int]:
 @dataclass
 class PackConfig(Section):
     codec: str = param("auto", "auto (the smallest) | zlib | zstd | brotli | lzma", choices=("auto",) + CODECS)
-    limit: int = param(16_000_000, "the challenge's limit on model + code bytes", ge=1)
+    limit: int = param(CHALLENGE_LIMIT, "the challenge's limit on model + code bytes", ge=1)
     # Independent chunks compress in parallel (blob format version 2); bench/chunk_bench.py measures it.
     chunk_bytes: int = param(0, "compress the payload in chunks of N bytes, in parallel; 0: one stream", off=0,
                              ge=MIN_CHUNK_BYTES)
@@ -379,7 +380,7 @@ def lora_targets(cfg: EvalConfig) -> list[str]:
 @dataclass
 class VerifyConfig(Section):
     tolerance: float = param(0.002, "|measured − claimed| BPB allowed", ge=0)
-    limit: int = param(16_000_000, "the size limit the artifact is held to", ge=1)
+    limit: int = param(CHALLENGE_LIMIT, "the size limit the artifact is held to", ge=1)
 
 
 # params.yaml section name -> its config class, in pipeline order.

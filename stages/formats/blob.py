@@ -50,9 +50,8 @@ VERSION = 1  # one compressed stream
 VERSION_CHUNKED = 2  # independently compressed chunks
 PREFIX = struct.Struct("<8sII32s")  # magic, version, header length, header sha256
 
-# The challenge's limit on model + code bytes. pack and verify hold a blob to their configured limit
-# (pack.limit, verify.limit); ttt-eval, which has none, bounds its reading by this one.
-CHALLENGE_LIMIT = 16_000_000
+# Reading is bounded by a limit on model + code bytes: pack.limit and verify.limit, or the challenge's own
+# (config.sections.CHALLENGE_LIMIT) for ttt-eval, which has none.
 MAX_FILE_FACTOR = 4  # a file is read only up to 4× its limit: verify still reports one a little over as a size FAIL
 # Raw payload <= 16× the limit: records expand ~2.3× (6-bit codes held in int8), 2-bit codes ~5×; no
 # artifact within the limit needs gigabytes, so a header declaring them is refused before decoding.

@@ -16,18 +16,16 @@ import torch
 from pgolf.config.build import build_section
 from pgolf.config.sections import ModelConfig
 from pgolf.errors import PgolfError
-from pgolf.formats.blob import max_raw_bytes, read_capped
+from pgolf.formats.blob import max_raw_bytes
 from pgolf.formats.codecs import decompress
 from pgolf.formats.dequant import decode_entry, dtype_from_name
 
 FORMAT = "int8_clean_per_row_v1"
 
 
-def read_official_int8(path: str | Path, limit: int) -> dict[str, Any]:
-    """The validated dict inside a final_model.int8.ptz: zlib, then torch.load(weights_only=True); read
-    and decompressed within `limit`'s bounds, as a pgolf blob is (pgolf.formats.blob)."""
-    path = Path(path)
-    data = read_capped(path, limit)
+def read_official_int8(data: bytes, path: str | Path, limit: int) -> dict[str, Any]:
+    """The validated dict inside a final_model.int8.ptz's bytes (read with formats.blob.read_capped): zlib,
+    then torch.load(weights_only=True), decompressed within `limit`'s bounds as a pgolf blob is."""
     try:
         raw = decompress("zlib", data, max_raw_bytes(limit))
     except PgolfError as exc:

@@ -444,6 +444,14 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def scoring_logits(model: GPT, device: torch.device):
+    """x → model.logits(x) under the device's autocast: the function every scoring path hands the ledger."""
+    def logits_fn(x: torch.Tensor) -> torch.Tensor:
+        with autocast_for(device):
+            return model.logits(x)
+    return logits_fn
+
+
 def prepare_for_device(model: GPT, device: torch.device | str) -> GPT:
     """Reference precision: on CUDA the embedding lives in bf16 while linear weights and control
     tensors are fp32 masters (autocast runs matmuls in bf16); on CPU everything is fp32."""

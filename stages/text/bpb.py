@@ -108,6 +108,11 @@ def plan_windows(n_tokens: int, seq_len: int, stride: int, max_targets: int = 0)
     return windows
 
 
+def scored_targets(windows: list[Window]) -> int:
+    """How many targets the windows score."""
+    return sum(w.end - w.start - w.first_scored for w in windows)
+
+
 def _check_plan(windows: list[Window], seq_len: int, total: int) -> None:
     """Each target scored once: consecutive windows' scored ranges must tile 1..total, no gap or overlap."""
     next_target = 1

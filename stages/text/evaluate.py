@@ -19,7 +19,7 @@ from pgolf.config.sections import EvalConfig
 from pgolf.errors import PgolfError
 from pgolf.formats.files import read_json
 from pgolf.formats.shards import load_val
-from pgolf.nn.model import GPT, autocast_for
+from pgolf.nn.model import GPT, scoring_logits
 from pgolf.text import bpb, ledger
 from pgolf.text.tokenizer import load_tokenizer
 
@@ -57,14 +57,10 @@ def evaluate_model(model: GPT, data: EvalData, cfg: EvalConfig, progress: bool) 
     was_training = model.training
     model.eval()
 
-    def logits_fn(x: torch.Tensor) -> torch.Tensor:
-        with autocast_for(device):
-            return model.logits(x)
-
     try:
         with torch.inference_mode():
-            return ledger.score(logits_fn, data.tokens, data.sidecar, data.luts, seq_len=cfg.seq_len,
-                             stride=cfg.stride, val_tokens=cfg.val_tokens, batch_seqs=cfg.batch_seqs,
-                             device=device, progress=progress)
+            return ledger.score(scoring_logits(model, device), data.tokens, data.sidecar, data.luts,
+                                seq_len=cfg.seq_len, stride=cfg.stride, val_tokens=cfg.val_tokens,
+                                batch_seqs=cfg.batch_seqs, device=device, progress=progress)
     finally:
         model.train(was_training)

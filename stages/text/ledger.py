@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from pgolf.errors import PgolfError
 from pgolf.report.progress import Bar
-from pgolf.text.bpb import ByteLUTs, Window, bits_per_byte, plan_windows, stream_lut_bytes
+from pgolf.text.bpb import ByteLUTs, Window, bits_per_byte, plan_windows, scored_targets, stream_lut_bytes
 
 
 class ComplianceError(AssertionError):
@@ -94,11 +94,6 @@ class Ledger:
 
     # ---- what an update may see
 
-    def frontier(self) -> int:
-        """The first stream position whose target is not yet recorded (every target before it is)."""
-        pending = np.flatnonzero(~self.recorded[1:])
-        return int(pending[0]) + 1 if pending.size else self.n_tokens
-
     def training_tokens(self, start: int, end: int) -> torch.Tensor:
         """tokens[start:end] for an update, which trains on targets start+1..end-1: all must be recorded."""
         if not 0 <= start < end <= self.n_tokens:
@@ -168,10 +163,15 @@ def score(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray,
     """
     ledger = Ledger(tokens, sidecar, luts, device)
     windows = plan_windows(ledger.n_tokens, seq_len, stride, val_tokens)
+    score_windows(ledger, windows, logits_fn, batch_seqs, progress)
+    return {**ledger.result(scored_targets(windows)), "windows": len(windows), "seq_len": seq_len, "stride": stride}
+
+
+def score_windows(ledger: Ledger, windows: list[Window], logits_fn: Callable[[torch.Tensor], torch.Tensor],
+                  batch_seqs: int, progress: bool) -> None:
+    """Every window scored in batches of `batch_seqs`, the running BPB on the progress bar."""
     with Bar("scoring", len(windows), "windows", enabled=progress) as bar:
         for batch in batches_of(windows, batch_seqs):
             ledger.score(batch, logits_fn)
             running = ledger.running_bpb()
             bar.advance(len(batch), f"bpb {running:.4f} so far" if running is not None else None)
-    result = ledger.result(sum(w.end - w.start - w.first_scored for w in windows))
-    return {**result, "windows": len(windows), "seq_len": seq_len, "stride": stride}

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.config.sections import EvalConfig, lora_targets
-from pgolf.nn.model import GPT, autocast_for
+from pgolf.nn.model import GPT, autocast_for, scoring_logits
 from pgolf.report.progress import Bar
-from pgolf.text.bpb import Window
+from pgolf.text.bpb import Window, scored_targets
 from pgolf.text.ledger import Ledger
 
 
@@ -132,10 +132,7 @@ def document_lora(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.dev
         index = torch.tensor(rows, device=device)
         for ad in adapters:
             ad.rows = index
-
-    def logits_fn(x: torch.Tensor) -> torch.Tensor:
-        with autocast_for(device):
-            return model.logits(x)
+    logits_fn = scoring_logits(model, device)
 
     try:
         with Bar("ttt lora", len(batches), "document batches") as bar:
@@ -159,7 +156,7 @@ def document_lora(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.dev
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     steps += 1
-                    seen += sum(w.end - w.start - w.first_scored for _, w in learn)
+                    seen += scored_targets([w for _, w in learn])
                 bar.advance(1, f"bpb {ledger.running_bpb() or 0:.4f} so far, {steps} updates")
     finally:
         detach(model)

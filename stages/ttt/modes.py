@@ -19,11 +19,10 @@ import torch
 
 from pgolf.config.sections import EvalConfig, ModelConfig
 from pgolf.errors import PgolfError
-from pgolf.nn.model import GPT, autocast_for, build_model, resolve_device
-from pgolf.report.progress import Bar
-from pgolf.text.bpb import plan_windows
+from pgolf.nn.model import GPT, build_model, resolve_device, scoring_logits
+from pgolf.text.bpb import plan_windows, scored_targets
 from pgolf.text.evaluate import EvalData
-from pgolf.text.ledger import Ledger, batches_of
+from pgolf.text.ledger import Ledger, score_windows
 from pgolf.ttt.lora import document_lora
 from pgolf.ttt.score_first import score_first
 
@@ -32,17 +31,8 @@ def no_adaptation(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.dev
     """Every window scored by the model as it is."""
     windows = plan_windows(ledger.n_tokens, cfg.seq_len, cfg.stride, cfg.val_tokens)
     model.eval()
-
-    def logits_fn(x: torch.Tensor) -> torch.Tensor:
-        with autocast_for(device):
-            return model.logits(x)
-
-    with Bar("scoring", len(windows), "windows") as bar:
-        for batch in batches_of(windows, cfg.batch_seqs):
-            ledger.score(batch, logits_fn)
-            running = ledger.running_bpb()
-            bar.advance(len(batch), f"bpb {running:.4f} so far" if running is not None else None)
-    return {"expected_targets": sum(w.end - w.start - w.first_scored for w in windows), "windows": len(windows)}
+    score_windows(ledger, windows, scoring_logits(model, device), cfg.batch_seqs, progress=True)
+    return {"expected_targets": scored_targets(windows), "windows": len(windows)}
 
 
 Mode = Callable[[GPT, Ledger, EvalConfig, torch.device, "float | None"], dict]

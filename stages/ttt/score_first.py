@@ -16,26 +16,23 @@ import time
 import torch
 
 from pgolf.config.sections import EvalConfig
-from pgolf.nn.model import GPT, autocast_for
+from pgolf.nn.model import GPT, autocast_for, scoring_logits
 from pgolf.report.progress import Bar
-from pgolf.text.bpb import Window, plan_windows
+from pgolf.text.bpb import Window, plan_windows, scored_targets
 from pgolf.text.ledger import Ledger, batches_of
 
 
 def adapted_parameters(model: GPT, cfg: EvalConfig) -> list[torch.nn.Parameter]:
     """The parameters TTT updates; the others are frozen (requires_grad off)."""
-    keep = set()
-    for i, block in enumerate(model.blocks):
-        if i >= cfg.ttt_freeze_blocks:
-            keep.update(id(p) for p in (block.mlp if cfg.ttt_mlp_only else block).parameters())
-    if not cfg.ttt_mlp_only and cfg.ttt_freeze_blocks == 0:
-        keep = {id(p) for p in model.parameters()}
-    params = []
+    if cfg.ttt_freeze_blocks == 0 and not cfg.ttt_mlp_only:
+        adapted = model
+    else:
+        adapted = torch.nn.ModuleList(block.mlp if cfg.ttt_mlp_only else block
+                                      for block in model.blocks[cfg.ttt_freeze_blocks:])
+    keep = {id(p) for p in adapted.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
-        if id(p) in keep:
-            params.append(p)
-    return params
+    return [p for p in model.parameters() if id(p) in keep]
 
 
 def chunk_windows(windows: list[Window], chunk_tokens: int) -> list[list[Window]]:
@@ -83,10 +80,7 @@ def score_first(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.devic
     optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
     steps = seen = 0
     stopped_at = None
-
-    def logits_fn(x: torch.Tensor) -> torch.Tensor:
-        with autocast_for(device):
-            return model.logits(x)
+    logits_fn = scoring_logits(model, device)
 
     with Bar("ttt score_first", len(chunks), "chunks") as bar:
         for c, chunk in enumerate(chunks):
@@ -110,4 +104,4 @@ def score_first(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.devic
             steps, seen = steps + took, seen + saw
     model.eval()
     return {"chunks": len(chunks), "steps": steps, "tokens_adapted": seen, "adapted_params": sum(p.numel() for p in params),
-            "stopped_adapting_at_chunk": stopped_at, "expected_targets": sum(w.end - w.start - w.first_scored for w in windows)}
+            "stopped_adapting_at_chunk": stopped_at, "expected_targets": scored_targets(windows)}

@@ -4,8 +4,11 @@
 #   bash bench/gpu_ttt.sh train   # tokenize; train pr2071 for CAP (240) s; calibrate; quantize with the
 #                                 # preset's recipe (int6 GPTQ, SDClip, int7 embedding, LQER); pack; score (none)
 #   bash bench/gpu_ttt.sh eval    # the same blob: sliding windows (stride 64), score-first TTT
-#   MODES="lora" VAL_TOKENS=300000 bash bench/gpu_ttt.sh eval   # other modes (sliding score_first
-#                                 # score_first_sliding lora none), on the first N targets only
+#   MODES="lora phased" VAL_TOKENS=1000000 bash bench/gpu_ttt.sh eval   # other modes (none sliding
+#                                 # score_first score_first_sliding lora phased train_then_score), on the
+#                                 # first N targets only; EXTRA="--stride 0" adds options to every eval;
+#                                 # NPROC=2 runs the evals under torchrun on 2 GPUs
+#   PRESET=pr398 TOKARGS="--vocab-size 1024" EXTRA="--stride 0" bash bench/gpu_ttt.sh train   # PR #398's stack
 # `train` also returns the blob (in 15 MiB parts) and the validation data under $OUT, so that `eval` can run
 # on a fresh machine from them (carried as .ttt) if the first one was given back in between.
 #
@@ -33,7 +36,8 @@ TOK=$W/tok
 BLOB=$W/model.pgolf
 
 if [ "$STEP" = train ]; then
-  timed tokenize tokenize_corpus "$TOK" "${NP[@]}" --vocab-size 8192 --caseops --metrics "$R/tokenize_metrics.json"
+  # shellcheck disable=SC2086  # TOKARGS is a list of options
+  timed tokenize tokenize_corpus "$TOK" "${NP[@]}" ${TOKARGS:---vocab-size 8192 --caseops} --metrics "$R/tokenize_metrics.json"
   timed train $PG train --data "$TOK" --out "$W/ckpt.safetensors" "${NP[@]}" --max-wallclock-seconds "$CAP" \
     --set warmup_steps=3 --set log_every=50 --metrics "$R/train_metrics.json" --loss-log "$R/train_log.csv"
   timed calibrate $PG calibrate "$W/ckpt.safetensors" --data "$TOK" --out "$W/h.safetensors" "${NP[@]}" \
@@ -42,7 +46,8 @@ if [ "$STEP" = train ]; then
     --out "$W/q.safetensors" "${NP[@]}" --metrics "$R/quantize_metrics.json"
   timed pack $PG pack "$W/q.safetensors" --data "$TOK" --out "$BLOB" "${NP[@]}" --limit 1000000000 \
     --metrics "$R/pack_metrics.json"
-  timed eval_none $PG ttt-eval "$BLOB" --data "$TOK" "${NP[@]}" --metrics "$R/eval_none_metrics.json"
+  # shellcheck disable=SC2086
+  timed eval_none $PG ttt-eval "$BLOB" --data "$TOK" "${NP[@]}" ${EXTRA:-} --metrics "$R/eval_none_metrics.json"
   split -b 15M "$BLOB" "$OUT/blob.part-"  # back to this machine: the eval can run on a fresh one
   cp "$TOK"/fineweb_val_000000.bin "$TOK"/fineweb_val_bytes_000000.bin "$TOK"/tokenizer.model "$TOK"/manifest.json "$OUT/"
   exit 0
@@ -54,6 +59,11 @@ if [ ! -f "$BLOB" ]; then  # a fresh machine: the blob and the validation data c
   cat .ttt/blob.part-* > "$BLOB"
 fi
 SF=(--set ttt=score_first --set ttt_lr=0.005 --set ttt_chunk_tokens=32768 --set ttt_epochs=3)
+# phased: the record's settings (PR #1855: 3 pauses, global SGD lr 1e-3), with the pauses' document counts
+# scaled to this validation set (PREFIX_DOCS documents in all, 2,500 of 50,000 in the record)
+PH=(--set ttt=phased_lora --set ttt_phases=3 --set ttt_global_lr=0.001 --set "ttt_prefix_docs=${PREFIX_DOCS:-192}")
+LAUNCH=($PG)
+if [ "${NPROC:-1}" -gt 1 ]; then LAUNCH=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m pgolf.cli); fi
 for mode in ${MODES:-sliding score_first}; do
   case $mode in
     none) ARGS=() ;;
@@ -61,8 +71,13 @@ for mode in ${MODES:-sliding score_first}; do
     score_first) ARGS=("${SF[@]}") ;;
     score_first_sliding) ARGS=("${SF[@]}" --stride 64) ;;
     lora) ARGS=(--set ttt=lora) ;;  # the defaults: rank 80, α 144, chunks of 48, AdamW 1e-4, 64 documents
+    phased) ARGS=("${PH[@]}") ;;
+    # PR #398's protocol, flagged: 20 epochs over the validation tokens (SGD as score_first's), then scoring
+    train_then_score) ARGS=(--set ttt=train_then_score --set ttt_epochs=20 --set ttt_lr=0.005) ;;
   esac
-  timed "eval_$mode" $PG ttt-eval "$BLOB" --data "$TOK" "${NP[@]}" "${ARGS[@]}" --val-tokens "${VAL_TOKENS:-0}" \
-    --metrics "$R/eval_${mode}_metrics.json" 2>&1 | tee "$R/eval_$mode.log"
+  name="eval_${mode}${VAL_TOKENS:+_$VAL_TOKENS}${NPROC:+_np$NPROC}"
+  # shellcheck disable=SC2086
+  timed "$name" "${LAUNCH[@]}" ttt-eval "$BLOB" --data "$TOK" "${NP[@]}" "${ARGS[@]}" ${EXTRA:-} \
+    --val-tokens "${VAL_TOKENS:-0}" --metrics "$R/${name}_metrics.json" 2>&1 | grep -v "^\[rank" | tee "$R/$name.log"
 done
 echo done

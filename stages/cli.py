@@ -214,7 +214,9 @@ def pack(
     _run(go)
 
 
-@app.command("ttt-eval", epilog="Example: pgolf ttt-eval artifacts/model.pgolf --data data/tokenized --stride 64 --val-tokens 100000")
+@app.command("ttt-eval", epilog="Example: pgolf ttt-eval artifacts/model.pgolf --data data/tokenized --stride 64 "
+             "--val-tokens 100000; with test-time training add --set ttt=score_first (or lora, phased_lora); on 8 GPUs: "
+             "torchrun --standalone --nproc_per_node=8 -m pgolf.cli ttt-eval ...")
 def ttt_eval(
     blob: Path = typer.Argument(Path("artifacts/model.pgolf"), help="Blob from `pgolf pack`."),
     data: Path = typer.Option(Path("data/tokenized"), help="Tokenized data with the val shards (and byte sidecar)."),

@@ -8,7 +8,7 @@ import torch
 from pgolf.config.build import build
 from pgolf.config.presets import PRESETS
 from pgolf.config.resolve import STAGE_SECTIONS, resolve
-from pgolf.config.sections import SECTIONS, EvalConfig
+from pgolf.config.sections import SECTIONS, TTT_MODES, EvalConfig
 from pgolf.errors import PgolfError
 
 
@@ -50,13 +50,12 @@ def test_record_preset_has_the_records_dimensions():
     assert train.train_batch_tokens // (train.grad_accum_steps // 8) == 786_432  # one micro-step per GPU on 8
 
 
-def test_ttt_settings_are_recorded_but_refused_until_implemented():
-    from pgolf.ttt.modes import check_ttt
+def test_every_ttt_mode_runs_and_the_records_settings_are_its_phased_lora():
+    from pgolf.ttt.modes import MODES
 
+    assert set(MODES) == set(TTT_MODES)  # no mode a preset can name is left without an implementation
     cfg = resolve("ttt-eval", None, {"preset": "record"}).ttt_eval
-    assert cfg.ttt == "phased_lora" and cfg.ttt_lora_rank == 80
-    with pytest.raises(PgolfError, match="not implemented.*--set ttt=none"):
-        check_ttt(cfg)
-    check_ttt(replace(cfg, ttt="none"))
+    assert (cfg.ttt, cfg.ttt_lora_rank, cfg.ttt_prefix_docs, cfg.ttt_phases, cfg.ttt_global_lr) == \
+        ("phased_lora", 80, 2500, 3, 1e-3)
     with pytest.raises(PgolfError, match="ttt='slot' must be one of none, score_first, lora, phased_lora"):
         build(EvalConfig, [({"ttt": "slot"}, "params.yaml: ttt_eval")], "ttt_eval")

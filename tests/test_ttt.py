@@ -10,24 +10,30 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.config.sections import EvalConfig, ModelConfig
+from pgolf.config.sections import NONCOMPLIANT_TTT, EvalConfig, ModelConfig
 from pgolf.nn.model import GPT
 from pgolf.text.bpb import ByteLUTs, plan_windows, scored_targets
 from pgolf.text.ledger import ComplianceError, Ledger, batches_of
 from pgolf.ttt.lora import chunk_rounds, document_batches
 from pgolf.ttt.modes import MODES as ALL_MODES, no_adaptation
+from pgolf.ttt.phased import phase_segments
 from pgolf.ttt.score_first import adapted_parameters, chunk_windows
 
 VOCAB, BOS = 64, 1
 PLAIN = ModelConfig(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
 BASE = EvalConfig(seq_len=32, stride=0, batch_seqs=4, device="cpu")
 # Every registered TTT mode is held to the harness (a new one cannot skip it), each with small settings.
+LORA = dict(ttt_lora_lr=0.02, ttt_lora_chunk_tokens=8, ttt_lora_rank=4, ttt_lora_alpha=8.0, ttt_lora_batch_docs=3)
 SETTINGS = {"score_first": dict(ttt_lr=0.05, ttt_chunk_tokens=64, ttt_epochs=2, ttt_batch_seqs=2),
-            "lora": dict(ttt_lora_lr=0.02, ttt_lora_chunk_tokens=8, ttt_lora_rank=4, ttt_lora_alpha=8.0,
-                         ttt_lora_batch_docs=3)}
-MODES = {name: mode for name, mode in ALL_MODES.items() if name != "none"}
+            "lora": LORA,
+            # pauses after the batches where 3 and 6 documents are done; each global SGD trains on 2+ chunks
+            "phased_lora": dict(LORA, ttt_prefix_docs=6, ttt_phases=2, ttt_global_lr=0.05, ttt_chunk_tokens=48,
+                                ttt_batch_seqs=2)}
+# The compliant modes are held to the harness; the flagged one (train_then_score) must fail it.
+MODES = {name: mode for name, mode in ALL_MODES.items() if name != "none" and name not in NONCOMPLIANT_TTT}
 assert set(MODES) == set(SETTINGS), "a new TTT mode needs its settings here"
-PER_DOCUMENT = {"lora"}
+PER_DOCUMENT = {"lora", "phased_lora"}  # scored in each document's own windows
+ISOLATED = {"lora"}  # and nothing else learned from other documents (phased_lora's pauses do, by design)
 
 
 def cfg_for(name: str, **extra) -> EvalConfig:
@@ -122,6 +128,11 @@ def test_a_future_token_never_changes_an_earlier_loss(name):
 
 def test_the_harness_catches_a_planted_cheat():
     assert not earlier_losses_survive_a_future_change(cheat_trains_then_scores, cfg_for("score_first"), 150)
+    # and the flagged protocol: the harness sees it, and the ledger says why it is not a valid score
+    flagged = replace(cfg_for("score_first"), ttt="train_then_score")
+    assert not earlier_losses_survive_a_future_change(ALL_MODES["train_then_score"], flagged, 150)
+    ledger, _, info = run(ALL_MODES["train_then_score"], *stream(), flagged)
+    assert info["steps"] > 0 and ledger.violation == NONCOMPLIANT_TTT["train_then_score"]
     # and the ledger itself refuses the two shortcuts a mode could try through it
     tokens, sidecar = stream()
     ledger = Ledger(tokens, sidecar, luts(), "cpu")
@@ -136,7 +147,7 @@ def test_the_harness_catches_a_planted_cheat():
         ledger.training_tokens(0, 66)
 
 
-@pytest.mark.parametrize("name, stride", [("score_first", 0), ("score_first", 8), ("lora", 0)])
+@pytest.mark.parametrize("name, stride", [("score_first", 0), ("score_first", 8), ("lora", 0), ("phased_lora", 0)])
 def test_every_target_is_scored_once_with_the_sidecars_bytes(name, stride):
     tokens, sidecar = stream()
     ledger, result, info = run(MODES[name], tokens, sidecar, cfg_for(name, stride=stride))
@@ -149,7 +160,7 @@ def test_every_target_is_scored_once_with_the_sidecars_bytes(name, stride):
     assert info["steps"] > 0  # it did adapt
 
 
-@pytest.mark.parametrize("name", sorted(PER_DOCUMENT))
+@pytest.mark.parametrize("name", sorted(ISOLATED))
 def test_a_documents_losses_do_not_depend_on_the_documents_beside_it(name):
     tokens, sidecar = stream()
     cfg = cfg_for(name, ttt_lora_warm_a=False)  # warm A carries earlier batches' (scored) documents on purpose
@@ -171,7 +182,7 @@ def test_ttt_at_learning_rate_zero_is_plain_scoring(name, model_cfg):
     """The adapted forward is the model's own (every option applied), and lr 0 changes nothing."""
     tokens, sidecar = stream()
     plain = document_windows_plain if name in PER_DOCUMENT else no_adaptation
-    cfg = cfg_for(name, ttt_lr=0.0, ttt_lora_lr=0.0)
+    cfg = cfg_for(name, ttt_lr=0.0, ttt_lora_lr=0.0, ttt_global_lr=0.0)
     none, none_result, _ = run(plain, tokens, sidecar, cfg, model_cfg)
     ttt, result, _ = run(MODES[name], tokens, sidecar, cfg, model_cfg)
     assert np.array_equal(ttt.losses, none.losses, equal_nan=True) and result == none_result
@@ -180,7 +191,7 @@ def test_ttt_at_learning_rate_zero_is_plain_scoring(name, model_cfg):
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_adapting_lowers_the_loss(name):
     tokens, sidecar = stream(n=1025)
-    cfg = cfg_for(name, ttt_chunk_tokens=128, ttt_epochs=3, ttt_lr=0.1, ttt_lora_lr=0.05)
+    cfg = cfg_for(name, ttt_chunk_tokens=128, ttt_epochs=3, ttt_lr=0.1, ttt_lora_lr=0.05, ttt_global_lr=0.1)
     plain = document_windows_plain if name in PER_DOCUMENT else no_adaptation
     _, none, _ = run(plain, tokens, sidecar, cfg)
     _, adapted, info = run(MODES[name], tokens, sidecar, cfg)
@@ -217,3 +228,23 @@ def test_lora_leaves_the_model_as_it_found_it():
     document_lora(m, ledger, cfg_for("lora"), torch.device("cpu"), None)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the base stays frozen
     assert m.head_adapter is None and m.blocks[0].attn.c_q.adapter is None and all(p.requires_grad for p in m.parameters())
+
+
+def test_phased_pauses_fall_where_the_documents_done_reach_each_boundary():
+    batches = [[(0, 2)] * n for n in (3, 3, 3, 2)]  # 3, 6, 9, 11 documents done
+    assert phase_segments(batches, 6, 2) == [((0, 1), 3), ((1, 2), 6), ((2, 4), 0)]
+    assert phase_segments(batches, 7, 2) == [((0, 1), 3), ((1, 3), 7), ((3, 4), 0)]  # 3 and 7: reached at 9
+    assert phase_segments(batches, 11, 1) == [((0, 4), 0)]  # nothing left after the last batch: no pause
+    assert phase_segments(batches, 0, 3) == phase_segments(batches, 6, 0) == [((0, 4), 0)]
+
+
+def test_phased_lora_trains_the_base_model_on_documents_already_scored():
+    tokens, sidecar = stream()
+    cfg = cfg_for("phased_lora")
+    ledger, result, info = run(MODES["phased_lora"], tokens, sidecar, cfg)
+    assert [p["documents"] for p in info["phases"]] == [3, 6] and all(p["steps"] > 0 for p in info["phases"])
+    _, lora, _ = run(MODES["lora"], tokens, sidecar, cfg_for("lora"))
+    assert result["val_bpb"] != lora["val_bpb"]  # the pauses changed the model
+    # a pause trains only on what was scored before it: the documents of the batches before the pause
+    first_pause_calls = ledger.order[[a + 1 for batch in document_batches(ledger, BOS, cfg)[:1] for a, _ in batch]]
+    assert first_pause_calls.max() < ledger.order[1:].max()

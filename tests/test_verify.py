@@ -294,3 +294,65 @@ def test_verify_re_runs_the_claimed_ttt_mode(world, tmp_path):
     rep, passed = run_verify(world, claims=claims, cfg=VerifyConfig(tolerance=1e-6))
     assert passed and rep["eval"]["ttt"] == "score_first", rep["checks"]
     assert rep["measured"]["val_bpb"] == pytest.approx(report["val_bpb"], abs=1e-9)
+
+
+def test_verify_refuses_a_claim_made_with_train_then_score(world, tmp_path):
+    """PR #398's protocol runs when asked by name, says it is not a valid score, and verify refuses it."""
+    from pgolf.report.metrics import companion
+
+    cfg = replace(EVAL, ttt="train_then_score", ttt_lr=0.01, ttt_epochs=2, ttt_batch_seqs=4)
+    claims = tmp_path / "ttt_eval_metrics.json"
+    ttt_eval.run(world["blob"], world["data"], cfg, claims)
+    row, report = read_json(claims), read_json(companion(claims, "report", ".json"))
+    assert row["compliant"] is False and report["ttt"]["steps"] > 0
+    assert "before scoring" in report["ttt"]["noncompliance"]
+    rep, passed = run_verify(world, claims=claims, cfg=VerifyConfig(tolerance=1.0))  # any number: refused
+    assert not passed and status(rep)["ttt compliance"] == "FAIL" and status(rep)["bpb"] == "SKIP"
+
+
+def test_the_warm_up_changes_the_clock_not_the_score(world, tmp_path):
+    cfg = replace(EVAL, ttt="score_first", ttt_lr=0.01, ttt_chunk_tokens=256, ttt_epochs=1, ttt_batch_seqs=4)
+    results = {}
+    for warm in (True, False):
+        ttt_eval.run(world["blob"], world["data"], replace(cfg, warmup=warm), tmp_path / f"{warm}.json")
+        results[warm] = read_json(tmp_path / f"{warm}_report.json")
+    assert results[True]["val_bpb"] == results[False]["val_bpb"]
+    assert results[True]["eval_clock"]["warmup_seconds"] > 0 == results[False]["eval_clock"]["warmup_seconds"]
+
+
+@pytest.mark.slow
+def test_torchrun_ttt_eval_matches_one_process(world, tmp_path):
+    """Two ranks (gloo) share the windows, chunks or documents: the score equals one process's up to float
+    rounding, for plain sliding windows, score-first SGD (gradients summed across ranks) and phased LoRA."""
+    import subprocess
+    import sys
+
+    (tmp_path / "none.yaml").write_text("{}\n")
+    modes = {"none": ["--stride", "16"],
+             "score_first": ["--set", "ttt=score_first", "--set", "ttt_lr=0.02", "--set", "ttt_chunk_tokens=256",
+                             "--set", "ttt_epochs=2", "--set", "ttt_batch_seqs=3"],
+             # AdamW with β1 = 0 moves every entry by ±lr on its first step, whatever the gradient's size, so
+             # rounding-level differences in the pauses' SGD grow with the LoRA lr: the record's 1e-4 here
+             "phased_lora": ["--set", "ttt=phased_lora", "--set", "ttt_lora_rank=4", "--set", "ttt_lora_lr=0.0001",
+                             "--set", "ttt_lora_chunk_tokens=16", "--set", "ttt_lora_batch_docs=2",
+                             "--set", "ttt_lora_warm_a=false",  # warm A follows a rank's own batches
+                             "--set", "ttt_prefix_docs=4", "--set", "ttt_phases=2", "--set", "ttt_global_lr=0.02",
+                             "--set", "ttt_chunk_tokens=128", "--set", "ttt_batch_seqs=3"]}
+
+    def launch(prefix: list[str], name: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        cmd = prefix + ["-m", "pgolf.cli", "ttt-eval", str(world["blob"]), "--data", str(world["data"]), "--device",
+                        "cpu", "--seq-len", "64", "--params", str(tmp_path / "none.yaml"), "--metrics", str(out),
+                        *modes[name.split(".")[0]]]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+        return read_json(tmp_path / f"{name}_report.json")
+
+    for mode in modes:
+        one = launch([sys.executable], f"{mode}.one")
+        two = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], f"{mode}.two")
+        assert two["world_size"] == 2 and two["tokens_scored"] == one["tokens_scored"]
+        assert two["sidecar_bytes"] == one["sidecar_bytes"]
+        assert two["val_bpb"] == pytest.approx(one["val_bpb"], abs=1e-5), mode
+        if mode != "none":
+            assert one["ttt"]["steps"] > 0 and one["val_bpb"] != one["val_bpb_before_ttt"], mode
+    assert [p["documents"] for p in one["ttt"]["phases"]] == [2, 4]

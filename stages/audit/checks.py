@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from pgolf.config.sections import EvalConfig, ModelConfig, VerifyConfig
+from pgolf.config.sections import NONCOMPLIANT_TTT, EvalConfig, ModelConfig, VerifyConfig
 from pgolf.errors import PgolfError
 from pgolf.formats import blob as blobfmt
 from pgolf.formats.blob_model import model_config
@@ -230,8 +230,18 @@ def official_val_shards(ctx: Context) -> str:
 
 # ---- the score
 
-@check("bpb", formats=(OFFICIAL,), needs=("decode", "vocab"))
-@check("bpb", formats=(PGOLF,), needs=("decode", "vocab", "tokenizer", "val shards"))
+@check("ttt compliance")
+def ttt_compliance(ctx: Context) -> str:
+    """A claim made with a protocol that trains before it scores is refused outright: no re-run reproduces a
+    valid score from it."""
+    if ctx.eval_cfg.ttt in NONCOMPLIANT_TTT:
+        raise PgolfError(f"the claim was made with ttt={ctx.eval_cfg.ttt}: {NONCOMPLIANT_TTT[ctx.eval_cfg.ttt]}; "
+                         "not a valid score (re-score with a score-first mode, e.g. --set ttt=score_first)")
+    return f"ttt={ctx.eval_cfg.ttt}: scores every target before any update that sees it"
+
+
+@check("bpb", formats=(OFFICIAL,), needs=("decode", "vocab", "ttt compliance"))
+@check("bpb", formats=(PGOLF,), needs=("decode", "vocab", "tokenizer", "val shards", "ttt compliance"))
 def bpb(ctx: Context) -> str:
     ctx.measured = score_weights(ctx.state_dict, ctx.model_cfg, ctx.data, ctx.eval_cfg)
     got = float(ctx.measured["val_bpb"])

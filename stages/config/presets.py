@@ -35,7 +35,9 @@ _RECORD_QUANTIZE = {
     "method": "gptq", "bits": 6, "clip": "sdclip", "attn_k": 13.0, "mlp_k": 11.5, "embed_bits": 7, "embed_k": 14.0,
     "gptq_act_order": True, "lqer_top_k": 3, "lqer_rank": 4,
 }
-_RECORD_TTT = {  # phased LoRA TTT (PR #1855)
+# Phased LoRA TTT (PR #1855). Its global SGD takes 32 sequences per rank per step (256 on 8 GPUs); pgolf's
+# ttt_batch_seqs counts a step's sequences over all ranks, so the default 32 is one GPU's share.
+_RECORD_TTT = {
     "seq_len": 2048, "ttt": "phased_lora", "ttt_lora_rank": 80, "ttt_lora_alpha": 144.0, "ttt_lora_lr": 1e-4,
     "ttt_beta2": 0.99, "ttt_weight_decay": 0.5, "ttt_lora_chunk_tokens": 48, "ttt_prefix_docs": 2500, "ttt_phases": 3,
     "ttt_global_lr": 1e-3,

@@ -39,8 +39,14 @@ class Dist:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
-    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum `t` across ranks in place (a no-op for one process)."""
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max) `t` across ranks in place (a no-op for one process)."""
         if self.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t
+
+    def mine(self, items: list) -> list:
+        """This rank's share of a work list every rank built the same way: every world-th item from its rank
+        on. A deterministic queue (no shared counter, no files): a list sorted longest first stays balanced."""
+        return items[self.rank::self.world]
+

@@ -9,6 +9,10 @@ rejected whole families of submissions whose adaptation saw tokens before they w
 - a target is recorded at most once (a second attempt is an error), and the BPB sums come from nothing else;
 - training tokens are handed out only where every target they contain has already been recorded.
 Positions are those of the validation stream: target p is token p, predicted from tokens before p.
+
+Under torchrun every rank holds a ledger of the whole stream and scores its share of the windows; what
+the others scored becomes known at `publish` (a union of the records), and `result` sums the ranks'
+sums after checking that no target was scored on two ranks and that together they scored every one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.errors import PgolfError
+from pgolf.nn.distributed import Dist
 from pgolf.report.progress import Bar
 from pgolf.text.bpb import ByteLUTs, Window, bits_per_byte, plan_windows, scored_targets, stream_lut_bytes
 
@@ -33,9 +38,10 @@ class Ledger:
     """BPB sums over the validation stream, and which targets have been scored."""
 
     def __init__(self, tokens: np.ndarray, sidecar: np.ndarray | None, luts: ByteLUTs, device: torch.device | str,
-                 keep_losses: bool = False):
+                 keep_losses: bool = False, ranks: Dist | None = None):
         """keep_losses: also keep every target's loss (float64, 8 bytes a token) and the number of the score()
-        call that recorded it (its place in the scoring order), for tests and audits."""
+        call that recorded it (its place in the scoring order), for tests and audits. ranks: the torchrun
+        group this ledger is one rank's part of (None: one process)."""
         self._tokens = np.asarray(tokens)  # modes see them only through score() and training_tokens()
         self.n_tokens = self._tokens.size
         if sidecar is not None and np.shape(sidecar) != self._tokens.shape:
@@ -47,9 +53,13 @@ class Ledger:
         self.sidecar, self.device = sidecar, device
         self.lut_bytes = stream_lut_bytes(self._tokens, luts)
         self.recorded = np.zeros(self.n_tokens, dtype=bool)  # index p: target p (0 is never a target)
+        self.ranks = ranks if ranks is not None and ranks.enabled else None
+        # what this rank scored itself (`recorded` also holds what other ranks published)
+        self.scored_here = np.zeros(self.n_tokens, dtype=bool) if self.ranks else self.recorded
         self.losses = np.full(self.n_tokens, np.nan) if keep_losses else None
         self.order = np.full(self.n_tokens, -1, dtype=np.int64) if keep_losses else None
         self.calls = 0
+        self.violation: str | None = None  # why this evaluation is not a valid score (tokens_before_scoring)
         self.loss_sum, self.count, self.lut_sum, self.sidecar_sum = 0.0, 0, 0, 0
 
     # ---- scoring
@@ -57,8 +67,18 @@ class Ledger:
     def score(self, windows: list[Window], logits_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Score one batch of windows: inputs tokens[start:end] (right-padded to one length), targets the
         window's positions start+1+first_scored .. end, each recorded here and nowhere else."""
-        if not windows:
-            return
+        if windows:
+            with torch.inference_mode():
+                self._record(windows, logits_fn)
+
+    def score_for_update(self, windows: list[Window], logits_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Score as `score` does, with the graph kept: each window's mean loss over the targets just recorded.
+        An update on it trains on nothing but scored targets, and one forward serves both (PR #1530's loop)."""
+        nll, mask = self._record(windows, logits_fn)
+        return (nll * mask).sum(1) / mask.sum(1)
+
+    def _record(self, windows: list[Window], logits_fn: Callable[[torch.Tensor], torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         length = max(w.end - w.start for w in windows)
         x = np.zeros((len(windows), length), dtype=np.int64)
         y = np.zeros_like(x)
@@ -74,15 +94,15 @@ class Ledger:
         if self.recorded[targets].any() or np.unique(targets).size != targets.size:
             raise ComplianceError(f"a target scored a second time (batch of {len(windows)} windows from "
                                   f"position {windows[0].start})")
-        with torch.inference_mode():
-            logits = logits_fn(torch.from_numpy(x).to(self.device))
-            if tuple(logits.shape[:2]) != x.shape:
-                raise PgolfError(f"model returned logits of shape {tuple(logits.shape)} for inputs {x.shape}")
-            y_t, mask_t = torch.from_numpy(y).to(logits.device), torch.from_numpy(mask).to(logits.device)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y_t.flatten(), reduction="none").view(y_t.shape)
-            scored = nll.double()[mask_t]
-            self.loss_sum += float(scored.sum())
+        logits = logits_fn(torch.from_numpy(x).to(self.device))
+        if tuple(logits.shape[:2]) != x.shape:
+            raise PgolfError(f"model returned logits of shape {tuple(logits.shape)} for inputs {x.shape}")
+        y_t, mask_t = torch.from_numpy(y).to(logits.device), torch.from_numpy(mask).to(logits.device)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y_t.flatten(), reduction="none").view(y_t.shape)
+        scored = nll.detach().double()[mask_t]
+        self.loss_sum += float(scored.sum())
         self.recorded[targets] = True
+        self.scored_here[targets] = True
         if self.losses is not None:
             self.losses[targets] = scored.cpu().numpy()
             self.order[targets] = self.calls
@@ -91,6 +111,26 @@ class Ledger:
         self.lut_sum += int(self.lut_bytes[targets].sum(dtype=np.int64))
         if self.sidecar is not None:
             self.sidecar_sum += int(self.sidecar[targets].sum(dtype=np.int64))
+        return nll, mask_t
+
+    # ---- sharing the work between ranks
+
+    @property
+    def main(self) -> bool:
+        """The rank that reports (progress, messages): rank 0, or the only process."""
+        return self.ranks is None or self.ranks.main
+
+    def share(self, items: list) -> list:
+        """This rank's part of a work list (windows, batches, documents) that every rank built alike."""
+        return self.ranks.mine(items) if self.ranks else items
+
+    def publish(self, start: int = 0, end: int | None = None) -> None:
+        """Every rank learns which of targets start..end-1 any rank has recorded (a collective: all ranks call
+        it together), so an update on one rank may train on targets another scored."""
+        if self.ranks:
+            end = self.n_tokens if end is None else end
+            union = torch.from_numpy(self.recorded[start:end].astype(np.uint8)).to(self.ranks.device)
+            self.recorded[start:end] = self.ranks.all_reduce_(union, op="max").cpu().numpy().astype(bool)
 
     # ---- what an update may see
 
@@ -101,6 +141,14 @@ class Ledger:
         if not self.recorded[start + 1:end].all():
             first = start + 1 + int(np.flatnonzero(~self.recorded[start + 1:end])[0])
             raise ComplianceError(f"an update asked for target {first}, which has not been scored yet")
+        return torch.from_numpy(self._tokens[start:end].astype(np.int64))
+
+    def tokens_before_scoring(self, start: int, end: int, reason: str) -> torch.Tensor:
+        """tokens[start:end], scored or not, for a published protocol that trains before it scores, reproduced
+        only to be flagged: from here on this ledger's evaluation is non-compliant, for `reason`."""
+        if not 0 <= start < end <= self.n_tokens:
+            raise ComplianceError(f"training span [{start}, {end}) is outside the stream")
+        self.violation = reason
         return torch.from_numpy(self._tokens[start:end].astype(np.int64))
 
     def documents(self, bos_id: int) -> list[tuple[int, int]]:
@@ -121,6 +169,8 @@ class Ledger:
     def result(self, expected_targets: int | None = None) -> dict:
         """The BPB accounting (val_loss, tokens_scored, byte sums, val_bpb_*), after checking every planned target was scored."""
         want = expected_targets if expected_targets is not None else self.n_tokens - 1
+        if self.ranks:
+            self._merge_ranks()
         if self.count != want:
             raise ComplianceError(f"{self.count} targets scored, {want} planned")
         if not math.isfinite(self.loss_sum):
@@ -138,6 +188,17 @@ class Ledger:
         }
         out["val_bpb"] = out["val_bpb_sidecar"] if sidecar else out["val_bpb_lut"]
         return out
+
+    def _merge_ranks(self) -> None:
+        """The ranks' sums added up (in float64), after checking no target was scored on two ranks."""
+        times = torch.from_numpy(self.scored_here.astype(np.uint8)).to(self.ranks.device)
+        if int(self.ranks.all_reduce_(times).max()) > 1:
+            raise ComplianceError("a target was scored on two ranks")
+        sums = torch.tensor([self.loss_sum, self.count, self.lut_sum, self.sidecar_sum], dtype=torch.float64,
+                            device=self.ranks.device)
+        loss_sum, count, lut_sum, sidecar_sum = self.ranks.all_reduce_(sums).tolist()
+        self.loss_sum, self.count, self.lut_sum, self.sidecar_sum = loss_sum, int(count), int(lut_sum), int(sidecar_sum)
+        self.ranks = None  # merged: a second result() must not add the sums again
 
 
 def batches_of(windows: Iterable[Window], batch_seqs: int) -> list[list[Window]]:
@@ -169,9 +230,11 @@ def score(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray,
 
 def score_windows(ledger: Ledger, windows: list[Window], logits_fn: Callable[[torch.Tensor], torch.Tensor],
                   batch_seqs: int, progress: bool) -> None:
-    """Every window scored in batches of `batch_seqs`, the running BPB on the progress bar."""
-    with Bar("scoring", len(windows), "windows", enabled=progress) as bar:
-        for batch in batches_of(windows, batch_seqs):
+    """Every window scored in batches of `batch_seqs` (this rank's share of them), the running BPB on the
+    progress bar."""
+    mine = ledger.share(batches_of(windows, batch_seqs))
+    with Bar("scoring", sum(map(len, mine)), "windows", enabled=progress and ledger.main) as bar:
+        for batch in mine:
             ledger.score(batch, logits_fn)
             running = ledger.running_bpb()
             bar.advance(len(batch), f"bpb {running:.4f} so far" if running is not None else None)

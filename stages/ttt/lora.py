@@ -7,10 +7,12 @@ projections), O (attention input → attention output), MLP (MLP input → MLP o
 (logits, before the softcap); the base model stays frozen. A document is read in chunks of
 `ttt_lora_chunk_tokens` tokens, left to right: the chunk is scored (context: the document's own earlier
 tokens, at most seq_len), then — unless it is the document's last — the adapters take one AdamW step on
-the loss of that chunk (mean over its tokens, summed over documents, so no document's gradient touches
-another's adapter). At each new batch B is zeroed and the optimizer state reset; A is re-drawn, or kept
-warm (`ttt_lora_warm_a`), which carries what earlier, already-scored documents taught. Adapters hang on
-the model's own layers (pgolf.nn.model's adapter slots), so every model option applies as in training;
+the loss of that chunk, from the same forward (mean over its tokens, summed over documents, so no
+document's gradient touches another's adapter). At each new batch B is zeroed and the optimizer state
+reset; A is re-drawn, or kept warm (`ttt_lora_warm_a`), which carries what earlier, already-scored
+documents taught. Under torchrun each rank takes every world-th batch (a deterministic queue); with warm A
+the result then depends on the number of ranks, as the record's does. Adapters hang on the model's own
+layers (pgolf.nn.model's adapter slots), so every model option applies as in training;
 a looped layer shares its adapter across its passes.
 """
 
@@ -19,13 +21,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from pgolf.config.sections import EvalConfig, lora_targets
-from pgolf.nn.model import GPT, autocast_for, scoring_logits
+from pgolf.nn.model import GPT, scoring_logits
 from pgolf.report.progress import Bar
 from pgolf.text.bpb import Window, scored_targets
 from pgolf.text.ledger import Ledger
@@ -112,76 +113,93 @@ def chunk_rounds(batch: list[tuple[int, int]], cfg: EvalConfig) -> Iterator[tupl
         yield rows, [chunk_window(batch[i], k, chunk, cfg.seq_len) for i in rows], [i for i in rows if k < chunks[i] - 1]
 
 
+Segment = tuple[int, int]  # batches [first, last) adapted before the next pause (phased TTT's global SGD)
+Pause = Callable[[int], dict]  # after the segment ending at batch `last`: what it did
+
+
 def document_lora(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.device, deadline: float | None) -> dict:
     """Score every document chunk by chunk, adapting its own adapters in between; returns what it did."""
     batches = document_batches(ledger, model.cfg.bos_id, cfg)
+    return adapt_documents(model, ledger, cfg, device, deadline, batches, [(0, len(batches))], None)
+
+
+def adapt_documents(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.device, deadline: float | None,
+                    batches: list[list[tuple[int, int]]], segments: list[Segment], pause: Pause | None) -> dict:
+    """The per-document loop over `batches`, segment by segment (under torchrun each rank takes its share
+    of a segment's batches); between segments `pause(last)` may change the base model, and each segment
+    starts with fresh adapters. The base model is frozen while the adapters learn."""
     docs = [doc for batch in batches for doc in batch]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    # Windows here are a document's own, of every length: flex_attention's compiled kernels (what `auto`
-    # picks for gradients on CUDA) fail on short ones and would recompile for each; SDPA with the dense
-    # document mask computes the same attention for any length.
-    own_cfg, model.cfg = model.cfg, replace(model.cfg, attn_backend="sdpa")
-    adapters = attach(model, cfg, cfg.ttt_lora_batch_docs, device)
-    params = [t for ad in adapters for t in (ad.A, ad.B)]
+    mine = [ledger.share(list(range(first, last))) for first, last in segments]
+    own_cfg = model.cfg
     steps = seen = 0
     stopped_at = None
+    pauses: list[dict] = []
+    adapters: list[BatchedLoRA] = []
+
+    with Bar("ttt " + cfg.ttt, sum(map(len, mine)), "document batches", enabled=ledger.main) as bar:
+        for k, indices in enumerate(mine):
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.eval()
+            # A window here holds one document's tokens and no BOS after its first (the next document's BOS
+            # is only ever a target), so the document mask is the causal mask: plain causal attention (SDPA's
+            # flash kernel on CUDA, any length, no mask built) computes the same thing.
+            model.cfg = replace(own_cfg, doc_mask=False)
+            adapters = attach(model, cfg, cfg.ttt_lora_batch_docs, device)
+            try:
+                for j, n in enumerate(indices):
+                    took, saw, late = adapt_batch(model, ledger, cfg, device, deadline, adapters, batches[n],
+                                                  redraw=j == 0 or not cfg.ttt_lora_warm_a)
+                    steps, seen = steps + took, seen + saw
+                    stopped_at = n if late and stopped_at is None else stopped_at
+                    bar.advance(1, f"bpb {ledger.running_bpb() or 0:.4f} so far, {steps} updates")
+            finally:
+                detach(model)
+                model.cfg = own_cfg
+                for p in model.parameters():
+                    p.requires_grad_(True)
+            if pause is not None and k < len(segments) - 1:
+                pauses.append(pause(segments[k][1]))
+    model.eval()
+    return {"documents": len(docs), "batches": len(batches), "steps": steps, "tokens_adapted": seen,
+            "adapter_params_per_document": sum(ad.A[0].numel() + ad.B[0].numel() for ad in adapters),
+            "stopped_adapting_at_batch": stopped_at, "expected_targets": sum(b - a - 1 for a, b in docs),
+            **({"phases": pauses} if pause is not None else {})}
+
+
+def adapt_batch(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.device, deadline: float | None,
+                adapters: list[BatchedLoRA], batch: list[tuple[int, int]], redraw: bool) -> tuple[int, int, bool]:
+    """One batch of documents, chunk round by chunk round: score, then one AdamW step of the adapters on the
+    chunk just scored (unless it is a document's last). B is zeroed first and, with `redraw`, A re-drawn
+    per document. Returns (steps, tokens adapted on, whether the deadline stopped the adapting)."""
+    for site, ad in enumerate(adapters):
+        ad.reset([a * len(adapters) + site for a, _ in batch] if redraw else None)
+    params = [t for ad in adapters for t in (ad.A, ad.B)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.ttt_lora_lr, betas=(0.0, cfg.ttt_beta2), eps=1e-10,
+                                  weight_decay=cfg.ttt_weight_decay)
+    logits_fn = scoring_logits(model, device)
+    steps = seen = 0
+    late = False
 
     def use(rows: list[int]) -> None:
         index = torch.tensor(rows, device=device)
         for ad in adapters:
             ad.rows = index
-    logits_fn = scoring_logits(model, device)
 
-    try:
-        with Bar("ttt lora", len(batches), "document batches") as bar:
-            for n, batch in enumerate(batches):
-                redraw = not cfg.ttt_lora_warm_a or n == 0
-                for site, ad in enumerate(adapters):
-                    ad.reset([a * len(adapters) + site for a, _ in batch] if redraw else None)
-                optimizer = torch.optim.AdamW(params, lr=cfg.ttt_lora_lr, betas=(0.0, cfg.ttt_beta2), eps=1e-10,
-                                              weight_decay=cfg.ttt_weight_decay)
-                for rows, windows, learning in chunk_rounds(batch, cfg):
-                    use(rows)
-                    ledger.score(windows, logits_fn)
-                    learn = [(i, w) for i, w in zip(rows, windows) if i in learning]
-                    if not learn or (deadline is not None and time.perf_counter() > deadline):
-                        if learn and stopped_at is None:
-                            stopped_at = n
-                        continue
-                    use([i for i, _ in learn])
-                    loss = chunk_loss(model, ledger, [w for _, w in learn], device)
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    steps += 1
-                    seen += scored_targets([w for _, w in learn])
-                bar.advance(1, f"bpb {ledger.running_bpb() or 0:.4f} so far, {steps} updates")
-    finally:
-        detach(model)
-        model.cfg = own_cfg
-        for p in model.parameters():
-            p.requires_grad_(True)
-    return {"documents": len(docs), "batches": len(batches), "steps": steps, "tokens_adapted": seen,
-            "adapter_params_per_document": sum(ad.A[0].numel() + ad.B[0].numel() for ad in adapters),
-            "stopped_adapting_at_batch": stopped_at, "expected_targets": sum(b - a - 1 for a, b in docs)}
-
-
-def chunk_loss(model: GPT, ledger: Ledger, windows: list[Window], device: torch.device) -> torch.Tensor:
-    """Σ over documents of the mean loss of each window's scored targets — tokens the ledger hands out only
-    because those targets are already recorded."""
-    length = max(w.end - w.start for w in windows)
-    x = torch.zeros(len(windows), length, dtype=torch.long)
-    y = torch.zeros_like(x)
-    weight = torch.zeros(len(windows), length)
-    for row, w in enumerate(windows):
-        tokens = ledger.training_tokens(w.start, w.end + 1)
-        n = w.end - w.start
-        x[row, :n], y[row, :n] = tokens[:-1], tokens[1:]
-        weight[row, w.first_scored:n] = 1.0 / (n - w.first_scored)
-    x, y, weight = x.to(device), y.to(device), weight.to(device)
-    with autocast_for(device):
-        logits = model.logits(x)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
-    return (nll * weight).sum()
+    for rows, windows, learning in chunk_rounds(batch, cfg):
+        use(rows)
+        if learning and deadline is not None and time.perf_counter() > deadline:
+            late, learning = True, []
+        if not learning:
+            ledger.score(windows, logits_fn)
+            continue
+        # one forward: the chunk is scored (recorded) first, then its loss, mean per document and summed
+        # over documents (no document's gradient reaches another's adapter), makes the update
+        row_losses = ledger.score_for_update(windows, logits_fn)
+        learn = [k for k, i in enumerate(rows) if i in learning]
+        row_losses[learn].sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        seen += scored_targets([windows[k] for k in learn])
+    return steps, seen, late

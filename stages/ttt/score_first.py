@@ -16,6 +16,7 @@ import time
 import torch
 
 from pgolf.config.sections import EvalConfig
+from pgolf.nn.distributed import Dist
 from pgolf.nn.model import GPT, autocast_for, scoring_logits
 from pgolf.report.progress import Bar
 from pgolf.text.bpb import Window, plan_windows, scored_targets
@@ -45,30 +46,49 @@ def chunk_windows(windows: list[Window], chunk_tokens: int) -> list[list[Window]
 
 
 def train_on(model: GPT, tokens: torch.Tensor, cfg: EvalConfig, optimizer: torch.optim.Optimizer,
-             device: torch.device, steps_left: int | None) -> tuple[int, int]:
-    """`ttt_epochs` passes over `tokens` cut into sequences of seq_len targets; (steps taken, tokens seen)."""
+             device: torch.device, steps_left: int | None, epochs: int, ranks: Dist | None = None) -> tuple[int, int]:
+    """`epochs` passes over `tokens` cut into sequences of seq_len targets; (steps taken, tokens seen).
+    Under torchrun each batch's sequences are split between the ranks and the gradients summed, weighted so
+    that every step is the one a single process would take on the whole batch (up to float rounding)."""
     pieces = [tokens[i:i + cfg.seq_len + 1] for i in range(0, tokens.numel() - 1, cfg.seq_len)]
     full = [p for p in pieces if p.numel() == cfg.seq_len + 1]
     batches = [torch.stack(full[i:i + cfg.ttt_batch_seqs]) for i in range(0, len(full), cfg.ttt_batch_seqs)]
     batches += [p[None] for p in pieces if 1 < p.numel() < cfg.seq_len + 1]  # the chunk's tail, alone
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    rank, world = (ranks.rank, ranks.world) if ranks is not None and ranks.enabled else (0, 1)
     steps = seen = 0
     model.train()
-    for _ in range(cfg.ttt_epochs):
+    for _ in range(epochs):
         for batch in batches:
             if steps_left is not None and steps >= steps_left:
                 return steps, seen
-            batch = batch.to(device)
-            with autocast_for(device):
-                loss = model(batch[:, :-1], batch[:, 1:])
-            loss.backward()
+            mine = batch[rank::world].to(device)
+            if len(mine):
+                with autocast_for(device):
+                    loss = model(mine[:, :-1], mine[:, 1:])
+                (loss * (len(mine) / len(batch))).backward()  # rows are equally long: the batch mean's share
+            if world > 1:
+                for p in params:
+                    p.grad = ranks.all_reduce_(p.grad if p.grad is not None else torch.zeros_like(p))
             if cfg.ttt_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               cfg.ttt_grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
             seen += batch[:, 1:].numel()
     return steps, seen
+
+
+def past(deadline: float | None, ranks: Dist | None) -> bool:
+    """Whether the adaptation budget is spent: on every rank alike (any rank past it), so none waits alone
+    in a collective the others skipped."""
+    late = deadline is not None and time.perf_counter() > deadline
+    return ranks.any(late) if ranks is not None else late
+
+
+def cosine(peak: float, c: int, chunks: int) -> float:
+    """η·½(1 + cos(π·c/(C−1))) for chunk c of C (PR #549's schedule over chunks)."""
+    return peak * 0.5 * (1 + math.cos(math.pi * c / max(chunks - 1, 1)))
 
 
 def score_first(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.device, deadline: float | None) -> dict:
@@ -82,25 +102,27 @@ def score_first(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.devic
     stopped_at = None
     logits_fn = scoring_logits(model, device)
 
-    with Bar("ttt score_first", len(chunks), "chunks") as bar:
+    with Bar("ttt score_first", len(chunks), "chunks", enabled=ledger.main) as bar:
         for c, chunk in enumerate(chunks):
             model.eval()
-            for batch in batches_of(chunk, cfg.batch_seqs):
+            for batch in ledger.share(batches_of(chunk, cfg.batch_seqs)):
                 ledger.score(batch, logits_fn)
+            if chunk:  # what the other ranks scored of this chunk, before anyone trains on it
+                ledger.publish(min(w.start + 1 + w.first_scored for w in chunk), max(w.end for w in chunk) + 1)
             bar.advance(1, f"bpb {ledger.running_bpb() or 0:.4f} so far, {steps} updates")
             if c == len(chunks) - 1 or cfg.ttt_lr == 0 or not params:
                 continue
-            if deadline is not None and time.perf_counter() > deadline:
+            if past(deadline, ledger.ranks):
                 stopped_at = stopped_at if stopped_at is not None else c
                 continue
             if cfg.ttt_max_steps and steps >= cfg.ttt_max_steps:
                 continue
             for group in optimizer.param_groups:
-                group["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 1, 1)))
+                group["lr"] = cosine(cfg.ttt_lr, c, len(chunks))
             end = min((c + 1) * cfg.ttt_chunk_tokens, windows[-1].end) + 1
             tokens = ledger.training_tokens(c * cfg.ttt_chunk_tokens, end)
             left = cfg.ttt_max_steps - steps if cfg.ttt_max_steps else None
-            took, saw = train_on(model, tokens, cfg, optimizer, device, left)
+            took, saw = train_on(model, tokens, cfg, optimizer, device, left, cfg.ttt_epochs, ledger.ranks)
             steps, seen = steps + took, seen + saw
     model.eval()
     return {"chunks": len(chunks), "steps": steps, "tokens_adapted": seen, "adapted_params": sum(p.numel() for p in params),

@@ -238,27 +238,37 @@ def ttt_eval(
     _run(go)
 
 
-@app.command(epilog="Example: pgolf verify someone.pgolf --data data/tokenized --claim 1.2244 --val-tokens 200000")
+@app.command(epilog="Example: pgolf verify someone.pgolf --data data/tokenized --claim 1.2244 --val-tokens 200000; "
+             "a submission's logs alone: pgolf verify --data data/tokenized --claims train_seed42.log --claims "
+             "train_seed0.log --claims submission.json")
 def verify(
-    blob: Path = typer.Argument(..., help="A pgolf blob, or the challenge baseline's final_model.int8.ptz."),
+    blob: Optional[Path] = typer.Argument(None, help="A pgolf blob, or the challenge baseline's final_model.int8.ptz "
+                                          "(leave out to audit --claims alone)."),
     data: Path = typer.Option(Path("data/tokenized"), help="Tokenized data with the tokenizer and val shards the blob claims."),
     claim: Optional[float] = typer.Option(None, help="Claimed val BPB to check."),
-    claims: Optional[Path] = typer.Option(None, help="JSON with the claim: {\"val_bpb\": ...} (e.g. ttt_eval_metrics.json)."),
+    claims: Optional[list[Path]] = typer.Option(None, help="The claim: pgolf's ttt_eval_metrics.json, or a challenge "
+                                                "submission's training logs and/or submission.json (repeat for "
+                                                "several seeds)."),
     limit: Optional[int] = typer.Option(None, help="Size limit in bytes (default 16,000,000)."),
     val_tokens: Optional[int] = typer.Option(None, help="Re-score only the first N val tokens; 0 = all."),
     fmt: str = typer.Option("auto", "--format", help="auto | pgolf | official-int8."),
     report: Optional[Path] = typer.Option(None, help="Metrics row JSON; the check table goes to *_report.json beside "
                                           "it [default: artifacts/verify_metrics.json]."),
+    markdown: Optional[Path] = typer.Option(None, help="Also write a review summary (each check, its evidence, the "
+                                            "verdict) as Markdown, to paste into a pull request."),
+    expect_manifest: Optional[Path] = typer.Option(None, help="Known-good validation file digests (JSON: file name → "
+                                                   "sha256 or MD5 hex) the data must match."),
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
 ) -> None:
-    """Re-evaluate someone's artifact: integrity, size, data match, BPB against the claim. Exit 1 on any failed check."""
+    """Re-evaluate someone's artifact: integrity, size, data match, BPB against the claim; audit a submission's
+    logs (claimed size, byte denominator). Exit 1 on any failed check."""
     def go() -> None:
         from pgolf import verify as stage
 
         p = _params("verify", params, sets, {"verify.limit": limit, "ttt_eval.val_tokens": val_tokens})
         stage.run(blob, data, p.verify, p.ttt_eval, p.from_command_line("ttt_eval"), claim, claims, fmt,
-                  _output(report, Path("artifacts/verify_metrics.json")))
+                  _output(report, Path("artifacts/verify_metrics.json")), markdown, expect_manifest)
     _run(go)
 
 

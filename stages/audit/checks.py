@@ -9,12 +9,16 @@ Nothing from the file is executed: pgolf blobs are JSON + raw bytes, and the cha
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from pgolf.audit import identity, model_checks
+from pgolf.audit.challenge_claims import Claims
+from pgolf.audit.denominator import audit_run
 from pgolf.config.sections import NONCOMPLIANT_TTT, EvalConfig, ModelConfig, VerifyConfig
 from pgolf.errors import PgolfError
 from pgolf.formats import blob as blobfmt
@@ -25,17 +29,21 @@ from pgolf.formats.dequant import dequantize
 from pgolf.formats.files import sha256_file
 from pgolf.formats.official_int8 import infer_baseline_config, official_int8_state_dict, read_official_int8
 from pgolf.formats.shards import shard_paths
+from pgolf.nn.model import GPT, build_model, resolve_device
+from pgolf.text.evaluate import EvalData
 from pgolf.ttt.modes import score_weights
 
 PGOLF, OFFICIAL = "pgolf", "official-int8"
 FORMATS = (PGOLF, OFFICIAL)
+NO_BLOB = "claims only"  # no artifact given: the claims' arithmetic against the data
+ANY = FORMATS + (NO_BLOB,)
 
 
 @dataclass
 class Context:
     """What the checks read, and what earlier checks found for later ones."""
 
-    blob: Path
+    blob: Path | None
     data: Path
     raw: bytes  # the whole file, read within verify.limit's bounds (pgolf.formats.blob.read_capped)
     fmt: str
@@ -51,6 +59,15 @@ class Context:
     model_cfg: ModelConfig | None = None
     sizes: dict | None = None
     measured: dict | None = None
+    challenge: Claims | None = None  # a submission's logs / submission.json, every run they claim
+    model: GPT | None = None  # the decoded weights, built once for the model-level checks
+    expected: dict | None = None  # a known-good list of validation file digests (--expect-manifest)
+    eval_data: EvalData | None = None  # the validation tokens and bytes, loaded once
+
+    def val(self) -> EvalData:
+        if self.eval_data is None:
+            self.eval_data = EvalData.load(self.data)
+        return self.eval_data
 
 
 @dataclass
@@ -70,15 +87,17 @@ class Check:
     run: Callable[[Context], str]
     formats: tuple[str, ...] = FORMATS
     needs: tuple[str, ...] = field(default=())
+    only_if: Callable[[Context], bool] | None = None  # otherwise not a row at all (e.g. no submission logs given)
 
 
 CHECKS: list[Check] = []
 
 
-def check(name: str, *, formats: tuple[str, ...] = FORMATS, needs: tuple[str, ...] = ()):
+def check(name: str, *, formats: tuple[str, ...] = FORMATS, needs: tuple[str, ...] = (),
+          only_if: Callable[[Context], bool] | None = None):
     """Register a check (decorator); stacked, one function serves several formats with different needs."""
     def register(fn: Callable[[Context], str]) -> Callable[[Context], str]:
-        CHECKS.append(Check(name, fn, formats, needs))
+        CHECKS.append(Check(name, fn, formats, needs, only_if))
         return fn
     return register
 
@@ -95,7 +114,7 @@ def detect_format(data: bytes) -> str:
 def run_checks(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     for spec in CHECKS:
-        if ctx.fmt not in spec.formats:
+        if ctx.fmt not in spec.formats or (spec.only_if is not None and not spec.only_if(ctx)):
             continue
         blocked = [r.name for r in rows if r.name in spec.needs and r.status != "PASS"]
         if blocked:
@@ -226,6 +245,111 @@ def val_shards(ctx: Context) -> str:
 @check("val shards", formats=(OFFICIAL,))
 def official_val_shards(ctx: Context) -> str:
     raise Skip("the official int8 format records no val shard hashes")
+
+
+# ---- the validation files, whatever was given
+
+@check("val identity", formats=ANY)
+def val_identity(ctx: Context) -> str:
+    """The scored files' sha256 and MD5 (against --expect-manifest when given) and the kind of text."""
+    found = identity.digests(ctx.data, ctx.manifest)
+    kind = identity.text_kind(ctx.data, ctx.manifest)
+    listed = "; ".join(f"{name} sha256 {d['sha256'][:16]}… md5 {d['md5']}" for name, d in found.items())
+    if ctx.expected is not None:
+        problems = identity.compare(found, ctx.expected)
+        if problems:
+            raise PgolfError(f"not the expected validation files: {'; '.join(problems)}")
+        listed += f"; all {len(ctx.expected)} expected digests match"
+    return f"{kind}; {listed}"
+
+
+# ---- the model the artifact computes (pgolf.audit.model_checks), on a few hundred validation tokens
+
+def built(ctx: Context) -> tuple[GPT, torch.device]:
+    device = torch.device(resolve_device(ctx.eval_cfg.device))
+    if ctx.model is None:
+        ctx.model = build_model(ctx.model_cfg, ctx.state_dict, device).eval()
+    return ctx.model, device
+
+
+@check("causality", needs=("decode", "vocab"))
+def causality(ctx: Context) -> str:
+    model, device = built(ctx)
+    return model_checks.causality(model, model_checks.sample(ctx.val()), device)
+
+
+@check("document isolation", needs=("decode", "vocab"))
+def document_isolation(ctx: Context) -> str:
+    model, device = built(ctx)
+    if not model.cfg.doc_mask:
+        raise Skip("the model attends across documents by design (doc_mask off), as the challenge's baseline does")
+    return model_checks.document_isolation(model, model_checks.sample(ctx.val()), device)
+
+
+@check("normalised distribution", needs=("decode", "vocab"))
+def normalised_distribution(ctx: Context) -> str:
+    model, device = built(ctx)
+    return model_checks.normalised(model, model_checks.sample(ctx.val()), ctx.val(), device)
+
+
+@check("deterministic decode", formats=(PGOLF,), needs=("decode",))
+def deterministic_decode(ctx: Context) -> str:
+    again = dequantize(blobfmt.decode_payload(ctx.header, ctx.payload, ctx.blob), ctx.header["schema"], str(ctx.blob))
+    return model_checks.same_weights(ctx.state_dict, again)
+
+
+@check("deterministic decode", formats=(OFFICIAL,), needs=("decode",))
+def official_deterministic_decode(ctx: Context) -> str:
+    return model_checks.same_weights(ctx.state_dict, official_int8_state_dict(ctx.official, str(ctx.blob)))
+
+
+# ---- what a submission's own files claim (logs, submission.json)
+
+def from_submission(ctx: Context) -> bool:
+    return ctx.challenge is not None
+
+
+@check("claims agree", formats=ANY, only_if=lambda ctx: from_submission(ctx) and bool(ctx.challenge.stated))
+def claims_agree(ctx: Context) -> str:
+    """submission.json's stated mean against the mean of the runs its logs (or seed_results) report."""
+    if ctx.challenge is None or not ctx.challenge.stated or ctx.challenge.runs == ctx.challenge.stated:
+        raise Skip("needs the runs (logs or seed_results) beside submission.json's mean")
+    stated = ctx.challenge.stated[0].val_bpb
+    mean = statistics.fmean(r.val_bpb for r in ctx.challenge.runs)
+    detail = f"stated {stated:.8f} vs {ctx.challenge.summary()} (|Δ| {abs(stated - mean):.2e})"
+    if abs(stated - mean) > STATED_MEAN_SLACK:
+        raise PgolfError(f"submission.json's val_bpb is not the mean of its runs: {detail}")
+    return detail
+
+
+STATED_MEAN_SLACK = 1e-6  # a mean of 8-decimal numbers, itself printed to 8 decimals
+
+
+@check("claimed size", formats=ANY, only_if=from_submission)
+def claimed_size(ctx: Context) -> str:
+    """The total size each run (and submission.json) states, against the limit (PR #1809: 16,024,793)."""
+    runs = [r for r in (ctx.challenge.runs + ctx.challenge.stated if ctx.challenge else []) if r.total_bytes]
+    if not runs:
+        raise Skip("no claimed total size in the claims")
+    over = [f"{r.source}: {r.total_bytes:,} ({r.evidence.get('size', 'stated')})" for r in runs
+            if r.total_bytes > ctx.cfg.limit]
+    if over:
+        raise PgolfError(f"over the {ctx.cfg.limit:,}-byte limit: {'; '.join(over)}")
+    return (f"largest claimed {max(r.total_bytes for r in runs):,} bytes ≤ {ctx.cfg.limit:,} ({len(runs)} "
+            f"claim{'s' if len(runs) > 1 else ''})")
+
+
+@check("byte denominator", formats=ANY, only_if=from_submission)
+def byte_denominator(ctx: Context) -> str:
+    """Each run's implied byte count against the validation text's (pgolf.audit.denominator)."""
+    runs = [r for r in (ctx.challenge.runs if ctx.challenge else []) if r.val_loss and r.tokens]
+    if not runs:
+        raise Skip("needs a claim stating val_loss, the token count and val_bpb (a training log)")
+    verdicts = [audit_run(r, ctx.val()) for r in runs]
+    failed = [detail for ok, detail in verdicts if not ok]
+    if failed:
+        raise PgolfError(" | ".join(failed))
+    return " | ".join(detail for _, detail in verdicts)
 
 
 # ---- the score

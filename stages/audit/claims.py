@@ -1,7 +1,8 @@
 """The claim a submission is held to: a BPB, and the evaluation settings it was measured with.
 
-A claim comes from `--claim X` or from a JSON file (pgolf's ttt_eval_metrics.json, or any file with a
-positive `val_bpb`). It is re-scored the way it was measured unless the user says otherwise: eval
+A claim comes from `--claim X`, from a JSON file (pgolf's ttt_eval_metrics.json, or any file with a
+positive `val_bpb`), or from a challenge submission's logs and submission.json (pgolf.audit.challenge_claims).
+It is re-scored the way it was measured unless the user says otherwise: eval
 settings are params < the claim's own (windows and test-time training, from the file or the report
 beside it) < the command line.
 """
@@ -13,10 +14,10 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from pgolf.audit.challenge_claims import Claims, is_submission_json, load_challenge_claims, read_claims_json
 from pgolf.config.build import build
 from pgolf.config.sections import EvalConfig
 from pgolf.errors import PgolfError
-from pgolf.formats.files import read_json
 from pgolf.report.metrics import companion
 
 # What a claim is re-scored with: every evaluation setting, TTT's included, but where it runs and how
@@ -24,17 +25,33 @@ from pgolf.report.metrics import companion
 CLAIM_EVAL_KEYS = tuple(f.name for f in fields(EvalConfig) if f.name not in ("device", "batch_seqs"))
 
 
-def load_claim(claim: float | None, claims: Path | None) -> tuple[float | None, dict[str, Any], str | None]:
-    """(claimed val_bpb, eval settings the claim was measured with, where it came from)."""
-    if claim is not None and claims is not None:
+def load_claim(claim: float | None, claims: list[Path] | None
+               ) -> tuple[float | None, dict[str, Any], str | None, Claims | None]:
+    """(claimed val_bpb, eval settings the claim was measured with, where it came from, and — for a
+    challenge submission's logs or submission.json — every run they claim)."""
+    claims = [Path(c) for c in claims or []]
+    if claim is not None and claims:
         raise PgolfError("give either --claim or --claims, not both")
     if claim is not None:
         if not math.isfinite(claim) or claim <= 0:
             raise PgolfError(f"--claim {claim}: expected a positive BPB")
-        return float(claim), {}, "--claim"
-    if claims is None:
-        return None, {}, None
-    obj = read_json(claims, "claims file")
+        return float(claim), {}, "--claim", None
+    if not claims:
+        return None, {}, None, None
+    if len(claims) == 1 and claims[0].suffix == ".json" and not _is_challenge_json(claims[0]):
+        value, settings = _pgolf_claim(claims[0])
+        return value, settings, str(claims[0]), None
+    found = load_challenge_claims(claims)
+    return found.val_bpb, {}, ", ".join(map(str, claims)), found
+
+
+def _is_challenge_json(path: Path) -> bool:
+    return is_submission_json(read_claims_json(path))
+
+
+def _pgolf_claim(claims: Path) -> tuple[float, dict[str, Any]]:
+    """pgolf's ttt_eval_metrics.json (or any JSON with a positive val_bpb) and the settings beside it."""
+    obj = read_claims_json(claims)
     value = obj.get("val_bpb") if isinstance(obj, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise PgolfError(f"{claims}: needs a positive number under 'val_bpb' (e.g. a ttt_eval_metrics.json)")
@@ -43,11 +60,11 @@ def load_claim(claim: float | None, claims: Path | None) -> tuple[float | None, 
     nested = obj.get("eval") if isinstance(obj.get("eval"), dict) else {}
     report = companion(claims, "report", ".json")
     if not nested and report.is_file():
-        full = read_json(report, "claims report")
+        full = read_claims_json(report, "claims report")
         nested = full.get("eval") if isinstance(full, dict) and isinstance(full.get("eval"), dict) else {}
     settings = {key: nested.get(key, obj.get(key)) for key in CLAIM_EVAL_KEYS
                 if nested.get(key, obj.get(key)) is not None}
-    return float(value), settings, str(claims)
+    return float(value), settings
 
 
 def eval_settings(eval_cfg: EvalConfig, claimed: dict[str, Any], from_command_line: dict[str, Any]

@@ -1,0 +1,108 @@
+"""The byte-denominator audit: from a claim's loss, token count and BPB, the byte count it divided by.
+
+BPB = loss / ln 2 × tokens / bytes, so bytes = loss / ln 2 × tokens / BPB — the one line of arithmetic that
+found PR #2071's inflated denominator in review. That implied count is compared with what the validation
+text holds over the same targets: the canonical count (the sidecar's original bytes; the tokenizer-LUT
+count where the data has no sidecar), and the counts the catalogued mistakes give (MISTAKES). Each
+verdict carries its derivation; the precision allowed is what the printed decimals leave, not a guess.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from pgolf.audit.challenge_claims import Run
+from pgolf.text.bpb import stream_lut_bytes
+from pgolf.text.evaluate import EvalData
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Byte counts over targets 1..n of the validation stream."""
+
+    n: int
+    canonical: int  # the sidecar's original-text bytes, or the LUT count without a sidecar
+    lut: int  # the tokenizer-LUT count (the baseline script's rule)
+    leading_space: int  # targets whose piece carries a leading space
+    has_sidecar: bool
+
+
+def byte_counts(data: EvalData, n: int) -> Counts:
+    targets = slice(1, n + 1)
+    lut = stream_lut_bytes(data.tokens, data.luts)
+    lead = data.luts.has_leading_space[np.asarray(data.tokens[targets], dtype=np.int64)]
+    canonical = data.sidecar[targets].sum(dtype=np.int64) if data.sidecar is not None else lut[targets].sum()
+    return Counts(n, int(canonical), int(lut[targets].sum()), int(lead.sum()), data.sidecar is not None)
+
+
+@dataclass(frozen=True)
+class Mistake:
+    name: str
+    how: str
+    count: Callable[[Counts], int]
+    applies: Callable[[Counts], bool] = lambda c: True
+
+
+MISTAKES = (
+    Mistake("CaseOps data scored with tokenizer-LUT bytes",
+            "the LUT counts the case-transformed text (operators in, capitals lowercased), not the original "
+            "bytes the sidecar holds (PR #2071's review: caseops_enabled False on CaseOps shards)",
+            lambda c: c.lut, lambda c: c.has_sidecar and c.lut != c.canonical),
+    Mistake("leading space counted twice",
+            "each piece's leading space counted once in the piece and again by the space rule (PR #1804's audit)",
+            lambda c: c.lut + c.leading_space),
+)
+
+# the loaders' truncation: whole windows of these lengths (the baseline: seq_len 1024; the records: 2048)
+WINDOW_UNITS = (1024, 2048, 4096)
+
+
+def implied_bytes(run: Run) -> tuple[float, float]:
+    """(bytes the claim divided by, ± what its printed decimals allow)."""
+    loss, bpb, tokens = run.val_loss, run.val_bpb, run.tokens
+    value = loss / math.log(2) * tokens / bpb
+    relative = 0.5 * 10 ** -run.decimals[0] / loss + 0.5 * 10 ** -run.decimals[1] / bpb
+    return value, value * relative + 1.0
+
+
+def _truncation(n: int, full: int) -> str:
+    for unit in WINDOW_UNITS:
+        if n == full // unit * unit:
+            return f"; {n:,} is the full {full:,} cut to whole {unit}-token windows (a loader's truncation rule)"
+    return ""
+
+
+def audit_run(run: Run, data: EvalData) -> tuple[bool, str]:
+    """(passed, the derivation and verdict) for one run that states val_loss, tokens and val_bpb."""
+    full = data.tokens.size - 1
+    implied, slack = implied_bytes(run)
+    derivation = (f"{run.source}: implied bytes = val_loss {run.val_loss} / ln 2 × {run.tokens:,} tokens / val_bpb "
+                  f"{run.val_bpb} = {implied:,.0f} (± {slack:,.0f} from the printed decimals)")
+    if run.tokens > full:
+        return False, (f"{derivation}; but this validation set has {full:,} targets: a different tokenizer or "
+                       "validation set")
+    counts = byte_counts(data, run.tokens)
+    kind = "sidecar" if counts.has_sidecar else "LUT"
+    canonical = f"canonical ({kind}) bytes of the first {run.tokens:,} targets = {counts.canonical:,}"
+    real = run.val_loss / math.log(2) * run.tokens / counts.canonical
+    if abs(implied - counts.canonical) <= slack:
+        if run.tokens == full:
+            return True, f"{derivation} = {canonical}"
+        return False, (f"{derivation} = {canonical}, but a partial validation set: {run.tokens:,} of {full:,} "
+                       f"targets ({run.tokens / full:.2%}){_truncation(run.tokens, full)}")
+    inflation = implied - counts.canonical
+    verdict = (f"{derivation} ≠ {canonical}: {inflation:+,.0f} bytes ({inflation / counts.canonical:+.2%}); "
+               f"over the canonical bytes the claim is val_bpb {real:.6f}")
+    for mistake in MISTAKES:
+        if mistake.applies(counts) and abs(implied - mistake.count(counts)) <= slack:
+            flag = " (the log says caseops_enabled: False)" if run.caseops is False and counts.has_sidecar else ""
+            partial = f"; and only {run.tokens:,} of {full:,} targets" if run.tokens != full else ""
+            return False, (f"{verdict}. Cause: {mistake.name}{flag} — {mistake.how}; that count is "
+                           f"{mistake.count(counts):,}{partial}")
+    if run.tokens != full:
+        return False, f"{verdict}. {run.tokens:,} targets against {full:,} here: a different tokenizer or validation set"
+    return False, f"{verdict}. No catalogued cause fits"

@@ -173,7 +173,8 @@ def load_challenge_claims(paths: list[Path]) -> Claims:
         if text.lstrip().startswith("{"):
             obj = read_claims_json(path)
             if not is_submission_json(obj):
-                raise PgolfError(f"{path}: JSON that is neither pgolf metrics nor a challenge submission.json")
+                raise PgolfError(f"{path}: not a challenge submission.json (pgolf metrics are a claim of their own: give "
+                                 "them alone as --claims)")
             found = parse_submission(obj, str(path))
             stated += found.stated
             listed += found.runs

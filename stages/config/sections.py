@@ -218,6 +218,11 @@ class TrainConfig(Section):
                          choices=NS_COEFFICIENT_SETS)
     muon_row_norm: bool = param(False, "MuonEq-R: normalise every row of the update before orthogonalising")
     muon_wd: float = param(0.0, "decoupled weight decay of the Muon matrices (×lr)", ge=0)
+    cautious_wd: bool = param(False, "Muon's weight decay only where the update and the weight agree in sign (PR #375)")
+    # The seed studies' training-objective switches (PR #375), off by default.
+    label_smoothing: float = param(0.0, "training loss only: cross-entropy against (1 − ε)·target + ε·uniform "
+                                   "(PR #375: 0.05); evaluation never smooths", ge=0, lt=1)
+    l1_lambda: float = param(0.0, "adds λ·Σ|w| over the block matrices to the training loss (PR #375)", ge=0)
     embed_wd: float = param(0.0, "decoupled weight decay of the embedding/head (AdamW when > 0)", ge=0)
     scalar_wd: float = param(0.0, "decoupled weight decay of the control tensors (AdamW when > 0)", ge=0)
     lr_warmup_steps: int = param(0, "linear LR warm-up from 0 over the first N steps", ge=0)

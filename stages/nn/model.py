@@ -375,10 +375,13 @@ class GPT(nn.Module):
         cap = self.cfg.logit_softcap
         return (cap * torch.tanh(z / cap)).float()
 
+    label_smoothing = 0.0  # the training objective's ε (set by the trainer only: scoring never smooths)
+
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (nats) over all positions."""
+        """Mean cross-entropy (nats) over all positions (label-smoothed when training asks for it)."""
         logits = self.logits(input_ids)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
+                               label_smoothing=self.label_smoothing)
 
 
 def document_mask(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:

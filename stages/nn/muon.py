@@ -42,11 +42,12 @@ def newton_schulz(G: torch.Tensor, steps: int, dtype: torch.dtype, coefficients:
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, ns_dtype: torch.dtype,
-                 coefficients: str, row_norm: bool, weight_decay: float, nesterov: bool = True):
+                 coefficients: str, row_norm: bool, weight_decay: float, nesterov: bool = True, cautious: bool = False):
         if coefficients not in NS_COEFFICIENTS:
             raise ValueError(f"unknown Newton–Schulz coefficients {coefficients!r}; choose {', '.join(NS_COEFFICIENTS)}")
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
-                                      coefficients=coefficients, row_norm=row_norm, weight_decay=weight_decay))
+                                      coefficients=coefficients, row_norm=row_norm, weight_decay=weight_decay,
+                                      cautious=cautious))
         self.ns_dtype = ns_dtype
 
     @staticmethod
@@ -113,7 +114,11 @@ class Muon(torch.optim.Optimizer):
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
             offset = 0
             for p in params:
-                if group["weight_decay"]:
+                update = updates[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                if group["weight_decay"] and group.get("cautious"):
+                    # cautious weight decay: only where the step already moves w towards 0 (update and w agree)
+                    p.sub_(p * (update * p > 0), alpha=group["lr"] * group["weight_decay"])
+                elif group["weight_decay"]:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                p.add_(update, alpha=-group["lr"])
                 offset += p.numel()

@@ -71,7 +71,8 @@ def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tup
         wd = getattr(cfg, group.weight_decay)
         if group.optimizer == "muon":
             muon = Muon(params[group.name], lr=lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
-                        ns_dtype=ns_dtype, coefficients=cfg.muon_ns, row_norm=cfg.muon_row_norm, weight_decay=wd)
+                        ns_dtype=ns_dtype, coefficients=cfg.muon_ns, row_norm=cfg.muon_row_norm, weight_decay=wd,
+                        cautious=cfg.cautious_wd)
             for g in muon.param_groups:
                 g["base_lr"] = lr
             optimizers.append(muon)

@@ -86,6 +86,11 @@ class TrainResult:
     peak_memory_bytes: int | None = None
 
 
+def l1_penalty(muon: torch.optim.Optimizer, lam: float) -> torch.Tensor:
+    """λ·Σ|w| over the block matrices (Muon's parameters): the seed study's L1 regularisation (PR #375)."""
+    return lam * sum(p.abs().sum() for g in muon.param_groups for p in g["params"])
+
+
 class Trainer:
     """One rank's run: the model (compiled, DDP-wrapped), its optimizers, schedule, weight average and checkpointer."""
 
@@ -100,6 +105,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.cuda.reset_peak_memory_stats()
         self.model = prepare_for_device(GPT(model_cfg), d.device)
+        self.model.label_smoothing = cfg.label_smoothing  # before compile: read as a constant of the graph
         if cfg.qat_bits:
             enable_qat(self.model, cfg.qat_bits)  # before compile: the on/off toggle is a buffer
         compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if (self.cuda and cfg.compile) else self.model
@@ -128,6 +134,8 @@ class Trainer:
             with contextlib.nullcontext() if last else self.forward.no_sync():
                 with autocast_for(self.d.device):
                     loss = self.forward(x, y)
+                if cfg.l1_lambda:
+                    loss = loss + l1_penalty(self.muon, cfg.l1_lambda)
                 total += loss.detach()
                 (loss / self.accum).backward()
         if cfg.grad_clip_norm > 0:

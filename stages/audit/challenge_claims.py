@@ -22,12 +22,20 @@ MAX_LOG_BYTES = 64 * 2**20  # a record's log is ~100 KB
 MAX_JSON_BYTES = 2**20
 
 _NUM = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+def _score_line(name: str, loss_optional: bool = False) -> re.Pattern:
+    """`NAME val_loss:X val_bpb:Y` (or `=`), NAME a regex group."""
+    loss = rf"(?:val_loss[:=]\s*{_NUM}\s+)" + ("?" if loss_optional else "")
+    return re.compile(rf"^({name})\s+{loss}val_bpb[:=]\s*{_NUM}")
+
+
 # The score lines, best first: a file's claim is the last line of the first kind it holds.
 SCORE_LINES = (
-    ("TTT score (the record scripts)", re.compile(rf"^(quantized_ttt\w*)\s+(?:val_loss[:=]\s*{_NUM}\s+)?val_bpb[:=]\s*{_NUM}")),
-    ("int8 round trip (the baseline script)", re.compile(rf"^(final_\w*roundtrip\w*)\s+val_loss[:=]\s*{_NUM}\s+val_bpb[:=]\s*{_NUM}")),
-    ("sliding-window score", re.compile(rf"^(final_\w*sliding\w*|quantized_sliding\w*)\s+val_loss[:=]\s*{_NUM}\s+val_bpb[:=]\s*{_NUM}")),
-    ("quantized diagnostic (the record scripts)", re.compile(rf"^(diagnostic quantized)\s+val_loss[:=]\s*{_NUM}\s+val_bpb[:=]\s*{_NUM}")),
+    ("TTT score (the record scripts)", _score_line(r"quantized_ttt\w*", loss_optional=True)),
+    ("int8 round trip (the baseline script)", _score_line(r"final_\w*roundtrip\w*")),
+    ("sliding-window score", _score_line(r"final_\w*sliding\w*|quantized_sliding\w*")),
+    ("quantized diagnostic (the record scripts)", _score_line(r"diagnostic quantized")),
 )
 TOKEN_LINES = (re.compile(r"^val_loader:.*\btokens:\s*([0-9]+)"), re.compile(r"^val_tokens:\s*([0-9]+)\s*$"))
 SIZE_LINE = re.compile(r"^Total submission size[^:]*:\s*([0-9]+)\s*bytes")
@@ -173,8 +181,8 @@ def load_challenge_claims(paths: list[Path]) -> Claims:
         if text.lstrip().startswith("{"):
             obj = read_claims_json(path)
             if not is_submission_json(obj):
-                raise PgolfError(f"{path}: not a challenge submission.json (pgolf metrics are a claim of their own: give "
-                                 "them alone as --claims)")
+                raise PgolfError(f"{path}: not a challenge submission.json (pgolf metrics are a claim of their "
+                                 "own: give them alone as --claims)")
             found = parse_submission(obj, str(path))
             stated += found.stated
             listed += found.runs

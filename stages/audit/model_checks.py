@@ -69,7 +69,8 @@ def document_isolation(model: GPT, tokens: np.ndarray, device: torch.device) -> 
         raise PgolfError(f"the document at token {b} scores differently after the previous one (logits differ by up "
                          f"to {gap:.3g}, allowed {allowed:.3g}): information leaks across the BOS (e.g. a "
                          "SmearGate or bigram without the BOS fix)")
-    return f"the document at token {b}: logits after the previous document = alone (≤ {gap:.2g}, allowed {allowed:.2g})"
+    return (f"the document at token {b}: logits after the previous document = alone (≤ {gap:.2g}, allowed "
+            f"{allowed:.2g})")
 
 
 def normalised(model: GPT, tokens: np.ndarray, data: EvalData, device: torch.device) -> str:

@@ -352,7 +352,8 @@ class EvalConfig(Section):
     ttt_epochs: int = param(3, "score_first: passes over each scored chunk; train_then_score: over the whole set", ge=1)
     ttt_momentum: float = param(0.9, "score_first, train_then_score: SGD momentum", ge=0, lt=1)
     ttt_grad_clip: float = param(1.0, "score_first, phased_lora, train_then_score: clip the gradient norm; 0: off", ge=0)
-    ttt_batch_seqs: int = param(32, "score_first, phased_lora, train_then_score: sequences (of seq_len) per update", ge=1)
+    ttt_batch_seqs: int = param(32, "score_first, phased_lora, train_then_score: sequences (of seq_len) per update",
+                                ge=1)
     ttt_freeze_blocks: int = param(0, "score_first: the first N blocks stay frozen (PR #212)", ge=0)
     ttt_mlp_only: bool = param(False, "score_first: adapt only the MLPs of the blocks not frozen (PR #375)")
     ttt_max_steps: int = param(0, "score_first, train_then_score: at most N updates in all; 0: no cap", ge=0)

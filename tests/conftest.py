@@ -7,8 +7,10 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
-from pgolf.config.sections import TokenizeConfig
+from pgolf.config.sections import ModelConfig, TokenizeConfig
+from pgolf.nn.model import GPT
 
 N_DOCS = 200
 VAL_DOCS = 20
@@ -148,3 +150,15 @@ def assert_flat_metrics(path: Path) -> dict:
         assert value is None or isinstance(value, (bool, int, float)) or \
             (isinstance(value, str) and len(value) <= 24), (path, key, value)
     return row
+
+
+def filled_gpt(cfg: ModelConfig, scale: float = 0.1, seed: int = 0) -> GPT:
+    """A GPT whose every matrix has random content: zero-initialised projections would make a fresh model
+    ignore its context, and a test of context-dependent behaviour see nothing."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn_like(p) * scale)
+    return model

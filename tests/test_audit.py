@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_docs, tokenize_config, write_jsonl
+from conftest import filled_gpt, make_docs, tokenize_config, write_jsonl
 from typer.testing import CliRunner
 
 from pgolf import tokenize, verify
@@ -201,12 +201,8 @@ def artifact(evaluation) -> dict:
     root, data = evaluation["root"], evaluation["data"]
     cfg = ModelConfig(vocab_size=int(read_json(data / "manifest.json")["vocab_size"]), num_layers=2, model_dim=32,
                       num_heads=2, num_kv_heads=1, doc_mask=True, smear_gate=True)
-    torch.manual_seed(0)
-    model = GPT(cfg)
+    model = filled_gpt(cfg)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.add_(torch.randn_like(p) * 0.1)
         model.smear.smear_lambda.fill_(1.0)  # the gate mixes the previous token in
     ckpt = root / "ckpt.safetensors"
     save_tensors(ckpt, {k: v.detach().clone() for k, v in model.state_dict().items()}, "checkpoint",

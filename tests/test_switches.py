@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import filled_gpt
 
 from pgolf.config.build import build
 from pgolf.config.sections import ModelConfig, TrainConfig
@@ -24,13 +25,7 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def model() -> GPT:
-    torch.manual_seed(0)
-    m = GPT(CFG)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim == 2:
-                p.add_(torch.randn_like(p) * 0.1)
-    return m
+    return filled_gpt(CFG)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import filled_gpt
 
 from pgolf.config.sections import NONCOMPLIANT_TTT, EvalConfig, ModelConfig
 from pgolf.nn.model import GPT
@@ -60,13 +61,7 @@ def stream(seed: int = 0, n: int = 353) -> tuple[np.ndarray, np.ndarray]:
 
 
 def model(cfg: ModelConfig = PLAIN) -> GPT:
-    torch.manual_seed(0)
-    m = GPT(cfg)
-    with torch.no_grad():  # zero-initialised projections would make the model ignore its context
-        for p in m.parameters():
-            if p.ndim == 2:
-                p.add_(torch.randn_like(p) * 0.1)
-    return m
+    return filled_gpt(cfg)
 
 
 def run(mode, tokens: np.ndarray, sidecar: np.ndarray, cfg: EvalConfig, model_cfg: ModelConfig = PLAIN,
@@ -238,13 +233,22 @@ def test_phased_pauses_fall_where_the_documents_done_reach_each_boundary():
     assert phase_segments(batches, 0, 3) == phase_segments(batches, 6, 0) == [((0, 4), 0)]
 
 
-def test_phased_lora_trains_the_base_model_on_documents_already_scored():
+def test_phased_lora_trains_the_base_model_on_documents_already_scored(monkeypatch):
     tokens, sidecar = stream()
     cfg = cfg_for("phased_lora")
+    spans = []  # (targets a pause asked for, how many score() calls had been made then)
+    real = Ledger.training_tokens
+
+    def watched(self, start, end):
+        spans.append((start + 1, end, self.calls))
+        return real(self, start, end)
+
+    monkeypatch.setattr(Ledger, "training_tokens", watched)
     ledger, result, info = run(MODES["phased_lora"], tokens, sidecar, cfg)
     assert [p["documents"] for p in info["phases"]] == [3, 6] and all(p["steps"] > 0 for p in info["phases"])
+    # every target a pause trained on was scored before the pause, and scoring went on after it
+    assert len(spans) == 9 and all((ledger.order[a:b] < calls).all() for a, b, calls in spans)
+    assert all(calls < ledger.calls for _, _, calls in spans)
+    monkeypatch.undo()
     _, lora, _ = run(MODES["lora"], tokens, sidecar, cfg_for("lora"))
     assert result["val_bpb"] != lora["val_bpb"]  # the pauses changed the model
-    # a pause trains only on what was scored before it: the documents of the batches before the pause
-    first_pause_calls = ledger.order[[a + 1 for batch in document_batches(ledger, BOS, cfg)[:1] for a, _ in batch]]
-    assert first_pause_calls.max() < ledger.order[1:].max()

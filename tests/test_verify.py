@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import filled_gpt
 from typer.testing import CliRunner
 
 from pgolf import pack, quantize, tokenize, ttt_eval, verify
@@ -21,7 +22,6 @@ from pgolf.formats.files import read_json, save_tensors, sha256_file
 from pgolf.formats.blob import PREFIX
 from pgolf.config.sections import (CHALLENGE_LIMIT, EvalConfig, ModelConfig, PackConfig, QuantizeConfig, TokenizeConfig,
                                    VerifyConfig)
-from pgolf.nn.model import GPT
 from pgolf.quant.grid import quantize_rtn_tensor
 
 WORDS = ("the quick brown fox jumps over lazy dog alpha beta gamma delta golf parameter model byte token "
@@ -59,12 +59,7 @@ def world(tmp_path_factory):
     other_tok = tokenize_into(tmp, "other_tok", shuffled)
 
     cfg = ModelConfig(vocab_size=300, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2)
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    with torch.no_grad():  # give every matrix (zero-initialized projections too) some content
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.add_(torch.randn_like(p) * 0.05)
+    model = filled_gpt(cfg, scale=0.05)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state["tok_emb.weight"] = state["tok_emb.weight"].to(torch.bfloat16)  # as trained on CUDA
     ckpt = tmp / "ckpt.safetensors"

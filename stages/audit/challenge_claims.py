@@ -164,9 +164,9 @@ def read_text_capped(path: Path, max_bytes: int, what: str) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def read_claims_json(path: Path, what: str = "claims file") -> object:
-    """A submitter's JSON, read size- and depth-bounded."""
-    text = read_text_capped(Path(path), MAX_JSON_BYTES, what)
+def read_claims_json(path: Path, what: str = "claims file", text: str | None = None) -> object:
+    """A submitter's JSON (its `text` if already read), size- and depth-bounded."""
+    text = read_text_capped(Path(path), MAX_JSON_BYTES, what) if text is None else text
     return loads_bounded(text, str(path), "give pgolf metrics, a submission.json or the logs", MAX_JSON_BYTES)
 
 
@@ -179,7 +179,7 @@ def load_challenge_claims(paths: list[Path]) -> Claims:
     for path in paths:
         text = read_text_capped(path, MAX_LOG_BYTES, "claims file")
         if text.lstrip().startswith("{"):
-            obj = read_claims_json(path)
+            obj = read_claims_json(path, text=text)
             if not is_submission_json(obj):
                 raise PgolfError(f"{path}: not a challenge submission.json (pgolf metrics are a claim of their "
                                  "own: give them alone as --claims)")

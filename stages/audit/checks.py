@@ -26,7 +26,6 @@ from pgolf.formats.blob_model import model_config
 from pgolf.formats import codecs
 from pgolf.formats.code import measure_code
 from pgolf.formats.dequant import dequantize
-from pgolf.formats.files import sha256_file
 from pgolf.formats.official_int8 import infer_baseline_config, official_int8_state_dict, read_official_int8
 from pgolf.formats.shards import shard_paths
 from pgolf.nn.model import GPT, build_model, resolve_device
@@ -63,11 +62,17 @@ class Context:
     model: GPT | None = None  # the decoded weights, built once for the model-level checks
     expected: dict | None = None  # a known-good list of validation file digests (--expect-manifest)
     eval_data: EvalData | None = None  # the validation tokens and bytes, loaded once
+    file_digests: dict | None = None  # name → sha256 and MD5 of the val shards, sidecars and tokenizer, read once
 
     def val(self) -> EvalData:
         if self.eval_data is None:
             self.eval_data = EvalData.load(self.data)
         return self.eval_data
+
+    def digests(self) -> dict[str, dict[str, str]]:
+        if self.file_digests is None:
+            self.file_digests = identity.digests(self.data, self.manifest)
+        return self.file_digests
 
 
 @dataclass
@@ -211,7 +216,7 @@ def tokenizer(ctx: Context) -> str:
     tok_path = ctx.data / str(ctx.manifest.get("tokenizer", "tokenizer.model"))
     if not tok_path.is_file():
         raise PgolfError(f"{tok_path}: tokenizer file missing from the data directory")
-    actual = sha256_file(tok_path)
+    actual = ctx.digests()[tok_path.name]["sha256"]
     if claimed_sha != ctx.manifest.get("tokenizer_sha256") or claimed_sha != actual:
         raise PgolfError(f"blob made for tokenizer {str(claimed_sha)[:12]}…, data has {actual[:12]}… ({tok_path}); "
                          "verify against the data it was made for")
@@ -223,16 +228,13 @@ def official_tokenizer(ctx: Context) -> str:
     raise Skip("the official int8 format records no tokenizer; vocab size checked instead")
 
 
-def actual_val_shards(data: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(shard_paths(data, "val") + shard_paths(data, "val_bytes"))}
-
-
 @check("val shards", formats=(PGOLF,), needs=("header",))
 def val_shards(ctx: Context) -> str:
     claimed_val = ctx.header.get("val_shards")
     if not isinstance(claimed_val, dict) or not claimed_val:
         raise PgolfError(f"{ctx.blob}: header records no val shard hashes")
-    actual = actual_val_shards(ctx.data)
+    val_files = {p.name for p in shard_paths(ctx.data, "val") + shard_paths(ctx.data, "val_bytes")}
+    actual = {name: d["sha256"] for name, d in ctx.digests().items() if name in val_files}
     missing = sorted(set(claimed_val) - set(actual))
     extra = sorted(set(actual) - set(claimed_val))
     differ = sorted(n for n in set(claimed_val) & set(actual) if claimed_val[n] != actual[n])
@@ -252,7 +254,7 @@ def official_val_shards(ctx: Context) -> str:
 @check("val identity", formats=ANY)
 def val_identity(ctx: Context) -> str:
     """The scored files' sha256 and MD5 (against --expect-manifest when given) and the kind of text."""
-    found = identity.digests(ctx.data, ctx.manifest)
+    found = ctx.digests()
     kind = identity.text_kind(ctx.data, ctx.manifest)
     listed = "; ".join(f"{name} sha256 {d['sha256'][:16]}… md5 {d['md5']}" for name, d in found.items())
     if ctx.expected is not None:

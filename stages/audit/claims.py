@@ -38,20 +38,18 @@ def load_claim(claim: float | None, claims: list[Path] | None
         return float(claim), {}, "--claim", None
     if not claims:
         return None, {}, None, None
-    if len(claims) == 1 and claims[0].suffix == ".json" and not _is_challenge_json(claims[0]):
-        value, settings = _pgolf_claim(claims[0])
-        return value, settings, str(claims[0]), None
+    if len(claims) == 1 and claims[0].suffix == ".json":
+        obj = read_claims_json(claims[0])
+        if not is_submission_json(obj):
+            value, settings = _pgolf_claim(claims[0], obj)
+            return value, settings, str(claims[0]), None
     found = load_challenge_claims(claims)
     return found.val_bpb, {}, ", ".join(map(str, claims)), found
 
 
-def _is_challenge_json(path: Path) -> bool:
-    return is_submission_json(read_claims_json(path))
-
-
-def _pgolf_claim(claims: Path) -> tuple[float, dict[str, Any]]:
-    """pgolf's ttt_eval_metrics.json (or any JSON with a positive val_bpb) and the settings beside it."""
-    obj = read_claims_json(claims)
+def _pgolf_claim(claims: Path, obj: Any) -> tuple[float, dict[str, Any]]:
+    """pgolf's ttt_eval_metrics.json (or any JSON with a positive val_bpb, read as `obj`) and the settings
+    beside it."""
     value = obj.get("val_bpb") if isinstance(obj, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise PgolfError(f"{claims}: needs a positive number under 'val_bpb' (e.g. a ttt_eval_metrics.json)")

@@ -33,7 +33,7 @@ def main() -> None:
            "params": sum(v.numel() for v in state.values()), "raw_bytes": len(raw), "codec": "brotli", "runs": {}}
     for chunk_bytes in (0, 1 << 21, 1 << 22):
         t0 = time.perf_counter()
-        _, header, _ = build_blob(tensors, {"schema": schema}, "brotli", chunk_bytes)
+        _, header, _ = build_blob(tensors, {"schema": schema}, "brotli", chunk_bytes, "single", False)
         run = {"payload_bytes": header["payload"]["compressed_bytes"],
                "chunks": len(header["payload"].get("chunks") or [None]), "seconds": round(time.perf_counter() - t0, 1)}
         out["runs"][str(chunk_bytes)] = run

@@ -193,18 +193,27 @@ def quantize(
     _run(go)
 
 
-@app.command(epilog="Example: pgolf pack artifacts/quantized.safetensors --data data/tokenized --codec auto")
+@app.command(epilog="Example: pgolf pack artifacts/quantized.safetensors --data data/tokenized --codec auto "
+             "(per-group streams, each stream's smallest codec); --codec ans for a fast pack; --set container=single "
+             "for one stream.")
 def pack(
     quantized: Path = typer.Argument(Path("artifacts/quantized.safetensors"), help="Output of `pgolf quantize`."),
     data: Path = typer.Option(Path("data/tokenized"), help="Tokenized data whose tokenizer and val shards the blob is made for."),
     out: Optional[Path] = typer.Option(None, help="Blob to write [default: artifacts/model.pgolf]."),
-    codec: Optional[str] = typer.Option(None, help="auto | zlib | zstd | brotli | lzma (auto keeps the smallest)."),
+    codec: Optional[str] = typer.Option(None, help="auto | zlib | zstd | brotli | lzma | ans | lrzip (auto keeps the "
+                                        "smallest per stream of all but lrzip, which needs the lrzip program)."),
     limit: Optional[int] = typer.Option(None, help="Byte limit for model + code (default 16,000,000); over it: exit 1."),
     metrics: Optional[Path] = typer.Option(None, help="Size report JSON to write [default: artifacts/pack_metrics.json]."),
     params: Path = PARAMS,
     sets: Optional[list[str]] = SETS,
 ) -> None:
-    """Pack quantized weights into one self-describing compressed blob and check it against the size limit."""
+    """Pack quantized weights into one self-describing compressed blob and check it against the size limit.
+
+    Counted: the blob's bytes plus the code bytes, i.e. the modules that decode and score a blob (the import
+    closure of pgolf.ttt_eval), each without comments and docstrings (ast.unparse), compressed with the pack
+    codec (the smallest text codec for auto, ans or lrzip); libraries such as torch and constriction are not
+    counted, as the challenge treats imports.
+    """
     def go() -> None:
         from pgolf import pack as stage
 

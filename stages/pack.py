@@ -33,7 +33,13 @@ def print_report(rep: dict[str, Any], out: Path) -> None:
     table.add_column("bytes", justify="right")
     table.add_column("detail")
     for name, size in rep["payload_sizes"].items():
-        table.add_row(f"payload, {name}", f"{size:,}", "kept" if name == rep["codec"] else "")
+        table.add_row(f"payload, {name}", f"{size:,}", "kept" if name == rep["codec"] else
+                      "where smallest" if rep["streams"] and name in {s["codec"] for s in rep["streams"]} else "")
+    if rep["streams"]:
+        table.add_section()
+    for st in rep["streams"]:
+        table.add_row(f"  stream {st['name']}", f"{st['compressed_bytes']:,}",
+                      f"{st['codec']}, {st['raw_bytes']:,} raw ({8 * st['compressed_bytes'] / st['raw_bytes']:.2f} bits/byte)")
     table.add_section()
     table.add_row("model (blob)", f"{rep['model_bytes']:,}", f"codec {rep['codec']}")
     table.add_row("code", f"{rep['code_bytes']:,}", f"{len(rep['code_files'])} files, {rep['code_codec']}")
@@ -54,20 +60,22 @@ def run(quantized: Path, data: Path, out: Path, cfg: PackConfig, metrics: Path) 
     if not isinstance(meta.get("schema"), dict):
         raise PgolfError(f"{quantized}: no quantization schema in its metadata; re-run `pgolf quantize`")
 
-    tried = ", ".join(codecs.CODECS) if cfg.codec == "auto" else cfg.codec
-    how = (f"in {cfg.chunk_bytes:,}-byte chunks, in parallel" if cfg.chunk_bytes else
-           "as one stream (pack.chunk_bytes compresses chunks in parallel)")
+    tried = ", ".join(codecs.AUTO) if cfg.codec == "auto" else cfg.codec
+    how = (f"as per-group streams, rows sorted: {cfg.sort_rows}" if cfg.container == "pergroup" else
+           f"in {cfg.chunk_bytes:,}-byte chunks, in parallel" if cfg.chunk_bytes else "as one stream")
     print(f"pack: compressing {len(tensors)} tensors with {tried}, {how}")
     code = measure_code(cfg.codec)
     with Bar(f"pack: compressing with {tried}", None):  # one call: a spinner and the time it takes
         blob, header, sizes = build_blob(tensors, blob_header_fields(meta, ident, sha256_file(quantized), code),
-                                         cfg.codec, cfg.chunk_bytes)
+                                         cfg.codec, cfg.chunk_bytes, cfg.container, cfg.sort_rows)
     total = len(blob) + code["bytes"]
     rep = {
         "model_bytes": len(blob), "code_bytes": code["bytes"], "total_bytes": total, "limit": cfg.limit,
         "fits": total <= cfg.limit, "headroom_bytes": cfg.limit - total,
         "codec": header["codec"], "payload_sizes": sizes, "raw_payload_bytes": header["payload"]["raw_bytes"],
         "payload_chunks": len(header["payload"].get("chunks") or [None]),
+        "streams": [{k: st[k] for k in ("name", "codec", "raw_bytes", "compressed_bytes")}
+                    for st in header["payload"].get("streams", [])],
         "code_codec": code["codec"], "code_sizes": code["sizes"], "code_raw_bytes": code["raw_bytes"],
         "code_files": code["files"], "blob": str(out), "params": asdict(cfg),
     }

@@ -21,6 +21,7 @@ from pgolf.errors import PgolfError
 from pgolf.formats.files import load_tensors, read_meta, save_tensors, sha256_file
 from pgolf.formats.submission import check_data_matches, data_identity
 from pgolf.quant.budget import BudgetSearch
+from pgolf.quant.calibration import split_statistics
 from pgolf.quant.recipe import quantize_state_dict
 from pgolf.report.metrics import companion, write_metrics
 from pgolf.report.plots import bits_chart
@@ -52,6 +53,21 @@ def check_hessian_shapes(path: Path, hessians: dict[str, torch.Tensor], state: d
             raise PgolfError(f"{path}: the Hessian of {name!r} has shape {tuple(h.shape)}, but the weight is "
                              f"{tuple(w.shape)} (expected {w.shape[-1]}×{w.shape[-1]}); re-run `pgolf calibrate` "
                              "on this checkpoint")
+
+
+def check_out_grads(path: Path, out_grads: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                    cfg: QuantizeConfig) -> None:
+    """--budget's loss objective needs G for every weight that has an H; each G has one entry per output row."""
+    if cfg.budget and cfg.budget_objective == "loss" and not out_grads:
+        raise PgolfError(f"{path}: holds no output-gradient moments (an older calibrate, or output_grads=false), "
+                         "which --budget's loss objective needs; re-run `pgolf calibrate`, or set "
+                         "quantize.budget_objective=layer")
+    for name, g in out_grads.items():
+        w = state.get(name)
+        if w is not None and (w.ndim != 2 or tuple(g.shape) != (w.shape[0],)):
+            raise PgolfError(f"{path}: the output-gradient moments of {name!r} have shape {tuple(g.shape)}, but the "
+                             f"weight is {tuple(w.shape)} (expected {w.shape[0]}); re-run `pgolf calibrate` on this "
+                             "checkpoint")
 
 
 def print_report(report: dict[str, Any], cfg: QuantizeConfig, out: Path) -> None:
@@ -107,11 +123,12 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, pack: PackConfig, hessians: 
     if not isinstance(meta.get("model_config"), dict):
         raise PgolfError(f"{ckpt}: checkpoint metadata has no model config; re-run `pgolf train`")
     ckpt_sha = sha256_file(ckpt)
-    hessians_sha, hessian_tensors = None, None
+    hessians_sha, hessian_tensors, out_grads = None, None, None
     if hessians is not None:
         hessians_sha = check_hessians(hessians, ckpt_sha)
-        hessian_tensors, _ = load_tensors(hessians, kind="hessians")  # refuses NaN/inf
+        hessian_tensors, out_grads = split_statistics(load_tensors(hessians, kind="hessians")[0])  # refuses NaN/inf
         check_hessian_shapes(hessians, hessian_tensors, state)
+        check_out_grads(hessians, out_grads, state, cfg)
         if cfg.method not in HESSIAN_METHODS:
             print(f"quantize: note: method {cfg.method!r} does not use Hessians; {hessians} feeds the report's "
                   "weighted error only")
@@ -128,7 +145,7 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, pack: PackConfig, hessians: 
         if data is not None:
             check_data_matches(data, meta.get("tokenizer_sha256"), meta["model_config"].get("vocab_size"), str(ckpt))
             ident = data_identity(data)
-        chosen = BudgetSearch(state, cfg, pack, hessian_tensors, out_meta, ident).fit(cfg.budget)
+        chosen = BudgetSearch(state, cfg, pack, hessian_tensors, out_meta, ident, out_grads).fit(cfg.budget)
     tensors, schema, report = quantize_state_dict(state, cfg, hessian_tensors,
                                                   encoded=chosen.encoded if chosen else None)
     if chosen:

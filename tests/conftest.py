@@ -101,6 +101,7 @@ def calibrated_model(tokenized_dir, tmp_path_factory) -> dict:
     from pgolf import calibrate, train
     from pgolf.formats.files import load_tensors
     from pgolf.config.sections import CalibrateConfig, ModelConfig, TrainConfig
+    from pgolf.quant.calibration import split_statistics
 
     root = tmp_path_factory.mktemp("calibrated")
     ckpt, hess = root / "ckpt.safetensors", root / "hessians.safetensors"
@@ -111,8 +112,9 @@ def calibrated_model(tokenized_dir, tmp_path_factory) -> dict:
     train.run(tokenized_dir, ckpt, model, cfg, root / "train_metrics.json", root / "log.csv")
     calibrate.run(ckpt, tokenized_dir, hess, CalibrateConfig(n_batches=4, batch_seqs=8, seq_len=64, device="cpu"),
                   root / "calibrate_metrics.json")
+    hessians, out_grads = split_statistics(load_tensors(hess, "hessians")[0])
     return {"root": root, "ckpt": ckpt, "hess": hess, "model": model,
-            "state": load_tensors(ckpt, "checkpoint")[0], "hessians": load_tensors(hess, "hessians")[0]}
+            "state": load_tensors(ckpt, "checkpoint")[0], "hessians": hessians, "out_grads": out_grads}
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""calibrate on real computation: the Hessians are the second moments of each weight's inputs."""
+"""calibrate on real computation: the Hessians are the second moments of each weight's inputs, and the
+output-gradient moments those of the loss's gradient at each weight's outputs."""
 
 import json
 import subprocess
@@ -12,7 +13,8 @@ import torch
 from pgolf.formats.files import load_tensors
 from pgolf.calibrate import run
 from pgolf.config.sections import CalibrateConfig, ModelConfig, TrainConfig
-from pgolf.nn.model import build_model
+from pgolf.nn.model import CastedLinear, build_model
+from pgolf.quant.calibration import split_statistics
 from pgolf.formats.shards import DistributedTokenLoader
 from pgolf import train
 
@@ -29,9 +31,12 @@ def ckpt(tokenized_dir, tmp_path_factory) -> Path:
     return out / "ckpt.safetensors"
 
 
-def calibrate(ckpt: Path, data: Path, out: Path, cfg: CalibrateConfig = CAL) -> dict:
+def calibrate(ckpt: Path, data: Path, out: Path, cfg: CalibrateConfig = CAL) -> tuple[dict, dict]:
+    """(Hessians, metadata) of a calibrate run; its output-gradient moments in the metadata's `out_grads`."""
     run(ckpt, data, out / "h.safetensors", cfg, out / "cal.json")
-    return load_tensors(out / "h.safetensors", "hessians")
+    stats, meta = load_tensors(out / "h.safetensors", "hessians")
+    hessians, meta["out_grads"] = split_statistics(stats)
+    return hessians, meta
 
 
 def test_hessians_are_input_second_moments(ckpt, tokenized_dir, tmp_path):
@@ -56,6 +61,46 @@ def test_hessians_are_input_second_moments(ckpt, tokenized_dir, tmp_path):
     assert torch.equal(hessians["blocks.0.attn.c_q.weight"], hessians["blocks.0.attn.c_v.weight"])
 
 
+def test_output_grad_moments_match_autograd(ckpt, tokenized_dir, tmp_path):
+    """G = E[(∂L/∂y)²] per output row, L the batch's summed loss: calibrate's hooks against autograd on a zero
+    tensor added to every linear's output (and to the tied head's logits)."""
+    _, meta = calibrate(ckpt, tokenized_dir, tmp_path)
+    grads = meta["out_grads"]
+    state, ckpt_meta = load_tensors(ckpt, "checkpoint")
+    model = build_model(ModelConfig(**ckpt_meta["model_config"]), state, "cpu")
+    model.eval()
+    probes: dict[str, list[torch.Tensor]] = {}
+
+    def probe(name: str, y: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros_like(y, requires_grad=True)
+        probes.setdefault(name, []).append(z)
+        return y + z
+
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear):
+            module.register_forward_hook(lambda m, i, y, name=f"{name}.weight": probe(name, y))
+    head = model.head_logits
+    model.head_logits = lambda h: probe("tok_emb.weight", head(h))
+    sums: dict[str, torch.Tensor] = {}
+    loader = DistributedTokenLoader(tokenized_dir, 0, 1, "cpu")
+    for _ in range(CAL.n_batches):
+        x, y = loader.next_batch(CAL.batch_seqs * CAL.seq_len, CAL.seq_len, 1)
+        probes.clear()
+        (model(x, y) * y.numel()).backward()  # the summed loss
+        for name, (z,) in probes.items():
+            sq = z.grad.reshape(-1, z.shape[-1]).pow(2).sum(0)
+            sums[name] = sums.get(name, 0) + sq
+    tokens = CAL.n_batches * CAL.batch_seqs * CAL.seq_len
+    assert set(grads) == set(sums) and "tok_emb.weight" in grads
+    for name, g in grads.items():
+        assert g.shape == (state[name].shape[0],)
+        torch.testing.assert_close(g, sums[name] / tokens, rtol=1e-4, atol=1e-9)
+        assert bool((g > 0).any())
+    # Switched off, calibrate writes Hessians alone.
+    _, without = calibrate(ckpt, tokenized_dir, tmp_path, replace(CAL, output_grads=False))
+    assert without["out_grads"] == {}
+
+
 def test_self_generated_calibration_reads_no_data(ckpt, tmp_path):
     empty = tmp_path / "no-data"
     empty.mkdir()
@@ -65,6 +110,15 @@ def test_self_generated_calibration_reads_no_data(ckpt, tmp_path):
     again, _ = calibrate(ckpt, empty, tmp_path, cfg)
     assert all(torch.equal(a[k], again[k]) for k in a)  # a fixed seed gives the same text
     assert not torch.equal(a["tok_emb.weight"], other["tok_emb.weight"])
+    # H is that of the generated batches alone: the forwards that generate them are not counted.
+    from pgolf.nn.distributed import Dist
+    from pgolf.quant.calibration import calibration_batches
+
+    state, ckpt_meta = load_tensors(ckpt, "checkpoint")
+    model = build_model(ModelConfig(**ckpt_meta["model_config"]), state, "cpu")
+    with torch.no_grad():
+        h = torch.cat([model.hidden(x).reshape(-1, 64) for x, _ in calibration_batches(cfg, model, empty, Dist("cpu"))])
+    torch.testing.assert_close(a["tok_emb.weight"], h.T @ h / h.shape[0], rtol=1e-4, atol=1e-6)
 
 
 def test_bad_calibrate_params_are_clear_errors(ckpt, tokenized_dir, tmp_path):

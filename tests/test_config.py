@@ -113,7 +113,7 @@ def test_every_numeric_key_has_a_declared_range():
 
 
 def test_cross_section_needs_are_resolved_for_the_stage(tmp_path):
-    params = write_params(tmp_path, {"pack": {"codec": "zstd", "chunk_bytes": 1 << 20}, "ttt_eval": {"stride": 64}})
+    params = write_params(tmp_path, {"pack": {"codec": "zstd", "container": "single", "chunk_bytes": 1 << 20}, "ttt_eval": {"stride": 64}})
     quantize = resolve("quantize", params)
     assert (quantize.pack.codec, quantize.pack.chunk_bytes) == ("zstd", 1 << 20)
     verify = resolve("verify", params, ["val_tokens=4096", "tolerance=0.01"])

@@ -33,7 +33,7 @@ _RECORD_TRAIN = {
 }
 _RECORD_QUANTIZE = {
     "method": "gptq", "bits": 6, "clip": "sdclip", "attn_k": 13.0, "mlp_k": 11.5, "embed_bits": 7, "embed_k": 14.0,
-    "gptq_act_order": True, "lqer_top_k": 3, "lqer_rank": 4,
+    "gptq_act_order": True, "lqer_top_k": 3, "lqer_rank": 4, "control_fp16": True,
 }
 # Phased LoRA TTT (PR #1855). Its global SGD takes 32 sequences per rank per step (256 on 8 GPUs); pgolf's
 # ttt_batch_seqs counts a step's sequences over all ranks, so the default 32 is one GPU's share.
@@ -65,7 +65,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": _RECORD_TRAIN,
         "calibrate": {"n_batches": 16, "batch_seqs": 48, "seq_len": 2048},
         "quantize": _RECORD_QUANTIZE,
-        "pack": {"codec": "brotli"},
         "ttt_eval": _RECORD_TTT,
     },
     # PR #2071: the record stack with the headwise gated attention (Q widened by one gate row per head,
@@ -76,7 +75,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {**_RECORD_TRAIN, "train_batch_tokens": 196_608, "ema_decay": 0.990},
         "calibrate": {"n_batches": 16, "batch_seqs": 48, "seq_len": 2048},
         "quantize": _RECORD_QUANTIZE,
-        "pack": {"codec": "brotli"},
         "ttt_eval": _RECORD_TTT,
     },
     # PR #398 (03-20 era, SP1024): 11 layers, MLP 3×, the older per-dim SmearGate with BigramHash(2048, 128),

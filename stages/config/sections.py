@@ -17,7 +17,10 @@ from typing import Any
 from pgolf.errors import PgolfError
 
 # Names the building blocks register under (tests hold each registry to its tuple).
-CODECS = ("zlib", "zstd", "brotli", "lzma")
+CODECS = ("zlib", "zstd", "brotli", "lzma", "ans", "lrzip")
+CONTAINERS = ("pergroup", "single")
+SORT_ROWS = ("auto", "always", "never")
+BUDGET_OBJECTIVES = ("loss", "layer")
 QUANT_METHODS = ("rtn", "gptq")
 CLIPS = ("percentile", "sdclip")
 NS_COEFFICIENT_SETS = ("classic", "polar_express")
@@ -258,6 +261,8 @@ class CalibrateConfig(Section):
     seq_len: int = param(1024, "tokens per sequence", ge=1)
     temperature: float = param(0.8, "sampling temperature of self-generated calibration text", gt=0)
     seed: int = param(0, "seed of self-generated calibration text", ge=0)
+    output_grads: bool = param(True, "also collect E[(∂L/∂y)²] of every weight's outputs (one backward per batch): "
+                               "what `quantize --budget` weighs errors by the loss with")
     device: str = param("auto", "auto | cpu | cuda[:N]", pattern=DEVICE_PATTERN)
 
 
@@ -272,6 +277,8 @@ class QuantizeConfig(Section):
     sdclip_k: float = param(12.85, "SDClip: clip at k·std per row", gt=0)
     keep_float_max_numel: int = param(65_536, "float tensors up to this size stay float (fp16; control tensors fp32)",
                                       ge=0)
+    control_fp16: bool = param(False, "store the kept-float control tensors in fp16 too (the record's passthrough, "
+                               "PR #1855); off: fp32, the baseline's rule")
     # Per-group overrides by parameter name (pgolf.nn.names): embed (tok_emb, lm_head), attn (c_q, c_k, c_v,
     # proj), mlp (fc, proj). The k overrides apply with clip=sdclip.
     embed_bits: int = param(0, "bits of the embedding/head; 0: bits", off=0, ge=MIN_BITS, le=MAX_BITS)
@@ -295,6 +302,9 @@ class QuantizeConfig(Section):
     budget: int = param(0, "choose per-tensor bits so the packed artifact fits this many bytes; 0: off", ge=0)
     budget_bits: str = param("4,5,6,7,8", "widths --budget may choose, comma-separated")
     budget_lqer: bool = param(True, "--budget also offers each width with an LQER correction")
+    budget_objective: str = param("loss", "what --budget minimises: loss (each tensor's error weighted by the loss it "
+                                  "costs, from calibrate's output gradients) | layer (the summed layer output errors)",
+                                  choices=BUDGET_OBJECTIVES)
     # Without the tokenized data quantize cannot see pack's header, which lists the val shards (about 90
     # bytes each).
     budget_reserve: int = param(1024, "bytes --budget holds back when not given the tokenized data", ge=0)
@@ -324,11 +334,24 @@ def budget_widths(cfg: QuantizeConfig) -> list[int]:
 
 @dataclass
 class PackConfig(Section):
-    codec: str = param("auto", "auto (the smallest) | zlib | zstd | brotli | lzma", choices=("auto",) + CODECS)
+    codec: str = param("auto", "auto (the smallest of zlib, zstd, brotli, lzma, ans; per stream with pergroup) | "
+                       "zlib | zstd | brotli | lzma | ans (entropy coding of the codes) | lrzip (needs the lrzip "
+                       "program to pack and to read)", choices=("auto",) + CODECS)
     limit: int = param(CHALLENGE_LIMIT, "the challenge's limit on model + code bytes", ge=1)
+    # Per-group streams (blob format version 3, pgolf.formats.streams; PR #1855's container) or one payload.
+    container: str = param("pergroup", "pergroup: codes grouped by role, each stream its own layout and codec | "
+                           "single: one payload stream (chunk_bytes: chunks)", choices=CONTAINERS)
+    sort_rows: str = param("auto", "pergroup: order code matrices' rows by similarity, permutations stored: auto "
+                           "(per stream, where smaller), always, never; it pays only with context coders (brotli, "
+                           "lrzip)", choices=SORT_ROWS)
     # Independent chunks compress in parallel (blob format version 2); bench/chunk_bench.py measures it.
-    chunk_bytes: int = param(0, "compress the payload in chunks of N bytes, in parallel; 0: one stream", off=0,
-                             ge=MIN_CHUNK_BYTES)
+    chunk_bytes: int = param(0, "container single: compress the payload in chunks of N bytes, in parallel; 0: one "
+                             "stream", off=0, ge=MIN_CHUNK_BYTES)
+
+    def check(self) -> None:
+        if self.chunk_bytes and self.container != "single":
+            raise ConfigError("chunk_bytes", "chunk_bytes applies to container=single (pergroup streams are "
+                                             "compressed in parallel already); set container=single with it")
 
 
 @dataclass

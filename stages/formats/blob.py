@@ -10,7 +10,9 @@ Layout (integers little-endian):
               schema, codec, payload sizes and sha256s, tokenizer and val-shard sha256s, producer versions
     rest      the payload: the raw tensor bytes, concatenated in table order, compressed with `codec`
 
-Version 1 compresses the payload as one stream. Version 2 (`pack.chunk_bytes` > 0) cuts the raw payload
+Version 3 (pack.container: pergroup, the default) zlib-compresses the header and splits the payload into
+per-group streams, each laid out and compressed on its own (pgolf.formats.streams). Version 1 compresses
+the payload as one stream. Version 2 (`pack.chunk_bytes` > 0) cuts the raw payload
 into chunks of that many bytes and compresses each independently, in parallel, so the strongest codecs'
 time spreads over the cores (no context crosses a chunk; bench/chunk_bench.py measures both layouts).
 Its header lists [raw, compressed] bytes per chunk; each chunk decodes bounded by its own declared size.
@@ -44,10 +46,14 @@ from pgolf.errors import PgolfError
 from pgolf.formats import codecs
 from pgolf.formats.dequant import DTYPES, ENCODINGS, dequantize
 from pgolf.formats.files import loads_bounded, sha256_bytes
+from pgolf.formats.streams import check_streams, decode_streams
 
 MAGIC = b"PGOLFBL\x00"
 VERSION = 1  # one compressed stream
 VERSION_CHUNKED = 2  # independently compressed chunks
+VERSION_STREAMS = 3  # per-group streams, each with its codec (pgolf.formats.streams); the header zlib-compressed
+VERSIONS = (VERSION, VERSION_CHUNKED, VERSION_STREAMS)
+PERGROUP = "pergroup"  # the header's codec field in format 3: each stream names its own
 PREFIX = struct.Struct("<8sII32s")  # magic, version, header length, header sha256
 
 # Reading is bounded by a limit on model + code bytes: pack.limit and verify.limit, or the challenge's own
@@ -128,9 +134,9 @@ def parse_blob(data: bytes, source: Any, limit: int) -> tuple[dict[str, Any], me
     if magic != MAGIC:
         raise fail(source, f"bad magic {magic!r}; not a pgolf blob (for the challenge's final_model.int8.ptz "
                             "use --format official-int8)")
-    if version not in (VERSION, VERSION_CHUNKED):
-        raise fail(source, f"blob format version {version} is not supported by this pgolf (reads {VERSION} and "
-                            f"{VERSION_CHUNKED}); use the pgolf version that packed it")
+    if version not in VERSIONS:
+        raise fail(source, f"blob format version {version} is not supported by this pgolf (reads "
+                            f"{', '.join(map(str, VERSIONS))}); use the pgolf version that packed it")
     if PREFIX.size + header_len > len(data):
         raise fail(source, f"header length {header_len:,} runs past the end of the {len(data):,}-byte file; "
                             "the blob is truncated or corrupt")
@@ -141,6 +147,11 @@ def parse_blob(data: bytes, source: Any, limit: int) -> tuple[dict[str, Any], me
     header_bytes = view[PREFIX.size:PREFIX.size + header_len]
     if sha256_bytes(header_bytes) != header_hash.hex():
         raise fail(source, "header sha256 mismatch; the header was altered or corrupted, re-download or re-pack")
+    if version == VERSION_STREAMS:  # JSON compresses ~10×: tens of KB of tensor table and schema saved
+        try:
+            header_bytes = codecs.decompress("zlib", bytes(header_bytes), MAX_HEADER_BYTES)
+        except PgolfError as exc:
+            raise fail(source, f"header does not decompress: {exc}; {CORRUPT}") from None
     header = loads_bounded(header_bytes, f"{source}: header", CORRUPT, MAX_HEADER_BYTES)
     check_header(header, version, source, limit)
     return header, view[PREFIX.size + header_len:]
@@ -152,11 +163,16 @@ def check_header(header: Any, version: int, source: Any, limit: int) -> None:
     """Refuse a header unless every field a reader uses has its type, its bounds and agrees with the rest."""
     if not isinstance(header, dict) or header.get("format") != "pgolf-blob":
         raise fail(source, f"header is not a pgolf-blob header (field format); {CORRUPT}")
-    if not _is_key(header.get("codec"), codecs.CODECS):
-        raise fail(source, f"unknown codec {_show(header.get('codec'))} (header field codec); made by a newer pgolf "
-                            f"(upgrade) or corrupt")
+    known = {PERGROUP: None} if version == VERSION_STREAMS else codecs.CODECS
+    if not _is_key(header.get("codec"), known):
+        raise fail(source, f"unknown codec {_show(header.get('codec'))} (header field codec) for format version "
+                            f"{version}; made by a newer pgolf (upgrade) or corrupt")
     _check_payload_fields(header.get("payload"), version, source, limit)
     _check_table(header.get("tensors"), header["payload"]["raw_bytes"], source, limit)
+    if version == VERSION_STREAMS:
+        payload = header["payload"]
+        check_streams(payload.get("streams"), header["tensors"], payload["raw_bytes"], payload["compressed_bytes"],
+                      lambda field, problem: field_error(source, field, problem))
     _check_schema(header.get("schema"), header["tensors"], source)
     build_model_config(header, source)
     _check_identity(header, source)
@@ -176,6 +192,9 @@ def _check_payload_fields(payload: Any, version: int, source: Any, limit: int) -
         raise fail(source, f"declared raw payload {payload['raw_bytes']:,} bytes exceeds the {cap:,}-byte cap "
                             f"({MAX_EXPANSION}× the {limit:,}-byte limit); refusing before decoding (no artifact within "
                             "the limit expands this far)")
+    if ("streams" in payload) != (version == VERSION_STREAMS):
+        need = "needs a stream table" if version == VERSION_STREAMS else "must not have a stream table"
+        raise fail(source, f"format version {version} {need} (header field payload.streams); {CORRUPT}")
     if ("chunks" in payload) != (version == VERSION_CHUNKED):
         need = "needs a chunk table" if version == VERSION_CHUNKED else "must not have a chunk table"
         raise fail(source, f"format version {version} {need} (header field payload.chunks); {CORRUPT}")
@@ -312,7 +331,10 @@ def decode_payload(header: dict[str, Any], payload: bytes | memoryview, source: 
     buf = torch.empty(meta["raw_bytes"], dtype=torch.uint8)  # not zeroed: every byte is written or refused
     out, payload = memoryview(buf.numpy()), memoryview(payload)
     at_in = at_out = 0
-    for i, (raw_len, comp_len) in enumerate(meta.get("chunks") or [[meta["raw_bytes"], len(payload)]]):
+    if "streams" in meta:  # format 3: every tensor byte is written by exactly one stream item (checked)
+        decode_streams(header, payload, buf.numpy(), source)
+    for i, (raw_len, comp_len) in enumerate([] if "streams" in meta else
+                                            meta.get("chunks") or [[meta["raw_bytes"], len(payload)]]):
         try:
             codecs.decompress_into(header["codec"], payload[at_in:at_in + comp_len], out[at_out:at_out + raw_len])
         except PgolfError as exc:

@@ -1,10 +1,13 @@
 """The code a submission counts: the decode path, found from the sources, bundled and compressed.
 
-The challenge counts code bytes + compressed model bytes against 16,000,000. pgolf's code bytes are
-the modules needed to read a blob and score it: the import closure of the ttt-eval stage, derived from
-the sources' import statements (module level and inside functions), so a decoder or evaluation mode is
-counted the moment the scoring path imports it, and the encoders (GPTQ, LQER fitting, the budget search)
-never are. The same closure tells DVC what each stage depends on (dvc.yaml, held to it by a test).
+The challenge counts code bytes + compressed model bytes against 16,000,000. pgolf's rule: the code
+bytes are the modules needed to read a blob and score it, the import closure of the ttt-eval stage
+(derived from the sources' import statements, module level and inside functions), so a decoder,
+codec glue (the `ans` coder's) or evaluation mode is counted the moment the scoring path imports it,
+and the encoders (GPTQ, LQER fitting, the budget search) never are. Each module counts as it runs:
+its syntax tree written back without comments and docstrings (runnable_source). The bundle is
+compressed with pack's codec (the smallest text codec when that is `auto`, `ans` or lrzip).
+Libraries (torch, numpy, constriction, brotli) are not counted, as the challenge treats imports. The same closure tells DVC what each stage depends on (dvc.yaml, held to it by a test).
 """
 
 from __future__ import annotations
@@ -99,20 +102,44 @@ def decode_path() -> list[str]:
     return sorted(source_path(m) for m in import_closure(DECODE_ENTRY))
 
 
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def runnable_source(path: Path) -> str:
+    """The module as it runs: its syntax tree written back (ast.unparse) without comments and docstrings,
+    as the record scripts minify theirs before counting (PR #1855: python-minifier)."""
+    return ast.unparse(_strip_docstrings(ast.parse(path.read_text(encoding="utf-8"), str(path))))
+
+
 def code_bundle(files: list[str]) -> bytes:
-    """The listed sources concatenated, each behind a one-line path marker."""
+    """The listed sources' runnable text (runnable_source) concatenated, each behind a one-line path marker."""
     parts = []
     for name in files:
         path = PACKAGE_DIR.parent / name
         if not path.is_file():
             raise PgolfError(f"{path}: source file needed to decode a blob is missing; reinstall pgolf")
-        parts.append(f"# ---- {name} ----\n".encode() + path.read_bytes())
+        parts.append(f"# ---- {name} ----\n{runnable_source(path)}\n".encode())
     return b"".join(parts)
 
 
+CODE_CODECS = ("zlib", "zstd", "brotli", "lzma")  # text codecs: `ans` and lrzip are for the weights
+
+
 def measure_code(codec: str) -> dict[str, Any]:
-    """Code bytes: the decode path's bundle compressed by `codec` (auto: the smallest)."""
+    """Code bytes: the decode path's bundle compressed by `codec` where it is a text codec, else by the
+    smallest of CODE_CODECS."""
     files = decode_path()
     bundle = code_bundle(files)
-    used, compressed, sizes = codecs.choose(codec, bundle)
+    if codec not in CODE_CODECS:
+        results = codecs.compress_all(bundle, list(CODE_CODECS))
+        used = min(results, key=lambda n: len(results[n]))
+        compressed, sizes = results[used], {n: len(b) for n, b in results.items()}
+    else:
+        used, compressed, sizes = codecs.choose(codec, bundle)
     return {"files": files, "raw_bytes": len(bundle), "codec": used, "bytes": len(compressed), "sizes": sizes}

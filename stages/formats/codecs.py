@@ -12,10 +12,16 @@ inferred from which module happens to import (early record scripts chose zstd or
 from __future__ import annotations
 
 import lzma
+import shutil
+import struct
+import subprocess
+import tempfile
 import zlib
+from pathlib import Path
 from typing import Callable, Iterator
 
 from pgolf.errors import PgolfError
+from pgolf.formats import ans
 
 STEP = 1 << 20  # output bytes per decoding step
 
@@ -124,6 +130,44 @@ def _lzma_stream(data: bytes, max_size: int) -> Iterator[bytes]:
         raise _trailing("lzma")
 
 
+# lrzip (ZPAQ context mixing; the record's per-group codec, PR #1855) is a Debian program, not a Python
+# package: offered when its binary is on PATH, never chosen by `auto`, and named in the error when a blob
+# that needs it meets a machine without it.
+LRZIP_MAGIC = b"LRZI"
+
+
+def lrzip_binary() -> str:
+    found = shutil.which("lrzip")
+    if found is None:
+        raise PgolfError("this blob (or --codec lrzip) needs the `lrzip` program, which is not on PATH; install it "
+                         "(Debian/Ubuntu: apt-get install lrzip) or re-pack with another codec")
+    return found
+
+
+def _lrzip_compress(data: bytes) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "s").write_bytes(data)
+        subprocess.run([lrzip_binary(), "-z", "-L", "9", "-q", "-f", str(Path(tmp, "s"))], check=True,
+                       capture_output=True)
+        return Path(tmp, "s.lrz").read_bytes()
+
+
+def _lrzip_stream(data: bytes, max_size: int) -> Iterator[bytes]:
+    # lrzip's header states the expanded size (bytes 6..14): checked before the program runs.
+    if len(data) < 14 or data[:4] != LRZIP_MAGIC:
+        raise PgolfError("lrzip data is truncated or corrupt (no LRZI header)")
+    size = struct.unpack_from("<Q", data, 6)[0]
+    if size > max_size:
+        raise PgolfError(f"lrzip data declares {size:,} bytes, beyond the {max_size:,} allowed; refusing")
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "s.lrz").write_bytes(data)
+        done = subprocess.run([lrzip_binary(), "-d", "-q", "-f", str(Path(tmp, "s.lrz"))], capture_output=True)
+        out = Path(tmp, "s")
+        if done.returncode or not out.is_file() or out.stat().st_size != size:
+            raise PgolfError("lrzip data is truncated or corrupt (lrzip -d failed or gave another size)")
+        yield out.read_bytes()
+
+
 # name -> (compress, stream: (data, max_size) -> output pieces of about STEP bytes; max_size lets a codec
 # that knows its output size refuse before decoding)
 CODECS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes, int], Iterator[bytes]]]] = {
@@ -131,14 +175,19 @@ CODECS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes, int], Iterato
     "zstd": (_zstd_compress, _zstd_stream),
     "brotli": (_brotli_compress, _brotli_stream),
     "lzma": (_lzma_compress, _lzma_stream),
+    "ans": (ans.compress, ans.stream),
+    "lrzip": (_lrzip_compress, _lrzip_stream),
 }
-SETTINGS = {"zlib": "level 9", "zstd": "level 22", "brotli": "quality 11, lgwin 24", "lzma": "preset 9|EXTREME"}
+AUTO = ("zlib", "zstd", "brotli", "lzma", "ans")  # what `auto` tries: every codec that needs no outside program
+SETTINGS = {"zlib": "level 9", "zstd": "level 22", "brotli": "quality 11, lgwin 24", "lzma": "preset 9|EXTREME",
+            "ans": "order-0 range coding, exact histogram (constriction)", "lrzip": "-z -L 9 (ZPAQ)"}
 
 
 # Size estimates for --budget (pgolf.quant.budget), per tensor and option: the codec itself where it is
 # fast; brotli at quality 5 (far faster than 11, at a similar size on quantized codes); zlib for lzma
 # and auto. Real builds correct the estimate; it only has to rank the options.
-ESTIMATORS = {"zlib": "zlib", "zstd": "zstd", "brotli": "brotli-q5", "lzma": "zlib", "auto": "zlib"}
+ESTIMATORS = {"zlib": "zlib", "zstd": "zstd", "brotli": "brotli-q5", "lzma": "zlib", "ans": "ans", "lrzip": "ans",
+              "auto": "ans"}
 
 
 def estimator(name: str) -> str:
@@ -208,7 +257,7 @@ def compress_all(data: bytes, names: list[str] | None = None) -> dict[str, bytes
     """Each codec on `data`, in parallel threads (the codec libraries release the GIL while they work)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    names = names or list(CODECS)
+    names = names or list(AUTO)
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
         results = list(pool.map(lambda n: compress(n, data), names))
     return dict(zip(names, results))

@@ -366,22 +366,30 @@ class GPT(nn.Module):
         gate = torch.sigmoid(self.skip_gates[j].to(x.dtype))
         return gate * x + (1 - gate) * scaled
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Softcapped logits [B, T, V] in float32."""
-        h = self.hidden(input_ids)
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head's output before the softcap: h Wᵀ of the tied embedding (or lm_head), + test-time LoRA."""
         z = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
         if self.head_adapter is not None:  # test-time LoRA on the logits, before the softcap
             z = z + self.head_adapter(h)
+        return z
+
+    def softcap(self, z: torch.Tensor) -> torch.Tensor:
         cap = self.cfg.logit_softcap
         return (cap * torch.tanh(z / cap)).float()
 
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Softcapped logits [B, T, V] in float32."""
+        return self.softcap(self.head_logits(self.hidden(input_ids)))
+
     label_smoothing = 0.0  # the training objective's ε (set by the trainer only: scoring never smooths)
+
+    def loss_from_logits(self, logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
+                               label_smoothing=self.label_smoothing)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy (nats) over all positions (label-smoothed when training asks for it)."""
-        logits = self.logits(input_ids)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
-                               label_smoothing=self.label_smoothing)
+        return self.loss_from_logits(self.logits(input_ids), target_ids)
 
 
 def document_mask(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:

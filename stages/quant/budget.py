@@ -1,9 +1,12 @@
 """Bit allocation to a byte budget (`quantize --budget BYTES`).
 
 Every quantized tensor is encoded once at every width of `budget_bits`, and (with `budget_lqer`) once
-more at each width with an LQER correction (pgolf.quant.lqer). Each encoding is scored by its output error
-trace((W − Ŵ) H (W − Ŵ)ᵀ) (where no Hessian fits the tensor: ‖W − Ŵ‖²_F, i.e. H = I) and by the
-compressed size of its stored parts. From the lowest widths everywhere, the search keeps taking the
+more at each width with an LQER correction (pgolf.quant.lqer). Each encoding is scored by an error and by
+the compressed size of its stored parts. The error (`budget_objective`) is, by default, the loss it costs:
+½ Σ_r G_r (W − Ŵ)_r H (W − Ŵ)_rᵀ with calibrate's output-gradient moments G (pgolf.quant.gptq.loss_error).
+Layer errors alone, trace((W − Ŵ) H (W − Ŵ)ᵀ) (`layer`), are not comparable across layers: on the record
+stack they moved bits from late MLP projections to early value projections and lost 0.07 BPB
+(bench/README.md). Where no Hessian fits a tensor the error is ‖W − Ŵ‖²_F. From the lowest widths everywhere, the search keeps taking the
 move (one tensor to any of its encodings with a lower error) with the largest error reduction per extra
 byte. That path does not depend on the budget; the budget only says where to stop on it.
 
@@ -17,6 +20,7 @@ quality 11; bench/README.md has the timings) costs a few rounds, not one per und
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -34,11 +38,15 @@ from pgolf.formats.dequant import decode_entry
 from pgolf.formats.submission import blob_header_fields
 from pgolf.nn.names import tensor_group
 from pgolf.quant.encode import Encoded, encode_tensor, is_quantized, store_encoded
-from pgolf.quant.gptq import weighted_error
+from pgolf.quant.gptq import loss_error, weighted_error
 from pgolf.quant.lqer import hessian_roots, with_lqer
 from pgolf.report.progress import Bar
 
-PLACEHOLDER_SHA = "0" * 64
+# The quantized file's sha256 goes into pack's header but is not known while searching: a stand-in of the
+# same length and, like a real hash, incompressible (format 3 compresses the header).
+PLACEHOLDER_SHA = hashlib.sha256(b"pgolf --budget: a sha256 not known yet").hexdigest()
+# A compressed header's size still varies by a few bytes with the hashes it holds: held back in format 3.
+HEADER_SLACK = 64
 # Relative distances from the predicted stop at which the first round of real builds probes.
 PROBE_MARGINS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
 
@@ -62,8 +70,12 @@ class Option:
     est_bytes: int
 
 
-def tensor_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> tuple[float, str]:
+def tensor_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None, g: torch.Tensor | None = None
+                 ) -> tuple[float, str]:
+    """(error, its kind): the loss estimate given H and G, the layer output error given H, else ‖W − Ŵ‖²."""
     if h is not None and w.ndim == 2 and tuple(h.shape) == (w.shape[1],) * 2:
+        if g is not None and tuple(g.shape) == (w.shape[0],):
+            return loss_error(w, w_hat, h, g), "loss"
         return weighted_error(w, w_hat, h), "hessian"
     return float((w.double() - w_hat.double()).pow(2).sum()), "plain"
 
@@ -102,20 +114,25 @@ class BudgetSearch:
     """The encodings, the upgrade path and its measured ends for one checkpoint; `fit(budget)` picks."""
 
     def __init__(self, state: dict[str, torch.Tensor], cfg: QuantizeConfig, pack: PackConfig,
-                 hessians: dict[str, torch.Tensor] | None, meta: dict[str, Any], ident: dict[str, Any] | None) -> None:
+                 hessians: dict[str, torch.Tensor] | None, meta: dict[str, Any], ident: dict[str, Any] | None,
+                 out_grads: dict[str, torch.Tensor] | None = None) -> None:
         """pack: how pack will compress (its codec and chunking), which the sizes are measured with;
         meta: the quantized file's metadata less the schema; ident: data_identity of the data, or None
-        (a placeholder, with cfg.budget_reserve bytes held back)."""
+        (a placeholder, with cfg.budget_reserve bytes held back); out_grads: calibrate's output-gradient
+        moments G, used when cfg.budget_objective is `loss`."""
         self.state, self.cfg, self.meta = state, cfg, meta
+        self.pack = pack
         self.codec, self.chunk_bytes = pack.codec, pack.chunk_bytes
         self.exact = ident is not None
         self.ident = ident or placeholder_identity(meta)
         self.reserve = 0 if ident else cfg.budget_reserve
+        self.slack = HEADER_SLACK if pack.container == "pergroup" else 0
         self.estimate_codec = codecs.estimator(self.codec)
         hessians = hessians or {}
         if not hessians:
             print("quantize: note: --budget without --hessians minimises the plain squared error ‖W − Ŵ‖² "
                   "(every input direction weighted alike); give --hessians for the output error")
+        self.out_grads = (out_grads or {}) if cfg.budget_objective == "loss" else {}
         self.fixed, self.options, self.error_kind = self._encode(hessians)
         self.path = upgrade_path(self.options)
         self.code = measure_code(self.codec)
@@ -162,7 +179,7 @@ class BudgetSearch:
                 for lqer, e in candidates:
                     tensors, schema = store_encoded({name: e}, {name: self.state[name]})
                     restored = decode_entry(name, schema[name], tensors, "budget")
-                    err, kinds[name] = tensor_error(w, restored, h)
+                    err, kinds[name] = tensor_error(w, restored, h, self.out_grads.get(name))
                     found[name, b, lqer] = (e, err)
         # The codec libraries release the GIL: compress the encodings in parallel.
         keys = list(found)
@@ -196,7 +213,8 @@ class BudgetSearch:
             save_file(tensors, f"{tmp}/q.safetensors")
             tensors = load_file(f"{tmp}/q.safetensors")
         fields = blob_header_fields({**self.meta, "schema": schema}, self.ident, PLACEHOLDER_SHA, self.code)
-        return len(build_blob(tensors, fields, self.codec, self.chunk_bytes)[0]) + self.code["bytes"] + self.reserve
+        blob = build_blob(tensors, fields, self.codec, self.chunk_bytes, self.pack.container, self.pack.sort_rows)[0]
+        return len(blob) + self.code["bytes"] + self.reserve + self.slack
 
     def measure_many(self, ks: list[int]) -> list[int]:
         """Packed bytes (blob + code, + the reserve) after each k upgrades: blobs built as pack builds them,
@@ -253,12 +271,12 @@ class BudgetSearch:
             "candidate_bits": budget_widths(self.cfg), "lqer_candidates": self.cfg.budget_lqer,
             "upgrades": k, "path_length": len(self.path), "predicted_upgrades": predicted,
             "real_builds": builds, "predicted_bytes": round(self.predicted[k]), "measured_bytes": self.measure(k),
-            "code_bytes": self.code["bytes"], "reserve_bytes": self.reserve,
+            "code_bytes": self.code["bytes"], "reserve_bytes": self.reserve, "header_slack_bytes": self.slack,
             "data_identity": "exact" if self.exact else "placeholder",
             "smallest_bytes": smallest, "largest_bytes": self.measure(end),
             "error": sum(t["err"] for t in tensors.values()),
-            "error_kind": "hessian" if all(v == "hessian" for v in self.error_kind.values()) else
-            ("plain" if all(v == "plain" for v in self.error_kind.values()) else "mixed"),
+            "objective": self.cfg.budget_objective,
+            "error_kind": next(iter(kinds)) if len(kinds := set(self.error_kind.values())) == 1 else "mixed",
             "lqer_tensors": sorted(n for n, t in tensors.items() if t["lqer"]),
             "fixed_tensors": sorted(n for n in self.fixed if is_quantized(self.state[n], self.cfg)),
             "tensors": tensors,

@@ -73,9 +73,10 @@ QUANTIZERS: dict[str, Callable[[str, torch.Tensor, QuantizeConfig, torch.Tensor 
     "rtn": _rtn, "gptq": _gptq}
 
 
-def keep_float(name: str, t: torch.Tensor) -> Encoded:
-    """Small float tensors: control tensors fp32, others fp16 when they were fp32/bf16 (reference rules)."""
-    if is_control_name(name):
+def keep_float(name: str, t: torch.Tensor, control_fp16: bool) -> Encoded:
+    """Small float tensors: control tensors fp32 (the baseline's rule; fp16 with `control_fp16`, as the
+    record stores every passthrough tensor, PR #1855), others fp16 when they were fp32/bf16."""
+    if is_control_name(name) and not control_fp16:
         stored = t.float()
     elif t.dtype in (torch.float32, torch.bfloat16):
         stored = t.to(torch.float16)
@@ -95,7 +96,7 @@ def encode_tensor(name: str, t: torch.Tensor, cfg: QuantizeConfig, hessian: torc
     if not t.is_floating_point():
         enc = Encoded({"value": t}, {"encoding": "raw", "method": "passthrough", "bits": None, "clip": None, "scheme": None})
     elif not is_quantized(t, cfg):
-        enc = keep_float(name, t)
+        enc = keep_float(name, t, cfg.control_fp16)
     else:
         enc = QUANTIZERS[cfg.method](name, t, config_for(name, cfg), hessian)
     enc.entry.update({"dtype": dtype_name(t.dtype), "shape": list(t.shape)})

@@ -88,3 +88,11 @@ def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) 
     """trace((W − Ŵ) H (W − Ŵ)ᵀ): the expected squared output error over the calibration inputs."""
     e = (w.detach().double() - w_hat.detach().double())
     return float(((e @ hessian.detach().double()) * e).sum())
+
+
+def loss_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, out_grad_sq: torch.Tensor) -> float:
+    """½ Σ_r G_r (W − Ŵ)_r H (W − Ŵ)_rᵀ: the loss (nats per token) that Ŵ's error costs to second order, with
+    G = E[(∂L/∂y)²] of the outputs (diagonal, Kronecker-factored Fisher; Martens & Grosse 2015)."""
+    e = (w.detach().double() - w_hat.detach().double())
+    per_row = ((e @ hessian.detach().double()) * e).sum(1)
+    return float(0.5 * (out_grad_sq.detach().double() * per_row).sum())

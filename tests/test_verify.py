@@ -119,6 +119,8 @@ def test_passes_on_correct_claim(world):
     assert rep["eval"]["seq_len"] == 64 and rep["eval_sources"]["seq_len"] == "claim"
     assert rep["sizes"]["model_bytes"] == world["pack"]["model_bytes"]
     assert rep["sizes"]["code_bytes_recorded"] == world["pack"]["code_bytes"]
+    header = next(c["detail"] for c in rep["checks"] if c["name"] == "header")  # pack's default: format 3
+    assert header.startswith(f"blob v3, {len(world['pack']['streams'])} streams (") and "codec pergroup" in header
 
 
 def test_catches_false_claim(world):

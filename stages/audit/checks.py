@@ -141,8 +141,12 @@ def run_checks(ctx: Context) -> list[Row]:
 @check("header", formats=(PGOLF,))
 def pgolf_header(ctx: Context) -> str:
     ctx.header, ctx.payload = blobfmt.parse_blob(ctx.raw, ctx.blob, ctx.cfg.limit)
-    chunks = ctx.header["payload"].get("chunks")
-    layout = f"v{blobfmt.VERSION_CHUNKED}, {len(chunks)} chunks" if chunks else f"v{blobfmt.VERSION}"
+    chunks, streams = ctx.header["payload"].get("chunks"), ctx.header["payload"].get("streams")
+    if streams:
+        used = sorted({s["codec"] for s in streams})
+        layout = f"v{blobfmt.VERSION_STREAMS}, {len(streams)} streams ({', '.join(used)})"
+    else:
+        layout = f"v{blobfmt.VERSION_CHUNKED}, {len(chunks)} chunks" if chunks else f"v{blobfmt.VERSION}"
     return f"blob {layout}, codec {ctx.header['codec']}, {len(ctx.header['tensors'])} tensors"
 
 

@@ -260,7 +260,7 @@ def verify(
                                                 "several seeds)."),
     limit: Optional[int] = typer.Option(None, help="Size limit in bytes (default 16,000,000)."),
     val_tokens: Optional[int] = typer.Option(None, help="Re-score only the first N val tokens; 0 = all."),
-    fmt: str = typer.Option("auto", "--format", help="auto | pgolf | official-int8."),
+    fmt: str = typer.Option("auto", "--format", help="auto | pgolf | official-int8 | record-int6 (the record family's final_model.int6.ptz; give its training log with --claims for its hyperparameters)."),
     report: Optional[Path] = typer.Option(None, help="Metrics row JSON; the check table goes to *_report.json beside "
                                           "it [default: artifacts/verify_metrics.json]."),
     markdown: Optional[Path] = typer.Option(None, help="Also write a review summary (each check, its evidence, the "

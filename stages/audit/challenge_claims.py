@@ -55,6 +55,7 @@ class Run:
     caseops: bool | None = None  # the script's caseops_enabled
     decimals: tuple[int, int] = (8, 8)  # printed decimals of val_loss and val_bpb: the arithmetic's precision
     evidence: dict[str, str] = field(default_factory=dict)
+    hyperparameters: dict[str, str] = field(default_factory=dict)  # the log's "Hyperparameters:" block, as printed
 
 
 @dataclass
@@ -75,6 +76,23 @@ class Claims:
 
 def _decimals(text: str) -> int:
     return len(text.split(".")[1]) if "." in text else 0
+
+
+HYPER_LINE = re.compile(r"^  ([A-Za-z_][A-Za-z0-9_]*): (.*)$")
+
+
+def hyperparameters(lines: list[str]) -> dict[str, str]:
+    """The record scripts' "Hyperparameters:" block: two-space-indented `name: value` lines after it."""
+    found: dict[str, str] = {}
+    for i, line in enumerate(lines):
+        if line.strip() == "Hyperparameters:":
+            for entry in lines[i + 1:]:
+                m = HYPER_LINE.match(entry)
+                if not m:
+                    break
+                found[m.group(1)] = m.group(2).strip()
+            break
+    return found
 
 
 def parse_log(text: str, source: str) -> Run:
@@ -113,6 +131,7 @@ def parse_log(text: str, source: str) -> Run:
     if hit:
         run.total_bytes = int(hit[1].group(1))
         run.evidence["size"] = f"{source}:{hit[0]}: {lines[hit[0] - 1].strip()}"
+    run.hyperparameters = hyperparameters(lines)
     hit = last(CASEOPS_LINE)
     if hit:
         run.caseops = hit[1].group(1) == "True"

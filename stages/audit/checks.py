@@ -9,6 +9,7 @@ Nothing from the file is executed: pgolf blobs are JSON + raw bytes, and the cha
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +27,15 @@ from pgolf.formats.blob_model import model_config
 from pgolf.formats import codecs
 from pgolf.formats.code import measure_code
 from pgolf.formats.dequant import dequantize
+from pgolf.formats import record_int6
 from pgolf.formats.official_int8 import infer_baseline_config, official_int8_state_dict, read_official_int8
 from pgolf.formats.shards import shard_paths
 from pgolf.nn.model import GPT, build_model, resolve_device
 from pgolf.text.evaluate import EvalData
 from pgolf.ttt.modes import score_weights
 
-PGOLF, OFFICIAL = "pgolf", "official-int8"
-FORMATS = (PGOLF, OFFICIAL)
+PGOLF, OFFICIAL, RECORD = "pgolf", "official-int8", "record-int6"
+FORMATS = (PGOLF, OFFICIAL, RECORD)
 NO_BLOB = "claims only"  # no artifact given: the claims' arithmetic against the data
 ANY = FORMATS + (NO_BLOB,)
 
@@ -54,6 +56,7 @@ class Context:
     header: dict | None = None
     payload: memoryview | None = None
     official: dict | None = None
+    record: dict | None = None  # a record-family artifact as read (formats.record_int6)
     state_dict: dict[str, torch.Tensor] | None = None
     model_cfg: ModelConfig | None = None
     sizes: dict | None = None
@@ -108,12 +111,15 @@ def check(name: str, *, formats: tuple[str, ...] = FORMATS, needs: tuple[str, ..
 
 
 def detect_format(data: bytes) -> str:
-    """pgolf by its magic; the challenge's int8 artifact by its zlib header; else pgolf (the magic check fails)."""
+    """pgolf by its magic; the challenge's int8 artifact by its zlib header; the record family's by PGRP or a
+    brotli stream that opens a torch.save zip; else pgolf (whose magic check then fails)."""
     if data.startswith(blobfmt.MAGIC):
         return PGOLF
+    if data.startswith(record_int6.PGRP):
+        return RECORD
     if len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] * 256 + data[1]) % 31 == 0:
         return OFFICIAL
-    return PGOLF
+    return RECORD if record_int6.is_record_artifact(data) else PGOLF
 
 
 def run_checks(ctx: Context) -> list[Row]:
@@ -156,6 +162,13 @@ def official_header(ctx: Context) -> str:
     return f"{obj['__quant_format__']}: {len(obj['quantized'])} quantized, {len(obj['passthrough'])} kept"
 
 
+@check("header", formats=(RECORD,))
+def record_header(ctx: Context) -> str:
+    ctx.record = obj = record_int6.read_record_int6(ctx.raw, ctx.blob, ctx.cfg.limit)
+    kinds = sorted({re.sub(r" \(.*\)", "", k) for k in obj["m"].values()})
+    return f"record int6 artifact, {obj['container']} container: {len(obj['m'])} weights ({', '.join(kinds)})"
+
+
 @check("payload hash", formats=(PGOLF,), needs=("header",))
 def pgolf_payload(ctx: Context) -> str:
     blobfmt.check_payload(ctx.header, ctx.payload, ctx.blob)
@@ -165,6 +178,11 @@ def pgolf_payload(ctx: Context) -> str:
 @check("payload hash", formats=(OFFICIAL,), needs=("header",))
 def official_payload(ctx: Context) -> str:
     return "zlib adler-32 verified on decompression (this format records no sha256)"
+
+
+@check("payload hash", formats=(RECORD,), needs=("header",))
+def record_payload(ctx: Context) -> str:
+    return "this format records no sha256; every stream decoded to its declared size and shapes"
 
 
 # ---- size: the whole file plus the code that decodes and scores it
@@ -193,6 +211,21 @@ def pgolf_decode(ctx: Context) -> str:
     tensors = blobfmt.decode_payload(ctx.header, ctx.payload, ctx.blob)
     ctx.state_dict = dequantize(tensors, ctx.header["schema"], str(ctx.blob))
     return f"{len(ctx.state_dict)} tensors, JSON + raw bytes only (nothing executed)"
+
+
+@check("decode", formats=(RECORD,), needs=("header", "payload hash"))
+def record_decode(ctx: Context) -> str:
+    flat = record_int6.dequantize_record(ctx.record, str(ctx.blob))
+    runs = ctx.challenge.runs if ctx.challenge else []
+    hyper = next((r.hyperparameters for r in runs if r.hyperparameters), None)
+    ctx.model_cfg, origin = record_int6.record_model_config(flat, int(ctx.manifest.get("vocab_size", 0)), hyper,
+                                                            str(ctx.blob))
+    with torch.device("meta"):
+        wanted = {n: t.shape for n, t in GPT(ctx.model_cfg).state_dict().items()}
+    ctx.state_dict = record_int6.to_pgolf_names(flat, wanted, str(ctx.blob))
+    c = ctx.model_cfg
+    return (f"{len(ctx.state_dict)} tensors onto pgolf's model from {origin}: {c.num_layers} layers, width "
+            f"{c.model_dim}; torch.load(weights_only=True), nothing executed")
 
 
 @check("decode", formats=(OFFICIAL,), needs=("header", "payload hash"))
@@ -227,9 +260,9 @@ def tokenizer(ctx: Context) -> str:
     return f"sha256 {actual[:16]}… matches {tok_path}"
 
 
-@check("tokenizer", formats=(OFFICIAL,))
+@check("tokenizer", formats=(OFFICIAL, RECORD))
 def official_tokenizer(ctx: Context) -> str:
-    raise Skip("the official int8 format records no tokenizer; vocab size checked instead")
+    raise Skip(f"the {ctx.fmt} format records no tokenizer; vocab size checked instead")
 
 
 @check("val shards", formats=(PGOLF,), needs=("header",))
@@ -248,9 +281,9 @@ def val_shards(ctx: Context) -> str:
     return f"{len(actual)} files match by sha256"
 
 
-@check("val shards", formats=(OFFICIAL,))
+@check("val shards", formats=(OFFICIAL, RECORD))
 def official_val_shards(ctx: Context) -> str:
-    raise Skip("the official int8 format records no val shard hashes")
+    raise Skip(f"the {ctx.fmt} format records no val shard hashes")
 
 
 # ---- the validation files, whatever was given
@@ -307,6 +340,15 @@ def deterministic_decode(ctx: Context) -> str:
 @check("deterministic decode", formats=(OFFICIAL,), needs=("decode",))
 def official_deterministic_decode(ctx: Context) -> str:
     return model_checks.same_weights(ctx.state_dict, official_int8_state_dict(ctx.official, str(ctx.blob)))
+
+
+@check("deterministic decode", formats=(RECORD,), needs=("decode",))
+def record_deterministic_decode(ctx: Context) -> str:
+    again = record_int6.dequantize_record(record_int6.read_record_int6(ctx.raw, ctx.blob, ctx.cfg.limit),
+                                          str(ctx.blob))
+    with torch.device("meta"):
+        wanted = {n: t.shape for n, t in GPT(ctx.model_cfg).state_dict().items()}
+    return model_checks.same_weights(ctx.state_dict, record_int6.to_pgolf_names(again, wanted, str(ctx.blob)))
 
 
 # ---- what a submission's own files claim (logs, submission.json)
@@ -370,7 +412,7 @@ def ttt_compliance(ctx: Context) -> str:
     return f"ttt={ctx.eval_cfg.ttt}: scores every target before any update that sees it"
 
 
-@check("bpb", formats=(OFFICIAL,), needs=("decode", "vocab", "ttt compliance"))
+@check("bpb", formats=(OFFICIAL, RECORD), needs=("decode", "vocab", "ttt compliance"))
 @check("bpb", formats=(PGOLF,), needs=("decode", "vocab", "tokenizer", "val shards", "ttt compliance"))
 def bpb(ctx: Context) -> str:
     ctx.measured = score_weights(ctx.state_dict, ctx.model_cfg, ctx.data, ctx.eval_cfg)

@@ -106,3 +106,86 @@ def test_a_training_run_uses_the_switches(tokenized_dir, tmp_path):
     assert runs["l1"][matrix].abs().mean() < base[matrix].abs().mean()
     # cautious decay skips entries where the update opposes the weight: less shrinkage than plain decay
     assert runs["cautious"][matrix].abs().mean() > base[matrix].abs().mean()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_pruning_zeroes_the_smallest_weights_and_the_packed_size_shows_it(method):
+    """quantize.prune_sparsity (PR #212): that fraction of each quantized matrix's smallest-|w| weights decode to
+    exactly 0 (GPTQ's error feedback cannot move them), the rest as without pruning would; zeros pack smaller."""
+    from pgolf.config.sections import QuantizeConfig
+    from pgolf.formats import codecs
+    from pgolf.formats.blob_writer import encode_payload
+    from pgolf.formats.dequant import decode_entry
+    from pgolf.quant.encode import encode_tensor, store_encoded
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 128, generator=g) * 0.02
+    x = torch.randn(512, 128, generator=g)
+    h = x.T @ x / 512
+    sizes = {}
+    for sparsity in (0.0, 0.5):
+        cfg = QuantizeConfig(bits=6, method=method, clip="sdclip", keep_float_max_numel=16, prune_sparsity=sparsity)
+        enc = encode_tensor("blocks.0.mlp.fc.weight", w, cfg, h)
+        tensors, schema = store_encoded({"blocks.0.mlp.fc.weight": enc}, {"blocks.0.mlp.fc.weight": w})
+        restored = decode_entry("blocks.0.mlp.fc.weight", schema["blocks.0.mlp.fc.weight"], tensors, "test")
+        small = w.abs() <= w.abs().flatten().kthvalue(int(sparsity * w.numel())).values if sparsity else None
+        if sparsity:
+            assert bool((restored[small] == 0).all()) and int(small.sum()) == int(sparsity * w.numel())
+            assert enc.entry["pruned"] == pytest.approx(sparsity)
+        else:
+            assert "pruned" not in enc.entry
+        sizes[sparsity] = len(codecs.compress("ans", encode_payload(tensors)[0]))
+    assert sizes[0.5] < 0.8 * sizes[0.0]
+    with pytest.raises(PgolfError, match="prune_sparsity"):
+        build(QuantizeConfig, [({"prune_sparsity": 1.0}, "params.yaml")], "quantize")
+
+
+def test_adamw_for_the_block_matrices_takes_muons_place():
+    """train.matrix_optimizer=adamw (PR #1227): the block matrices get AdamW with matrix_lr and muon_wd, and its
+    step is torch's AdamW step; every other group is as before and no parameter is left out."""
+    cfg = TrainConfig(matrix_optimizer="adamw", matrix_lr=3e-4, muon_wd=0.1)
+    m, (x, y) = model(), batch()
+    optimizers, matrix_opt = build_optimizers(m, cfg, torch.float32)
+    _, muon = build_optimizers(model(), TrainConfig(), torch.float32)
+    assert isinstance(matrix_opt, torch.optim.AdamW) and isinstance(muon, Muon)
+    mine = [p for g in matrix_opt.param_groups for p in g["params"]]
+    assert [p.shape for p in mine] == [p.shape for g in muon.param_groups for p in g["params"]]
+    group = matrix_opt.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (3e-4, 0.1)
+    reference = [p.detach().clone().requires_grad_(True) for p in mine]
+    ref_opt = torch.optim.AdamW(reference, lr=3e-4, weight_decay=0.1, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    m(x, y).backward()
+    for p, r in zip(mine, reference):
+        r.grad = p.grad.clone()
+    matrix_opt.step()
+    ref_opt.step()
+    assert all(torch.equal(p, r) for p, r in zip(mine, reference))
+    assert len(optimizers) == 3 and not any(isinstance(o, Muon) for o in optimizers)
+
+
+def test_cosine_schedule_runs_from_one_to_min_lr():
+    from pgolf.nn.schedule import Schedule
+
+    cfg = TrainConfig(lr_schedule="cosine", min_lr=0.1, iterations=100, max_wallclock_seconds=0, warmdown_iters=30)
+    s = Schedule(cfg)
+    assert s.lr_scale(0, 0) == pytest.approx(1.0)
+    assert s.lr_scale(50, 0) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert s.lr_scale(100, 0) == pytest.approx(0.1)
+    values = [s.lr_scale(k, 0) for k in range(101)]
+    assert all(b <= a for a, b in zip(values, values[1:]))
+    linear = Schedule(TrainConfig(iterations=100, max_wallclock_seconds=0, warmdown_iters=30))
+    assert linear.lr_scale(50, 0) == 1.0  # the default is unchanged
+
+
+def test_a_short_run_trains_with_adamw_matrices(tokenized_dir, tmp_path):
+    from pgolf import train
+    from pgolf.formats.files import read_json
+
+    cfg = TrainConfig(iterations=6, max_wallclock_seconds=0, warmdown_iters=0, warmup_steps=0, train_batch_tokens=1024,
+                      train_seq_len=64, grad_accum_steps=1, val_tokens=512, device="cpu", matrix_optimizer="adamw",
+                      matrix_lr=3e-3, muon_wd=0.1, lr_schedule="cosine", min_lr=0.1)
+    train.run(tokenized_dir, tmp_path / "ckpt.safetensors", ModelConfig(num_layers=2, model_dim=32, num_heads=2,
+                                                                        num_kv_heads=1), cfg, tmp_path / "m.json",
+              tmp_path / "log.csv")
+    report = read_json(tmp_path / "m_report.json")
+    assert report["steps"] == 6 and report["train_loss"] < 10

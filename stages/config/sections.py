@@ -220,7 +220,12 @@ class TrainConfig(Section):
     muon_ns: str = param("classic", "Newton–Schulz coefficients: classic (3.4445, −4.7750, 2.0315) | polar_express",
                          choices=NS_COEFFICIENT_SETS)
     muon_row_norm: bool = param(False, "MuonEq-R: normalise every row of the update before orthogonalising")
-    muon_wd: float = param(0.0, "decoupled weight decay of the Muon matrices (×lr)", ge=0)
+    muon_wd: float = param(0.0, "decoupled weight decay of the block matrices (×lr; AdamW's with matrix_optimizer="
+                           "adamw)", ge=0)
+    matrix_optimizer: str = param("muon", "the block matrices' optimizer: muon | adamw (PR #1227's all-AdamW "
+                                  "study: matrix_lr 3e-4, muon_wd 0.1, lr_schedule cosine)", choices=("muon", "adamw"))
+    lr_schedule: str = param("linear", "linear: warm-up, 1, then the linear warmdown | cosine: from 1 at the start to "
+                             "min_lr at the end of the run (after the warm-up)", choices=("linear", "cosine"))
     cautious_wd: bool = param(False, "Muon's weight decay only where the update and the weight agree in sign (PR #375)")
     # The seed studies' training-objective switches (PR #375), off by default.
     label_smoothing: float = param(0.0, "training loss only: cross-entropy against (1 − ε)·target + ε·uniform "
@@ -277,6 +282,8 @@ class QuantizeConfig(Section):
     sdclip_k: float = param(12.85, "SDClip: clip at k·std per row", gt=0)
     keep_float_max_numel: int = param(65_536, "float tensors up to this size stay float (fp16; control tensors fp32)",
                                       ge=0)
+    prune_sparsity: float = param(0.0, "zero this fraction of each quantized matrix's smallest-|w| weights "
+                                  "(their codes stay 0; PR #212's magnitude pruning); 0: off", ge=0, lt=1)
     control_fp16: bool = param(False, "store the kept-float control tensors in fp16 too (the record's passthrough, "
                                "PR #1855); off: fp32, the baseline's rule")
     # Per-group overrides by parameter name (pgolf.nn.names): embed (tok_emb, lm_head), attn (c_q, c_k, c_v,

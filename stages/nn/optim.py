@@ -1,7 +1,8 @@
 """Which optimizer updates which parameter, as a table: the grouping rule in one place.
 
 The reference recipe (the challenge's train_gpt.py): Muon on the block matrices, Adam on the embedding
-(and an untied head) and on the small control tensors. Every parameter falls in exactly one group, so a
+(and an untied head) and on the small control tensors. `train.matrix_optimizer: adamw` gives the block
+matrices AdamW instead (PR #1227's study), with the same LR and decay keys. Every parameter falls in exactly one group, so a
 new model component is optimized the moment its name fits a rule (or joins "scalar" by default); the
 build refuses a parameter left out. Each group's `base_lr` is what the schedule scales.
 """
@@ -57,9 +58,10 @@ def grouped_parameters(model: GPT) -> dict[str, list[torch.Tensor]]:
     return groups
 
 
-def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tuple[list[torch.optim.Optimizer], Muon]:
-    """One optimizer per non-empty group, in table order; returns them and the Muon one (its momentum is
-    scheduled)."""
+def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype
+                     ) -> tuple[list[torch.optim.Optimizer], torch.optim.Optimizer]:
+    """One optimizer per non-empty group, in table order; returns them and the block matrices' one (Muon, whose
+    momentum is scheduled, or AdamW)."""
     fused = next(model.parameters()).is_cuda
     params = grouped_parameters(model)
     optimizers: list[torch.optim.Optimizer] = []
@@ -69,7 +71,7 @@ def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tup
             continue
         lr = getattr(cfg, group.tied_lr if group.tied_lr and model.cfg.tie_embeddings else group.lr)
         wd = getattr(cfg, group.weight_decay)
-        if group.optimizer == "muon":
+        if group.optimizer == "muon" and cfg.matrix_optimizer == "muon":
             muon = Muon(params[group.name], lr=lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
                         ns_dtype=ns_dtype, coefficients=cfg.muon_ns, row_norm=cfg.muon_row_norm, weight_decay=wd,
                         cautious=cfg.cautious_wd)
@@ -80,8 +82,10 @@ def build_optimizers(model: GPT, cfg: TrainConfig, ns_dtype: torch.dtype) -> tup
             kind, extra = (torch.optim.AdamW, {"weight_decay": wd}) if wd > 0 else (torch.optim.Adam, {})
             optimizers.append(kind([{"params": params[group.name], "lr": lr, "base_lr": lr}],
                                    betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused, **extra))
+            if group.optimizer == "muon":  # the block matrices under matrix_optimizer=adamw
+                muon = optimizers[-1]
     grouped = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     if sorted(grouped) != sorted(id(p) for p in model.parameters()):
         raise RuntimeError("every parameter must be in exactly one optimizer group")
-    assert muon is not None, "the model has no block matrices for Muon"
+    assert muon is not None, "the model has no block matrices"
     return optimizers, muon

@@ -7,6 +7,7 @@ by step, for the LR multiplier, Muon's momentum, and whether depth recurrence, Q
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pgolf.config.sections import TrainConfig
@@ -23,11 +24,15 @@ class Schedule:
         return step / max(cfg.iterations, 1)
 
     def lr_scale(self, step: int, elapsed_ms: float) -> float:
-        """A linear warm-up over `lr_warmup_steps`, then 1, then a linear warmdown to 0 floored at `min_lr`.
+        """A linear warm-up over `lr_warmup_steps`, then 1, then a linear warmdown to 0 floored at `min_lr`
+        (or, with `lr_schedule: cosine`, a cosine from 1 to `min_lr` over the run).
         The warmdown is the last `warmdown_frac` of the run, or else the last `warmdown_iters` steps —
         under a cap, that many steps' worth of time at the average step time so far (the reference's rule)."""
         cfg = self.cfg
         warmup = min((step + 1) / cfg.lr_warmup_steps, 1.0) if cfg.lr_warmup_steps > 0 else 1.0
+        if cfg.lr_schedule == "cosine":  # PR #1227's AdamW runs: cosine from 1 to min_lr over the whole run
+            done = min(max(self.progress(step, elapsed_ms), 0.0), 1.0)
+            return warmup * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * done)))
         if cfg.warmdown_frac > 0:
             decay = min((1.0 - self.progress(step, elapsed_ms)) / cfg.warmdown_frac, 1.0)
         elif cfg.warmdown_iters <= 0:

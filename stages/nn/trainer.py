@@ -24,6 +24,7 @@ from pgolf.formats.shards import DistributedTokenLoader
 from pgolf.nn.average import weight_average_for
 from pgolf.nn.distributed import Dist
 from pgolf.nn.model import GPT, autocast_for, enable_qat, prepare_for_device, set_qat
+from pgolf.nn.muon import Muon
 from pgolf.nn.optim import build_optimizers
 from pgolf.nn.schedule import Schedule
 from pgolf.nn.trainstate import Checkpointer, Progress, optimizer_states
@@ -86,9 +87,9 @@ class TrainResult:
     peak_memory_bytes: int | None = None
 
 
-def l1_penalty(muon: torch.optim.Optimizer, lam: float) -> torch.Tensor:
-    """λ·Σ|w| over the block matrices (Muon's parameters): the seed study's L1 regularisation (PR #375)."""
-    return lam * sum(p.abs().sum() for g in muon.param_groups for p in g["params"])
+def l1_penalty(matrix_opt: torch.optim.Optimizer, lam: float) -> torch.Tensor:
+    """λ·Σ|w| over the block matrices (their optimizer's parameters): the seed study's L1 regularisation (PR #375)."""
+    return lam * sum(p.abs().sum() for g in matrix_opt.param_groups for p in g["params"])
 
 
 class Trainer:
@@ -111,7 +112,7 @@ class Trainer:
         compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if (self.cuda and cfg.compile) else self.model
         self.forward = DDP(compiled, device_ids=[d.local_rank] if self.cuda else None,
                            broadcast_buffers=False) if d.enabled else compiled
-        self.optimizers, self.muon = build_optimizers(self.model, cfg, torch.bfloat16 if self.cuda else torch.float32)
+        self.optimizers, self.matrix_opt = build_optimizers(self.model, cfg, torch.bfloat16 if self.cuda else torch.float32)
         self.schedule = Schedule(cfg)
         self.delayed_loops = self.schedule.delays_looping(model_cfg.num_loops)
         self.average = weight_average_for(self.model, cfg)  # evaluated and saved instead of the live weights
@@ -135,7 +136,7 @@ class Trainer:
                 with autocast_for(self.d.device):
                     loss = self.forward(x, y)
                 if cfg.l1_lambda:
-                    loss = loss + l1_penalty(self.muon, cfg.l1_lambda)
+                    loss = loss + l1_penalty(self.matrix_opt, cfg.l1_lambda)
                 total += loss.detach()
                 (loss / self.accum).backward()
         if cfg.grad_clip_norm > 0:
@@ -155,8 +156,9 @@ class Trainer:
             say(f"step {step}: depth recurrence {'on' if model.looping else 'off'}")
         if self.cfg.qat_bits:
             set_qat(model, schedule.qat(progress))
-        for group in self.muon.param_groups:
-            group["momentum"] = schedule.muon_momentum(step)
+        if isinstance(self.matrix_opt, Muon):  # AdamW's betas stay as set (matrix_optimizer=adamw)
+            for group in self.matrix_opt.param_groups:
+                group["momentum"] = schedule.muon_momentum(step)
         scale = schedule.lr_scale(step, elapsed_ms)
         for opt in self.optimizers:
             for group in opt.param_groups:

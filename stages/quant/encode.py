@@ -91,12 +91,30 @@ def is_quantized(t: torch.Tensor, cfg: QuantizeConfig) -> bool:
     return t.is_floating_point() and t.numel() > max(cfg.keep_float_max_numel, 0)
 
 
+def pruned(name: str, t: torch.Tensor, cfg: QuantizeConfig, hessian: torch.Tensor | None) -> Encoded:
+    """Magnitude pruning (PR #212): the `prune_sparsity` fraction of the tensor's smallest-|w| weights are
+    zeroed before it is quantized, and their codes kept at 0 after (GPTQ's error feedback would move them),
+    so the zeros are stored as such and the packed size shows what pruning saves."""
+    k = int(cfg.prune_sparsity * t.numel())
+    if k == 0:
+        return QUANTIZERS[cfg.method](name, t, config_for(name, cfg), hessian)
+    w = t.float()
+    cut = w.abs().flatten().kthvalue(k).values
+    mask = w.abs() <= cut
+    enc = QUANTIZERS[cfg.method](name, w.masked_fill(mask, 0.0).to(t.dtype), config_for(name, cfg), hessian)
+    enc.parts["codes"] = enc.parts["codes"].masked_fill(mask, 0)
+    enc.entry["pruned"] = round(float(mask.float().mean()), 6)
+    return enc
+
+
 def encode_tensor(name: str, t: torch.Tensor, cfg: QuantizeConfig, hessian: torch.Tensor | None = None) -> Encoded:
     t = t.detach().cpu().contiguous()
     if not t.is_floating_point():
         enc = Encoded({"value": t}, {"encoding": "raw", "method": "passthrough", "bits": None, "clip": None, "scheme": None})
     elif not is_quantized(t, cfg):
         enc = keep_float(name, t, cfg.control_fp16)
+    elif cfg.prune_sparsity:
+        enc = pruned(name, t, cfg, hessian)
     else:
         enc = QUANTIZERS[cfg.method](name, t, config_for(name, cfg), hessian)
     enc.entry.update({"dtype": dtype_name(t.dtype), "shape": list(t.shape)})

@@ -22,7 +22,7 @@ from pgolf.formats.files import load_tensors, read_meta, save_tensors, sha256_fi
 from pgolf.formats.submission import check_data_matches, data_identity
 from pgolf.quant.budget import BudgetSearch
 from pgolf.quant.calibration import split_statistics
-from pgolf.quant.recipe import quantize_state_dict
+from pgolf.quant.recipe import gradient_guided_bits, quantize_state_dict
 from pgolf.report.metrics import companion, write_metrics
 from pgolf.report.plots import bits_chart
 
@@ -146,8 +146,9 @@ def run(ckpt: Path, out: Path, cfg: QuantizeConfig, pack: PackConfig, hessians: 
             check_data_matches(data, meta.get("tokenizer_sha256"), meta["model_config"].get("vocab_size"), str(ckpt))
             ident = data_identity(data)
         chosen = BudgetSearch(state, cfg, pack, hessian_tensors, out_meta, ident, out_grads).fit(cfg.budget)
+    bits = gradient_guided_bits(state, cfg, hessian_tensors or {}, out_grads or {}) if cfg.gradient_bits else None
     tensors, schema, report = quantize_state_dict(state, cfg, hessian_tensors,
-                                                  encoded=chosen.encoded if chosen else None)
+                                                  encoded=chosen.encoded if chosen else None, bits=bits)
     if chosen:
         report["budget"] = chosen.report
         for row in report["tensors"]:

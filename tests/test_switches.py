@@ -189,3 +189,34 @@ def test_a_short_run_trains_with_adamw_matrices(tokenized_dir, tmp_path):
               tmp_path / "log.csv")
     report = read_json(tmp_path / "m_report.json")
     assert report["steps"] == 6 and report["train_loss"] < 10
+
+
+def test_gradient_guided_bits_give_the_most_sensitive_tensors_the_most_bits(calibrated_model, tmp_path):
+    """quantize.gradient_bits (PR #375): tensors ranked by (Σ_r G_r)·trace(H) = E‖∂L/∂W‖² per token (K-FAC) take
+    the listed widths in turn; the quantized file's schema records them; bad specs are config errors."""
+    from pgolf import quantize
+    from pgolf.config.sections import PackConfig, QuantizeConfig
+    from pgolf.formats.files import load_tensors
+    from pgolf.quant.recipe import gradient_guided_bits
+
+    state, h, g = calibrated_model["state"], calibrated_model["hessians"], calibrated_model["out_grads"]
+    cfg = QuantizeConfig(keep_float_max_numel=256, device="cpu", gradient_bits="7:0.25,6:0.5,5:0.25")
+    bits = gradient_guided_bits(state, cfg, h, g)
+    score = {n: float(g[n].double().sum() * torch.trace(h[n].double())) for n in bits}
+    order = sorted(bits, key=lambda n: -score[n])
+    n = len(order)
+    want = [7] * round(0.25 * n) + [6] * round(0.5 * n)
+    want += [5] * (n - len(want))
+    assert [bits[name] for name in order] == want and n == 13
+    out = tmp_path / "q.safetensors"
+    quantize.run(calibrated_model["ckpt"], out, cfg, PackConfig(codec="zlib"), calibrated_model["hess"],
+                 tmp_path / "q.json", None)
+    schema = load_tensors(out, "quantized")[1]["schema"]
+    assert {name: schema[name]["bits"] for name in bits} == bits
+    pinned = QuantizeConfig(keep_float_max_numel=256, gradient_bits="6:1", embed_bits=8)
+    assert "tok_emb.weight" not in gradient_guided_bits(state, pinned, h, g)  # a group pin wins
+    for bad in ("7:0.5,6:0.4", "9:1", "x"):
+        with pytest.raises(PgolfError, match="gradient_bits"):
+            build(QuantizeConfig, [({"gradient_bits": bad}, "params.yaml")], "quantize")
+    with pytest.raises(PgolfError, match="lack"):
+        gradient_guided_bits(state, cfg, h, {})

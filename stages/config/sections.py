@@ -282,6 +282,9 @@ class QuantizeConfig(Section):
     sdclip_k: float = param(12.85, "SDClip: clip at k·std per row", gt=0)
     keep_float_max_numel: int = param(65_536, "float tensors up to this size stay float (fp16; control tensors fp32)",
                                       ge=0)
+    gradient_bits: str = param("", "PR #375's gradient-guided widths, e.g. 7:0.1,6:0.7,5:0.2 (the most sensitive "
+                               "10 % of the quantized tensors int7, the next 70 % int6, the rest int5), ranked by "
+                               "E‖∂L/∂W‖² from calibrate's statistics (needs --hessians); empty: off")
     prune_sparsity: float = param(0.0, "zero this fraction of each quantized matrix's smallest-|w| weights "
                                   "(their codes stay 0; PR #212's magnitude pruning); 0: off", ge=0, lt=1)
     control_fp16: bool = param(False, "store the kept-float control tensors in fp16 too (the record's passthrough, "
@@ -318,6 +321,9 @@ class QuantizeConfig(Section):
 
     def check(self) -> None:
         budget_widths(self)
+        gradient_widths(self)
+        if self.budget and self.gradient_bits:
+            raise ConfigError("gradient_bits", "--budget chooses every width itself; set gradient_bits to empty with it")
         if self.budget and self.lqer_top_k:
             raise ConfigError("lqer_top_k", "--budget chooses LQER per tensor itself (budget_lqer); set lqer_top_k=0 "
                                             "with it")
@@ -325,6 +331,22 @@ class QuantizeConfig(Section):
     def group_overrides(self, group: str) -> tuple[int, float]:
         """(bits, SDClip k) pinned for a tensor group (embed, attn, mlp); 0 where not pinned."""
         return getattr(self, f"{group}_bits"), getattr(self, f"{group}_k")
+
+
+def gradient_widths(cfg: QuantizeConfig) -> list[tuple[int, float]]:
+    """[(bits, fraction of the tensors)] of `gradient_bits`, most sensitive first; [] when off."""
+    if not cfg.gradient_bits.strip():
+        return []
+    try:
+        pairs = [(int(b), float(f)) for b, f in (part.split(":") for part in cfg.gradient_bits.split(","))]
+    except ValueError:
+        pairs = []
+    if not pairs or not all(MIN_BITS <= b <= MAX_BITS and 0 <= f <= 1 for b, f in pairs) \
+            or abs(sum(f for _, f in pairs) - 1) > 1e-6:
+        raise ConfigError("gradient_bits", f"gradient_bits={cfg.gradient_bits!r} must be bits:fraction pairs with "
+                                           f"bits in {MIN_BITS}..{MAX_BITS} and fractions summing to 1, e.g. "
+                                           "'7:0.1,6:0.7,5:0.2'")
+    return pairs
 
 
 def budget_widths(cfg: QuantizeConfig) -> list[int]:

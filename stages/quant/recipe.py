@@ -7,13 +7,16 @@ calibration inputs; it is given wherever the Hessians hold the tensor's H, whate
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from pgolf.config.sections import QuantizeConfig
+from pgolf.config.sections import QuantizeConfig, gradient_widths
+from pgolf.errors import PgolfError
 from pgolf.formats.dequant import decode_entry, dtype_name
-from pgolf.quant.encode import Encoded, encode_tensor, store_encoded
+from pgolf.nn.names import tensor_group
+from pgolf.quant.encode import Encoded, encode_tensor, is_quantized, store_encoded
 from pgolf.quant.gptq import weighted_error
 from pgolf.quant.lqer import add_lqer
 from pgolf.report.progress import Bar
@@ -50,18 +53,43 @@ def _report_row(name: str, enc: Encoded, t: torch.Tensor, tensors: dict[str, tor
             "weighted_err": weighted_error(original, restored, h) if fits else None, **stats}
 
 
+def gradient_guided_bits(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig, hessians: dict[str, torch.Tensor],
+                         out_grads: dict[str, torch.Tensor]) -> dict[str, int]:
+    """PR #375's mixed precision: the quantized tensors no group pins, ranked by E‖∂L/∂W‖² per token, which
+    calibrate's statistics give as (Σ_r G_r)·trace(H) (per-token gradient g xᵀ, g and x taken independent),
+    get the widths of `gradient_bits` in turn: the most sensitive fraction the first width, and so on."""
+    ranked = [name for name, t in state_dict.items() if is_quantized(t, cfg) and t.ndim == 2
+              and not (tensor_group(name) and cfg.group_overrides(tensor_group(name))[0])]
+    missing = [n for n in ranked if n not in hessians or n not in out_grads]
+    if missing:
+        raise PgolfError(f"quantize.gradient_bits ranks tensors by calibrate's statistics, which lack {missing[:3]}; "
+                         "give --hessians from `pgolf calibrate` (with output_grads on)")
+    score = {n: float(out_grads[n].double().sum() * torch.trace(hessians[n].double())) for n in ranked}
+    ranked.sort(key=lambda n: -score[n])
+    bits, at = {}, 0
+    widths = gradient_widths(cfg)
+    for i, (b, frac) in enumerate(widths):
+        count = len(ranked) - at if i == len(widths) - 1 else round(frac * len(ranked))
+        bits.update({n: b for n in ranked[at:at + count]})
+        at += count
+    return bits
+
+
 def quantize_state_dict(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfig,
-                        hessians: dict[str, torch.Tensor] | None = None, encoded: dict[str, Encoded] | None = None
+                        hessians: dict[str, torch.Tensor] | None = None, encoded: dict[str, Encoded] | None = None,
+                        bits: dict[str, int] | None = None
                         ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, Any]]:
     """(tensors for quantized.safetensors, schema {name: entry}, report with per-tensor errors).
 
     The report's weighted error, trace((W − Ŵ) H (W − Ŵ)ᵀ), is given wherever `hessians` has the tensor's H.
     `encoded`: every tensor already encoded (the budget search's choice, pgolf.quant.budget); used as given.
+    `bits`: a width per tensor (gradient_guided_bits), over `cfg.bits`.
     """
-    hessians = hessians or {}
+    hessians, bits = hessians or {}, bits or {}
     if encoded is None:
         with Bar(f"quantize ({cfg.method})", len(state_dict), "tensors") as bar:
-            encoded = {name: encode_tensor(name, t, cfg, hessians.get(name))
+            encoded = {name: encode_tensor(name, t, replace(cfg, bits=bits[name]) if name in bits else cfg,
+                                           hessians.get(name))
                        for name, t in bar.track(state_dict.items())}
         if cfg.lqer_top_k:
             add_lqer(encoded, state_dict, cfg, hessians)

@@ -213,6 +213,13 @@ def pgolf_decode(ctx: Context) -> str:
     return f"{len(ctx.state_dict)} tensors, JSON + raw bytes only (nothing executed)"
 
 
+def record_renamed(ctx: Context, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dequantized record weights (the script's names) onto the model of ctx.model_cfg."""
+    with torch.device("meta"):  # the shapes alone
+        wanted = {n: t.shape for n, t in GPT(ctx.model_cfg).state_dict().items()}
+    return record_int6.to_pgolf_names(flat, wanted, str(ctx.blob))
+
+
 @check("decode", formats=(RECORD,), needs=("header", "payload hash"))
 def record_decode(ctx: Context) -> str:
     flat = record_int6.dequantize_record(ctx.record, str(ctx.blob))
@@ -220,9 +227,7 @@ def record_decode(ctx: Context) -> str:
     hyper = next((r.hyperparameters for r in runs if r.hyperparameters), None)
     ctx.model_cfg, origin = record_int6.record_model_config(flat, int(ctx.manifest.get("vocab_size", 0)), hyper,
                                                             str(ctx.blob))
-    with torch.device("meta"):
-        wanted = {n: t.shape for n, t in GPT(ctx.model_cfg).state_dict().items()}
-    ctx.state_dict = record_int6.to_pgolf_names(flat, wanted, str(ctx.blob))
+    ctx.state_dict = record_renamed(ctx, flat)
     c = ctx.model_cfg
     return (f"{len(ctx.state_dict)} tensors onto pgolf's model from {origin}: {c.num_layers} layers, width "
             f"{c.model_dim}; torch.load(weights_only=True), nothing executed")
@@ -344,11 +349,8 @@ def official_deterministic_decode(ctx: Context) -> str:
 
 @check("deterministic decode", formats=(RECORD,), needs=("decode",))
 def record_deterministic_decode(ctx: Context) -> str:
-    again = record_int6.dequantize_record(record_int6.read_record_int6(ctx.raw, ctx.blob, ctx.cfg.limit),
-                                          str(ctx.blob))
-    with torch.device("meta"):
-        wanted = {n: t.shape for n, t in GPT(ctx.model_cfg).state_dict().items()}
-    return model_checks.same_weights(ctx.state_dict, record_int6.to_pgolf_names(again, wanted, str(ctx.blob)))
+    again = record_int6.dequantize_record(record_int6.read_record_int6(ctx.raw, ctx.blob, ctx.cfg.limit), str(ctx.blob))
+    return model_checks.same_weights(ctx.state_dict, record_renamed(ctx, again))
 
 
 # ---- what a submission's own files claim (logs, submission.json)

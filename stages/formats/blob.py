@@ -324,22 +324,28 @@ def check_payload(header: dict[str, Any], payload: bytes | memoryview, source: A
         raise fail(source, "payload sha256 mismatch; the weights were altered or corrupted, re-download or re-pack")
 
 
+def _decode_chunks(header: dict[str, Any], payload: memoryview, out: memoryview, source: Any) -> None:
+    """Formats 1 and 2: one stream, or independent chunks, each into its declared slice of `out`."""
+    meta = header["payload"]
+    at_in = at_out = 0
+    for i, (raw_len, comp_len) in enumerate(meta.get("chunks") or [[meta["raw_bytes"], len(payload)]]):
+        try:
+            codecs.decompress_into(header["codec"], payload[at_in:at_in + comp_len], out[at_out:at_out + raw_len])
+        except PgolfError as exc:
+            raise fail(source, f"payload does not decode{f' (chunk {i})' if 'chunks' in meta else ''}: {exc}") from None
+        at_in, at_out = at_in + comp_len, at_out + raw_len
+
+
 def decode_payload(header: dict[str, Any], payload: bytes | memoryview, source: Any) -> dict[str, torch.Tensor]:
     """Decompress, chunk by chunk, into one buffer of the declared raw size (refused the moment output
     would pass a chunk's declared size), check its sha256, and return the tensors as views of it."""
     meta = header["payload"]
     buf = torch.empty(meta["raw_bytes"], dtype=torch.uint8)  # not zeroed: every byte is written or refused
     out, payload = memoryview(buf.numpy()), memoryview(payload)
-    at_in = at_out = 0
     if "streams" in meta:  # format 3: every tensor byte is written by exactly one stream item (checked)
         decode_streams(header, payload, buf.numpy(), source)
-    for i, (raw_len, comp_len) in enumerate([] if "streams" in meta else
-                                            meta.get("chunks") or [[meta["raw_bytes"], len(payload)]]):
-        try:
-            codecs.decompress_into(header["codec"], payload[at_in:at_in + comp_len], out[at_out:at_out + raw_len])
-        except PgolfError as exc:
-            raise fail(source, f"payload does not decode{f' (chunk {i})' if 'chunks' in meta else ''}: {exc}") from None
-        at_in, at_out = at_in + comp_len, at_out + raw_len
+    else:
+        _decode_chunks(header, payload, out, source)
     if sha256_bytes(out) != meta["raw_sha256"]:
         raise fail(source, f"decoded payload ({meta['raw_bytes']:,} bytes) does not match the header's raw sha256; "
                             f"{CORRUPT}")

@@ -136,10 +136,5 @@ def measure_code(codec: str) -> dict[str, Any]:
     smallest of CODE_CODECS."""
     files = decode_path()
     bundle = code_bundle(files)
-    if codec not in CODE_CODECS:
-        results = codecs.compress_all(bundle, list(CODE_CODECS))
-        used = min(results, key=lambda n: len(results[n]))
-        compressed, sizes = results[used], {n: len(b) for n, b in results.items()}
-    else:
-        used, compressed, sizes = codecs.choose(codec, bundle)
+    used, compressed, sizes = codecs.choose(codec if codec in CODE_CODECS else "auto", bundle, CODE_CODECS)
     return {"files": files, "raw_bytes": len(bundle), "codec": used, "bytes": len(compressed), "sizes": sizes}

@@ -263,9 +263,9 @@ def compress_all(data: bytes, names: list[str] | None = None) -> dict[str, bytes
     return dict(zip(names, results))
 
 
-def choose(codec: str, data: bytes) -> tuple[str, bytes, dict[str, int]]:
-    """(codec used, compressed bytes, sizes per codec tried): `auto` tries them all and keeps the smallest."""
+def choose(codec: str, data: bytes, offered: tuple[str, ...] = AUTO) -> tuple[str, bytes, dict[str, int]]:
+    """(codec used, compressed bytes, sizes per codec tried): `auto` tries those `offered` and keeps the smallest."""
     check_name(codec, allow_auto=True)
-    results = compress_all(data) if codec == "auto" else {codec: compress(codec, data)}
+    results = compress_all(data, list(offered)) if codec == "auto" else {codec: compress(codec, data)}
     name = min(results, key=lambda n: len(results[n]))
     return name, results[name], {n: len(b) for n, b in results.items()}

@@ -33,6 +33,7 @@ from pgolf.config.sections import ModelConfig
 from pgolf.errors import PgolfError
 from pgolf.formats import codecs
 from pgolf.formats.blob import max_raw_bytes
+from pgolf.formats.streams import is_permutation
 
 PGRP = b"PGRP"
 GROUPS = ("_tok_emb.weight.q", "attn.c_k.weight.q", "attn.c_q.weight.q", "attn.c_v.weight.q",
@@ -134,7 +135,7 @@ def _read_pergroup(data: bytes, path: Any, cap: int) -> tuple[dict[str, torch.Te
                         raise PgolfError(f"{path}: PGRP permutation stream ends before {name!r}'s; corrupt")
                     order = np.frombuffer(perms, dtype="<u2", count=rows, offset=at_perm).astype(np.int64)
                     at_perm += 2 * rows
-                    if not np.array_equal(np.sort(order), np.arange(rows)):
+                    if not is_permutation(order):
                         raise PgolfError(f"{path}: the row order of {name!r} is not a permutation; corrupt")
                     restored = np.empty_like(chunk)
                     restored[order] = chunk

@@ -34,6 +34,11 @@ LAYOUTS = ("rows", "cols", "shuffle", "sorted_cols")
 PERM_DTYPE = np.dtype("<u2")  # rows of a sorted matrix: at most 65,535
 
 
+def is_permutation(order: np.ndarray) -> bool:
+    """Whether `order` holds each of 0..len−1 once (a row order read from a file, checked before use)."""
+    return np.array_equal(np.sort(order), np.arange(len(order)))
+
+
 def item_bytes(row: dict[str, Any], layout: str) -> int:
     """Bytes an item takes in its stream: the tensor's, or its permutation's (u16 per row)."""
     return row["shape"][0] * PERM_DTYPE.itemsize if layout == "perm" else row["nbytes"]
@@ -129,7 +134,7 @@ def decode_streams(header: dict[str, Any], payload: memoryview, out: np.ndarray,
             size = item_bytes(rows[name], layout)
             if layout == "perm":
                 perm = buf[offset:offset + size].view(PERM_DTYPE).astype(np.int64)
-                if not np.array_equal(np.sort(perm), np.arange(len(perm))):
+                if not is_permutation(perm):
                     raise PgolfError(f"{source}: the row permutation of {name!r} is not a permutation; the blob is "
                                      "corrupt (re-download or re-pack it)")
                 perms[name] = perm

@@ -9,6 +9,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import filled_gpt, make_docs, tokenize_config, write_jsonl
@@ -297,3 +298,95 @@ def test_val_identity_gives_both_digests_and_recognises_caseops(evaluation, tmp_
         sidecar.unlink()
     row = identity_row(evaluation, no_sidecar)
     assert row["status"] == "FAIL" and "without the original-byte sidecar" in row["detail"]
+
+
+def test_document_isolation_finds_a_boundary_past_a_long_first_document():
+    from types import SimpleNamespace
+
+    from pgolf.audit import model_checks
+
+    n = model_checks.SAMPLE_TOKENS
+    stream = np.r_[1, np.full(5 * n, 7), 1, np.full(3 * n, 9)]  # Wikipedia-long documents: no BOS in the first n
+    tokens = model_checks.boundary_sample(SimpleNamespace(tokens=stream), bos_id=1)
+    assert tokens.size == n + 1 and tokens[n // 2] == 1 and (tokens[:n // 2] == 7).all() and (tokens[n // 2 + 1:] == 9).all()
+    assert model_checks.boundary_sample(SimpleNamespace(tokens=stream[:5 * n]), bos_id=1) is None  # one document
+
+
+def test_the_record_scripts_diagnostic_is_audited_over_the_targets_it_scored(evaluation, tmp_path):
+    """The record's eval_val drops, on each rank, the windows that fill no whole batch: its diagnostic line
+    divides by the bytes of fewer targets than the val_tokens it prints. A log scored that way must match
+    those targets' canonical bytes (and be named a partial set), not fail as a different validation set."""
+    from pgolf.nn.model import scoring_logits
+    from pgolf.text.bpb import plan_windows
+    from pgolf.text.ledger import Ledger, score_windows
+
+    data = EvalData.load(evaluation["data"])
+    cfg = ModelConfig(vocab_size=int(read_json(evaluation["data"] / "manifest.json")["vocab_size"]), num_layers=2,
+                      model_dim=32, num_heads=2, num_kv_heads=1)
+    book = Ledger(data.tokens, data.sidecar, data.luts, "cpu", keep_losses=True)
+    score_windows(book, plan_windows(data.tokens.size, 64, 32), scoring_logits(GPT(cfg).eval(), torch.device("cpu")),
+                  8, False)
+    seq_len, world, accum, batch_tokens = 64, 2, 1, 64 * 3 * 2  # 3 windows a batch on each rank
+    loaded = (data.tokens.size - 1) // seq_len * seq_len
+    scored = []  # the script's loop, rank by rank: batches of 3 windows while a whole batch fits
+    for rank in range(world):
+        first, last = loaded // seq_len * rank // world, loaded // seq_len * (rank + 1) // world
+        batch = first
+        while batch + 3 <= last:
+            scored.extend(range(batch * seq_len + 1, (batch + 3) * seq_len + 1))
+            batch += 3
+    scored = np.array(scored)
+    assert 0 < scored.size < loaded  # windows were dropped
+    loss = float(book.losses[scored].mean())
+    bpb = loss / LN2 * scored.size / int(data.sidecar[scored].sum())
+    path = tmp_path / "record.log"
+    path.write_text("Hyperparameters:\n" + "".join(f"  {k}: {v}\n" for k, v in dict(
+        caseops_enabled=True, eval_seq_len=seq_len, grad_accum_steps=accum, val_batch_tokens=batch_tokens,
+        world_size=world).items()) + f"val_tokens: {loaded}\n"
+        f"diagnostic quantized val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:1ms\n")
+    checks, _ = audit(evaluation, path)
+    detail = checks["byte denominator"]["detail"]
+    assert f"= {int(data.sidecar[scored].sum()):,}" in detail and "eval_val scores per rank" in detail, detail
+    assert f"{scored.size:,} of the {loaded:,} it loaded" in detail and "partial validation set" in detail
+    wrong = tmp_path / "wrong.log"  # the same numbers over bytes inflated by 1 %: not a match
+    wrong.write_text(path.read_text().replace(f"val_bpb:{bpb:.8f}", f"val_bpb:{bpb / 1.01:.8f}"))
+    checks, _ = audit(evaluation, wrong)
+    assert "≠ canonical" in checks["byte denominator"]["detail"]
+
+
+def test_windows_record_scores_each_segment_alone_and_is_what_a_record_log_asks_for(evaluation, tmp_path):
+    """windows=record batches segments of different lengths (right-padded): the score must equal each segment
+    run through the model on its own. A record diagnostic log makes verify re-score that way."""
+    import torch.nn.functional as F
+
+    from pgolf.text.bpb import plan_record_segments
+
+    data = EvalData.load(evaluation["data"])
+    cfg = ModelConfig(vocab_size=int(read_json(evaluation["data"] / "manifest.json")["vocab_size"]), num_layers=2,
+                      model_dim=32, num_heads=2, num_kv_heads=1)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    got = score_weights(state, cfg, evaluation["data"], EvalConfig(seq_len=64, windows="record", record_batch_seqs=3,
+                                                                   record_ranks=2, batch_seqs=5, device="cpu",
+                                                                   warmup=False))
+    segments = plan_record_segments(data.tokens.size, np.flatnonzero(data.tokens == cfg.bos_id), 64, 3, 2)
+    assert len({w.end - w.start for w in segments}) > 1  # lengths differ: the batches were padded
+    nats, n_bytes = 0.0, 0
+    with torch.no_grad():
+        for w in segments:
+            x = torch.from_numpy(data.tokens[w.start:w.end + 1].astype(np.int64))
+            nats += float(F.cross_entropy(model.logits(x[None, :-1])[0], x[1:], reduction="sum"))
+            n_bytes += int(data.sidecar[w.start + 1:w.end + 1].sum())
+    assert got["tokens_scored"] == sum(w.end - w.start for w in segments)
+    assert got["val_bpb"] == pytest.approx(nats / LN2 / n_bytes, rel=1e-6)  # float32 noise of other batch shapes
+
+    path = tmp_path / "diag.log"
+    path.write_text("Hyperparameters:\n  eval_seq_len: 64\n  grad_accum_steps: 1\n  val_batch_tokens: 384\n"
+                    f"  world_size: 2\nval_tokens: {(data.tokens.size - 1) // 64 * 64}\n"
+                    f"diagnostic quantized val_loss:{got['val_loss']:.8f} val_bpb:{got['val_bpb']:.8f} eval_time:1ms\n")
+    audit(evaluation, path)
+    rep = read_json(evaluation["root"] / "verify_report.json")
+    assert {k: rep["eval"][k] for k in ("windows", "record_batch_seqs", "record_ranks", "seq_len")} == \
+        {"windows": "record", "record_batch_seqs": 3, "record_ranks": 2, "seq_len": 64}
+    assert rep["eval_sources"]["windows"] == "claim"

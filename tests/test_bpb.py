@@ -210,3 +210,20 @@ def test_tokens_outside_the_lut_are_rejected():
     with pytest.raises(PgolfError, match="outside"):
         score(lambda x: torch.zeros(*x.shape, 20), np.array([1, 2, 15, 3], dtype=np.uint16), None, luts, 2, 0,
               progress=False)
+
+
+def test_record_segments_follow_the_record_scripts_eval_val():
+    """Worked by hand: 33 tokens (four windows of 8), documents starting at 0, 3 and 20."""
+    from pgolf.text.bpb import plan_record_segments
+
+    bos = np.array([0, 3, 20])
+    spans = lambda ws: [(w.start, w.end) for w in ws]  # noqa: E731
+    assert all(w.first_scored == 0 for w in plan_record_segments(33, bos, 8, 1, 2))
+    # one window per batch, two ranks of two windows: cut at the BOSes only
+    assert spans(plan_record_segments(33, bos, 8, 1, 2)) == [(0, 3), (3, 8), (8, 16), (16, 20), (20, 24), (24, 32)]
+    # batches of two windows: a document runs across the window edge, cut every 8 tokens from its start
+    assert spans(plan_record_segments(33, bos, 8, 2, 1)) == [(0, 3), (3, 11), (11, 16), (16, 20), (20, 28), (28, 32)]
+    # batches of three: the fourth window fills no batch and is dropped
+    assert spans(plan_record_segments(33, bos, 8, 3, 1)) == [(0, 3), (3, 11), (11, 19), (19, 20), (20, 24)]
+    with pytest.raises(PgolfError, match="fill no batch"):
+        plan_record_segments(33, bos, 8, 5, 1)

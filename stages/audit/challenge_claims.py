@@ -42,6 +42,9 @@ SIZE_LINE = re.compile(r"^Total submission size[^:]*:\s*([0-9]+)\s*bytes")
 CASEOPS_LINE = re.compile(r"^\s*caseops_enabled:\s*(True|False)\s*$")
 
 
+RECORD_EVAL = ("world_size", "grad_accum_steps", "val_batch_tokens", "eval_seq_len")  # its log's names
+
+
 @dataclass
 class Run:
     """One run's claim, with where each number was read (file:line: text)."""
@@ -56,6 +59,20 @@ class Run:
     decimals: tuple[int, int] = (8, 8)  # printed decimals of val_loss and val_bpb: the arithmetic's precision
     evidence: dict[str, str] = field(default_factory=dict)
     hyperparameters: dict[str, str] = field(default_factory=dict)  # the log's "Hyperparameters:" block, as printed
+
+    def record_eval(self) -> tuple[int, int, int] | None:
+        """(ranks, windows per batch, window length) of the record scripts' eval_val when this is one of its
+        "diagnostic" scores and the log prints the settings: it scores, on each rank, whole batches of
+        val_batch_tokens / (world_size × grad_accum_steps) tokens and drops the rest (its own "TODO: Don't
+        truncate this")."""
+        h = self.hyperparameters
+        try:
+            world, accum, batch, seq_len = (int(h[k]) for k in RECORD_EVAL)
+        except (KeyError, ValueError):
+            return None
+        if not self.metric.startswith("diagnostic") or min(world, accum, seq_len) < 1 or batch < world * accum * seq_len:
+            return None
+        return world, batch // (world * accum) // seq_len, seq_len
 
 
 @dataclass

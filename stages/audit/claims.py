@@ -44,7 +44,18 @@ def load_claim(claim: float | None, claims: list[Path] | None
             value, settings = _pgolf_claim(claims[0], obj)
             return value, settings, str(claims[0]), None
     found = load_challenge_claims(claims)
-    return found.val_bpb, {}, ", ".join(map(str, claims)), found
+    return found.val_bpb, _record_settings(found), ", ".join(map(str, claims)), found
+
+
+def _record_settings(found: Claims) -> dict[str, Any]:
+    """The record scripts' diagnostic scores are re-scored as they were measured (windows=record) when every
+    run states the same eval_val settings; other claims carry no settings."""
+    settings = {r.record_eval() for r in found.runs}
+    if len(settings) != 1 or None in settings:
+        return {}
+    ranks, batch_seqs, seq_len = settings.pop()
+    return {"seq_len": seq_len, "stride": 0, "val_tokens": 0, "windows": "record", "record_batch_seqs": batch_seqs,
+            "record_ranks": ranks}
 
 
 def _pgolf_claim(claims: Path, obj: Any) -> tuple[float, dict[str, Any]]:

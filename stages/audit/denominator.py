@@ -31,12 +31,32 @@ class Counts:
     has_sidecar: bool
 
 
-def byte_counts(data: EvalData, n: int) -> Counts:
-    targets = slice(1, n + 1)
-    lut = stream_lut_bytes(data.tokens, data.luts)
-    lead = data.luts.has_leading_space[np.asarray(data.tokens[targets], dtype=np.int64)]
-    canonical = data.sidecar[targets].sum(dtype=np.int64) if data.sidecar is not None else lut[targets].sum()
-    return Counts(n, int(canonical), int(lut[targets].sum()), int(lead.sum()), data.sidecar is not None)
+def byte_counts(data: EvalData, ranges: list[tuple[int, int]]) -> Counts:
+    """Counts over the targets in `ranges` ([a, b) positions of the validation stream)."""
+    targets = np.concatenate([np.arange(a, b) for a, b in ranges]) if ranges else np.zeros(0, dtype=np.int64)
+    lut = stream_lut_bytes(data.tokens, data.luts)[targets]
+    lead = data.luts.has_leading_space[np.asarray(data.tokens, dtype=np.int64)[targets]]
+    canonical = data.sidecar[targets].sum(dtype=np.int64) if data.sidecar is not None else lut.sum()
+    return Counts(targets.size, int(canonical), int(lut.sum()), int(lead.sum()), data.sidecar is not None)
+
+
+def scored_targets(run: Run) -> tuple[list[tuple[int, int]], str]:
+    """The target ranges the claim's score covers, and the rule that says so ('' for the first N): the
+    record scripts' diagnostic scores drop windows (Run.record_eval), so they cover fewer targets than the
+    val_tokens they print."""
+    record = run.record_eval()
+    if record is None:
+        return [(1, run.tokens + 1)], ""
+    world, per_batch, seq_len = record
+    windows, ranges = run.tokens // seq_len, []
+    for rank in range(world):
+        start, end = windows * rank // world, windows * (rank + 1) // world
+        end = start + (end - start) // per_batch * per_batch
+        if end > start:
+            ranges.append((start * seq_len + 1, end * seq_len + 1))
+    rule = (f"the record script's eval_val scores per rank whole batches of {per_batch} windows of {seq_len} "
+            f"(world size {world}, from the log's hyperparameters)")
+    return ranges, rule
 
 
 @dataclass(frozen=True)
@@ -61,9 +81,9 @@ MISTAKES = (
 WINDOW_UNITS = (1024, 2048, 4096)
 
 
-def implied_bytes(run: Run) -> tuple[float, float]:
-    """(bytes the claim divided by, ± what its printed decimals allow)."""
-    loss, bpb, tokens = run.val_loss, run.val_bpb, run.tokens
+def implied_bytes(run: Run, tokens: int) -> tuple[float, float]:
+    """(bytes the claim divided by, ± what its printed decimals allow), over `tokens` scored targets."""
+    loss, bpb = run.val_loss, run.val_bpb
     value = loss / math.log(2) * tokens / bpb
     relative = 0.5 * 10 ** -run.decimals[0] / loss + 0.5 * 10 ** -run.decimals[1] / bpb
     return value, value * relative + 1.0
@@ -79,30 +99,34 @@ def _truncation(n: int, full: int) -> str:
 def audit_run(run: Run, data: EvalData) -> tuple[bool, str]:
     """(passed, the derivation and verdict) for one run that states val_loss, tokens and val_bpb."""
     full = data.tokens.size - 1
-    implied, slack = implied_bytes(run)
-    derivation = (f"{run.source}: implied bytes = val_loss {run.val_loss} / ln 2 × {run.tokens:,} tokens / val_bpb "
+    ranges, rule = scored_targets(run)
+    n = sum(b - a for a, b in ranges)
+    implied, slack = implied_bytes(run, n)
+    scored = f" ({rule}: {n:,} of the {run.tokens:,} it loaded)" if rule else ""
+    derivation = (f"{run.source}: implied bytes = val_loss {run.val_loss} / ln 2 × {n:,} tokens{scored} / val_bpb "
                   f"{run.val_bpb} = {implied:,.0f} (± {slack:,.0f} from the printed decimals)")
     if run.tokens > full:
         return False, (f"{derivation}; but this validation set has {full:,} targets: a different tokenizer or "
                        "validation set")
-    counts = byte_counts(data, run.tokens)
+    counts = byte_counts(data, ranges)
     kind = "sidecar" if counts.has_sidecar else "LUT"
-    canonical = f"canonical ({kind}) bytes of the first {run.tokens:,} targets = {counts.canonical:,}"
-    real = run.val_loss / math.log(2) * run.tokens / counts.canonical
+    which = "those" if rule else f"the first {n:,}"
+    canonical = f"canonical ({kind}) bytes of {which} targets = {counts.canonical:,}"
+    real = run.val_loss / math.log(2) * n / counts.canonical
     if abs(implied - counts.canonical) <= slack:
-        if run.tokens == full:
+        if n == full:
             return True, f"{derivation} = {canonical}"
-        return False, (f"{derivation} = {canonical}, but a partial validation set: {run.tokens:,} of {full:,} "
-                       f"targets ({run.tokens / full:.2%}){_truncation(run.tokens, full)}")
+        return False, (f"{derivation} = {canonical}, but a partial validation set: {n:,} of {full:,} "
+                       f"targets ({n / full:.2%}){_truncation(n, full)}")
     inflation = implied - counts.canonical
     verdict = (f"{derivation} ≠ {canonical}: {inflation:+,.0f} bytes ({inflation / counts.canonical:+.2%}); "
                f"over the canonical bytes the claim is val_bpb {real:.6f}")
     for mistake in MISTAKES:
         if mistake.applies(counts) and abs(implied - mistake.count(counts)) <= slack:
             flag = " (the log says caseops_enabled: False)" if run.caseops is False and counts.has_sidecar else ""
-            partial = f"; and only {run.tokens:,} of {full:,} targets" if run.tokens != full else ""
+            partial = f"; and only {n:,} of {full:,} targets" if n != full else ""
             return False, (f"{verdict}. Cause: {mistake.name}{flag} — {mistake.how}; that count is "
                            f"{mistake.count(counts):,}{partial}")
-    if run.tokens != full:
-        return False, f"{verdict}. {run.tokens:,} targets against {full:,} here: a different tokenizer or validation set"
+    if n != full:
+        return False, f"{verdict}. {n:,} targets against {full:,} here: a different tokenizer or validation set"
     return False, f"{verdict}. No catalogued cause fits"

@@ -388,6 +388,13 @@ class EvalConfig(Section):
     seq_len: int = param(1024, "evaluation window in tokens", ge=1)
     stride: int = param(0, "sliding windows scoring S new tokens each; 0: non-overlapping windows (the reference)",
                         ge=0)
+    windows: str = param("fixed", "fixed: seq_len windows as `stride` says; record: the record scripts' eval_val "
+                         "(PR #1855's diagnostic lines) — whole batches of record_batch_seqs windows on each of "
+                         "record_ranks ranks (the rest dropped), cut into document segments of at most seq_len",
+                         choices=("fixed", "record"))
+    record_batch_seqs: int = param(32, "windows=record: windows per batch on a rank (the script's "
+                                   "val_batch_tokens / (world_size × grad_accum_steps) / eval_seq_len)", ge=1)
+    record_ranks: int = param(8, "windows=record: the world size the logged score was measured with", ge=1)
     val_tokens: int = param(0, "score only the first N validation tokens (whole windows); 0: all", ge=0)
     batch_seqs: int = param(32, "windows per forward batch", ge=1)
     device: str = param("auto", "auto | cpu | cuda[:N]", pattern=DEVICE_PATTERN)
@@ -431,6 +438,9 @@ class EvalConfig(Section):
     def check(self) -> None:
         if self.stride > self.seq_len:
             raise ConfigError("stride", f"stride {self.stride} must be at most seq_len {self.seq_len}")
+        if self.windows == "record" and (self.stride or self.ttt != "none" or self.val_tokens):
+            raise ConfigError("windows", "windows=record re-scores the record scripts' eval_val: stride 0, "
+                                         "val_tokens 0 and ttt none only")
         if self.ttt_lora_chunk_tokens > self.seq_len:
             raise ConfigError("ttt_lora_chunk_tokens", f"ttt_lora_chunk_tokens {self.ttt_lora_chunk_tokens} must be at "
                                                        f"most seq_len {self.seq_len} (a chunk is scored in one window)")

@@ -151,6 +151,10 @@ class Ledger:
         self.violation = reason
         return torch.from_numpy(self._tokens[start:end].astype(np.int64))
 
+    def document_starts(self, bos_id: int) -> np.ndarray:
+        """Positions of every BOS: where documents start (window plans cut there), nothing else of the text."""
+        return np.flatnonzero(self._tokens == bos_id)
+
     def documents(self, bos_id: int) -> list[tuple[int, int]]:
         """[start, end) of every document: from its BOS to the next BOS inclusive (its last target is the
         next document's BOS, as the record's evaluation counts it); the last one to the stream's end."""
@@ -201,12 +205,13 @@ class Ledger:
         self.ranks = None  # merged: a second result() must not add the sums again
 
 
-def batches_of(windows: Iterable[Window], batch_seqs: int) -> list[list[Window]]:
-    """Consecutive windows of equal length, at most batch_seqs per batch (no padding wasted)."""
+def batches_of(windows: Iterable[Window], batch_seqs: int, same_length: bool = True) -> list[list[Window]]:
+    """Consecutive windows, at most batch_seqs per batch, of equal length (no padding wasted) unless
+    same_length is off (document segments: the ledger right-pads each row, which a causal model never sees)."""
     batches: list[list[Window]] = []
     for w in windows:
         last = batches[-1] if batches else None
-        if last and len(last) < batch_seqs and (last[0].end - last[0].start) == (w.end - w.start):
+        if last and len(last) < batch_seqs and (not same_length or (last[0].end - last[0].start) == (w.end - w.start)):
             last.append(w)
         else:
             batches.append([w])
@@ -229,10 +234,10 @@ def score(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray,
 
 
 def score_windows(ledger: Ledger, windows: list[Window], logits_fn: Callable[[torch.Tensor], torch.Tensor],
-                  batch_seqs: int, progress: bool) -> None:
+                  batch_seqs: int, progress: bool, same_length: bool = True) -> None:
     """Every window scored in batches of `batch_seqs` (this rank's share of them), the running BPB on the
     progress bar."""
-    mine = ledger.share(batches_of(windows, batch_seqs))
+    mine = ledger.share(batches_of(windows, batch_seqs, same_length))
     with Bar("scoring", sum(map(len, mine)), "windows", enabled=progress and ledger.main) as bar:
         for batch in mine:
             ledger.score(batch, logits_fn)

@@ -22,7 +22,7 @@ from pgolf.config.sections import EvalConfig, ModelConfig
 from pgolf.errors import PgolfError
 from pgolf.nn.distributed import Dist
 from pgolf.nn.model import GPT, autocast_for, build_model, resolve_device, scoring_logits
-from pgolf.text.bpb import plan_windows, scored_targets
+from pgolf.text.bpb import plan_record_segments, plan_windows, scored_targets
 from pgolf.text.evaluate import EvalData
 from pgolf.text.ledger import Ledger, score_windows
 from pgolf.ttt.flagged import train_then_score
@@ -33,9 +33,14 @@ from pgolf.ttt.score_first import score_first
 
 def no_adaptation(model: GPT, ledger: Ledger, cfg: EvalConfig, device: torch.device, deadline: float | None) -> dict:
     """Every window scored by the model as it is."""
-    windows = plan_windows(ledger.n_tokens, cfg.seq_len, cfg.stride, cfg.val_tokens)
+    if cfg.windows == "record":
+        windows = plan_record_segments(ledger.n_tokens, ledger.document_starts(model.cfg.bos_id), cfg.seq_len,
+                                       cfg.record_batch_seqs, cfg.record_ranks)
+    else:
+        windows = plan_windows(ledger.n_tokens, cfg.seq_len, cfg.stride, cfg.val_tokens)
     model.eval()
-    score_windows(ledger, windows, scoring_logits(model, device), cfg.batch_seqs, progress=True)
+    score_windows(ledger, windows, scoring_logits(model, device), cfg.batch_seqs, progress=True,
+                  same_length=cfg.windows == "fixed")
     return {"expected_targets": scored_targets(windows), "windows": len(windows)}
 
 

@@ -51,6 +51,7 @@ def run(data: Path, out: Path, model_cfg: ModelConfig, cfg: TrainConfig, metrics
         trainer.prime_compiled_kernels()
         if resume:
             trainer.resume()
+        trainer.fit_schedule()
         result = trainer.run(started, suspend_after)
     finally:
         d.close()
@@ -93,6 +94,7 @@ def write_outputs(result: TrainResult, cfg: TrainConfig, manifest_path: Path, ma
         "val_bpb_live_weights": result.live_val.get("val_bpb"),  # before the EMA/SWA swap (None without one)
         "weight_average": result.weight_average,
         "looping_enabled_at_step": result.looping_enabled_at_step,
+        "schedule": result.schedule,
         "val_tokens_scored": val.get("tokens_scored"),
         "val_history": result.val_history,
         "model_params": sum(t.numel() for t in model.parameters()),

@@ -390,3 +390,25 @@ def test_windows_record_scores_each_segment_alone_and_is_what_a_record_log_asks_
     assert {k: rep["eval"][k] for k in ("windows", "record_batch_seqs", "record_ranks", "seq_len")} == \
         {"windows": "record", "record_batch_seqs": 3, "record_ranks": 2, "seq_len": 64}
     assert rep["eval_sources"]["windows"] == "claim"
+
+
+def test_a_record_ttt_claim_is_rescored_with_its_logged_phased_ttt_settings(evaluation, tmp_path):
+    """The record's score line is its phased TTT: verify re-scores it with phased_lora in the log's settings
+    (its names mapped onto pgolf's), the adapters its flags name; the command line still wins."""
+    hyper = dict(ttt_eval_seq_len=64, ttt_lora_rank=8, ttt_lora_lr=0.0003, ttt_chunk_size=16, ttt_batch_size=4,
+                 ttt_weight_decay=0.25, ttt_beta2=0.95, phased_ttt_prefix_docs=3, phased_ttt_num_phases=2,
+                 global_ttt_lr=0.002, global_ttt_momentum=0.8, global_ttt_epochs=2, global_ttt_chunk_tokens=256,
+                 global_ttt_batch_seqs=4, global_ttt_grad_clip=0.5, ttt_k_lora=True, ttt_mlp_lora=False,
+                 ttt_o_lora=True)
+    path = tmp_path / "ttt.log"
+    path.write_text("Hyperparameters:\n" + "".join(f"  {k}: {v}\n" for k, v in hyper.items())
+                    + "quantized_ttt_phased val_loss:2.00000000 val_bpb:1.10000000 eval_time:1ms\n")
+    audit(evaluation, path)
+    rep = read_json(evaluation["root"] / "verify_report.json")
+    expect = {"ttt": "phased_lora", "ttt_lora_targets": "q,v,head,k,o", "seq_len": 64, "ttt_lora_rank": 8,
+              "ttt_lora_lr": 0.0003, "ttt_lora_chunk_tokens": 16, "ttt_lora_batch_docs": 4, "ttt_weight_decay": 0.25,
+              "ttt_beta2": 0.95, "ttt_prefix_docs": 3, "ttt_phases": 2, "ttt_global_lr": 0.002,
+              "ttt_global_momentum": 0.8, "ttt_global_epochs": 2, "ttt_chunk_tokens": 256, "ttt_batch_seqs": 4,
+              "ttt_grad_clip": 0.5}
+    assert {k: rep["eval"][k] for k in expect} == expect
+    assert all(rep["eval_sources"][k] == "claim" for k in expect)

@@ -220,3 +220,50 @@ def test_gradient_guided_bits_give_the_most_sensitive_tensors_the_most_bits(cali
             build(QuantizeConfig, [({"gradient_bits": bad}, "params.yaml")], "quantize")
     with pytest.raises(PgolfError, match="lack"):
         gradient_guided_bits(state, cfg, h, {})
+
+
+def test_schedule_scale_multiplies_every_step_counted_length():
+    """Presets' lengths are for 8 GPUs × 600 s: scaled, a warmdown of 3,000 steps fits a run of hundreds."""
+    from pgolf.nn.schedule import run_length, scaled
+
+    cfg = TrainConfig(warmdown_iters=3000, muon_momentum_warmup_steps=1500, lr_warmup_steps=10, ema_decay=0.997,
+                      iterations=20000, max_wallclock_seconds=150)
+    s = scaled(cfg, 0.1)
+    assert (s.warmdown_iters, s.muon_momentum_warmup_steps, s.lr_warmup_steps, s.swa_every) == (300, 150, 1, 0)
+    assert 1 / (1 - s.ema_decay) == pytest.approx(0.1 / (1 - 0.997))  # the EMA's horizon, 333 → 33 steps
+    assert scaled(cfg, 1e-6).ema_decay == pytest.approx(0.5) and scaled(TrainConfig(swa_every=50), 0.1).swa_every == 5
+    assert scaled(cfg, 1.0) == cfg
+    assert run_length(cfg, 600.0) == 250  # 150 s at 600 ms a step
+    assert run_length(cfg, 1.0) == 20000 and run_length(TrainConfig(max_wallclock_seconds=0, iterations=77), 5.0) == 77
+    with pytest.raises(PgolfError, match="schedule_steps"):
+        build(TrainConfig, [({"schedule_scale": "auto"}, "params.yaml: train")], "train")
+    with pytest.raises(PgolfError, match="warmup_steps"):
+        build(TrainConfig, [({"schedule_scale": "auto", "schedule_steps": 100, "warmup_steps": 1}, "t")], "train")
+
+
+@pytest.mark.parametrize("mode", ["factor", "auto"])
+def test_a_run_follows_its_scaled_schedule(tokenized_dir, tmp_path, mode):
+    """Through the train stage: the LR multiplier logged every step shows the warmdown the factor gave (an
+    explicit one, or auto's steps over schedule_steps, from the timed priming steps), and the report says so."""
+    from pgolf import train
+    from pgolf.formats.files import read_json
+
+    change = {"schedule_scale": "0.25"} if mode == "factor" else {
+        "schedule_scale": "auto", "schedule_steps": 100_000, "max_wallclock_seconds": 3600.0, "warmup_steps": 2}
+    cfg = TrainConfig(**{**dict(iterations=12, max_wallclock_seconds=0, warmdown_iters=40, warmup_steps=0,
+                                train_batch_tokens=1024, train_seq_len=64, grad_accum_steps=1, val_tokens=512,
+                                device="cpu", log_every=1), **change})
+    train.run(tokenized_dir, tmp_path / "ckpt.safetensors", ModelConfig(num_layers=2, model_dim=32, num_heads=2,
+                                                                        num_kv_heads=1), cfg, tmp_path / "m.json",
+              tmp_path / "log.csv")
+    report = read_json(tmp_path / "m_report.json")
+    sched = report["schedule"]
+    lr = [float(line.split(",")[2]) for line in (tmp_path / "log.csv").read_text().splitlines()[1:]]
+    if mode == "factor":
+        assert sched["factor"] == 0.25 and sched["warmdown_iters"] == 10
+        assert lr[:2] == [1.0, 1.0] and lr[2] == pytest.approx(10 / 10)  # steps 0-2 before the last 10 steps
+        assert lr[3] == pytest.approx(9 / 10) and lr[-1] == pytest.approx(1 / 10)
+    else:  # a CPU step takes milliseconds: the hour holds far more than `iterations`, so the run is 12 steps
+        assert sched["primed_step_ms"] > 0 and sched["estimated_steps"] == 12
+        assert sched["factor"] == pytest.approx(12 / 100_000) and sched["warmdown_iters"] == 1
+    assert TrainConfig().schedule_scale == "off"

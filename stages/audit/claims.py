@@ -14,7 +14,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from pgolf.audit.challenge_claims import Claims, is_submission_json, load_challenge_claims, read_claims_json
+from pgolf.audit.challenge_claims import Claims, Run, is_submission_json, load_challenge_claims, read_claims_json
 from pgolf.config.build import build
 from pgolf.config.sections import EvalConfig
 from pgolf.errors import PgolfError
@@ -47,15 +47,41 @@ def load_claim(claim: float | None, claims: list[Path] | None
     return found.val_bpb, _record_settings(found), ", ".join(map(str, claims)), found
 
 
+# The record scripts' phased TTT (PR #1855) in pgolf's phased_lora keys: its log's names → EvalConfig's.
+RECORD_TTT = {"ttt_eval_seq_len": "seq_len", "ttt_lora_rank": "ttt_lora_rank", "ttt_lora_lr": "ttt_lora_lr",
+              "ttt_chunk_size": "ttt_lora_chunk_tokens", "ttt_batch_size": "ttt_lora_batch_docs",
+              "ttt_weight_decay": "ttt_weight_decay", "ttt_beta2": "ttt_beta2",
+              "phased_ttt_prefix_docs": "ttt_prefix_docs", "phased_ttt_num_phases": "ttt_phases",
+              "global_ttt_lr": "ttt_global_lr", "global_ttt_momentum": "ttt_global_momentum",
+              "global_ttt_epochs": "ttt_global_epochs", "global_ttt_chunk_tokens": "ttt_chunk_tokens",
+              "global_ttt_batch_seqs": "ttt_batch_seqs", "global_ttt_grad_clip": "ttt_grad_clip"}
+# Its adapters: q, v and the LM head always; k, the MLP and the attention output by these flags.
+RECORD_LORA_FLAGS = {"ttt_k_lora": "k", "ttt_mlp_lora": "mlp", "ttt_o_lora": "o"}
+
+
+def _record_run_settings(run: Run) -> dict[str, Any] | None:
+    """How a record log's score was measured, in pgolf's eval keys; None when the log does not say."""
+    record = run.record_eval()
+    if record is not None:  # a diagnostic line: its eval_val
+        ranks, batch_seqs, seq_len = record
+        return {"seq_len": seq_len, "stride": 0, "val_tokens": 0, "windows": "record",
+                "record_batch_seqs": batch_seqs, "record_ranks": ranks}
+    h = run.hyperparameters
+    if not run.metric.startswith("quantized_ttt") or not all(k in h for k in (*RECORD_TTT, *RECORD_LORA_FLAGS)):
+        return None
+    targets = ["q", "v", "head"] + [t for flag, t in RECORD_LORA_FLAGS.items() if h[flag] == "True"]
+    return {"ttt": "phased_lora", "stride": 0, "val_tokens": 0, "ttt_lora_targets": ",".join(targets),
+            **{ours: h[theirs] for theirs, ours in RECORD_TTT.items()}}
+
+
 def _record_settings(found: Claims) -> dict[str, Any]:
-    """The record scripts' diagnostic scores are re-scored as they were measured (windows=record) when every
-    run states the same eval_val settings; other claims carry no settings."""
-    settings = {r.record_eval() for r in found.runs}
-    if len(settings) != 1 or None in settings:
+    """A record script's scores are re-scored as they were measured: a diagnostic line with windows=record
+    (its eval_val), a phased-TTT line with phased_lora in its logged settings — when every run states the
+    same settings. Other claims carry none."""
+    settings = [_record_run_settings(r) for r in found.runs]
+    if not settings or any(s is None or s != settings[0] for s in settings):
         return {}
-    ranks, batch_seqs, seq_len = settings.pop()
-    return {"seq_len": seq_len, "stride": 0, "val_tokens": 0, "windows": "record", "record_batch_seqs": batch_seqs,
-            "record_ranks": ranks}
+    return settings[0]
 
 
 def _pgolf_claim(claims: Path, obj: Any) -> tuple[float, dict[str, Any]]:

@@ -30,6 +30,7 @@ _RECORD_TRAIN = {
     "muon_momentum_warmup_steps": 1500, "muon_ns": "polar_express", "muon_row_norm": True, "muon_wd": 0.095,
     "tied_embed_lr": 0.03, "embed_wd": 0.085, "scalar_lr": 0.02, "scalar_wd": 0.02, "beta2": 0.99,
     "grad_clip_norm": 0.3, "ema_decay": 0.9965, "warmdown_frac": 0.85, "min_lr": 0.10, "loop_enable_frac": 0.35,
+    "schedule_steps": 4945,  # its seed-42 log: stopped by the cap at step 4,945 on 8×H100
 }
 _RECORD_QUANTIZE = {
     "method": "gptq", "bits": 6, "clip": "sdclip", "attn_k": 13.0, "mlp_k": 11.5, "embed_bits": 7, "embed_k": 14.0,
@@ -72,7 +73,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "pr2071": {
         "tokenize": {"vocab_size": 8192, "caseops": True},
         "model": {**_RECORD_MODEL, "sparse_attn_gate": False, "gated_attn_dim": 8},
-        "train": {**_RECORD_TRAIN, "train_batch_tokens": 196_608, "ema_decay": 0.990},
+        # schedule_steps: its step count at these batches is not known here (the record's 4,945 would be wrong)
+        "train": {**_RECORD_TRAIN, "train_batch_tokens": 196_608, "ema_decay": 0.990, "schedule_steps": 0},
         "calibrate": {"n_batches": 16, "batch_seqs": 48, "seq_len": 2048},
         "quantize": _RECORD_QUANTIZE,
         "ttt_eval": _RECORD_TTT,
@@ -85,7 +87,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"num_layers": 11, "mlp_mult": 3.0, "smear_gate_perdim": True, "bigram_buckets": 2048,
                   "bigram_dim": 128, "ortho_init": True},
         "train": {"train_seq_len": 2048, "train_batch_tokens": 786_432, "muon_wd": 0.04, "ema_decay": 0.997,
-                  "warmdown_iters": 3000},
+                  "warmdown_iters": 3000,
+                  # an estimate: PR #371, the same 11-layer stack that week, made ~7,100 steps at ~82 ms/step
+                  "schedule_steps": 7100},
         "quantize": {"method": "rtn", "bits": 6, "embed_bits": 8},
         "pack": {"codec": "zstd"},
         "ttt_eval": {"seq_len": 2048, "stride": 64},

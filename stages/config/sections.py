@@ -249,12 +249,27 @@ class TrainConfig(Section):
     qat_bits: int = param(0, "QAT: straight-through fake quantization of the block matrices; 0: off", off=0,
                           ge=MIN_BITS, le=MAX_BITS)
     qat_start_frac: float = param(0.0, "QAT from this fraction of the run on", ge=0, le=1)
+    # Presets are tuned for 8 GPUs × 600 s; on one GPU their step-counted lengths outlast the run (issue 18).
+    schedule_scale: str = param("off", "off | auto | a factor: multiply every step-counted length "
+                                "(lr_warmup_steps, warmdown_iters, muon_momentum_warmup_steps, swa_every, the EMA "
+                                "horizon 1/(1 − ema_decay)); auto: by the steps this run will make (the cap over "
+                                "the timed compile-priming steps) / schedule_steps", pattern=r"off|auto|\d+(\.\d*)?")
+    schedule_steps: int = param(0, "the run length in steps the step-counted lengths were tuned for (a preset's "
+                                "source run); schedule_scale: auto divides by it", ge=0)
     device: str = param("auto", "auto | cpu | cuda[:N]", pattern=DEVICE_PATTERN)
     compile: bool = param(True, "torch.compile on CUDA (never on CPU)")
 
     def check(self) -> None:
         if self.swa_every and self.ema_decay:
             raise ConfigError("swa_every", "ema_decay and swa_every are two ways to average the weights; set one to 0")
+        if self.schedule_scale not in ("off", "auto") and float(self.schedule_scale) <= 0:
+            raise ConfigError("schedule_scale", f"schedule_scale {self.schedule_scale} must be off, auto or > 0")
+        if self.schedule_scale == "auto" and not self.schedule_steps:
+            raise ConfigError("schedule_scale", "schedule_scale: auto scales by the steps this run makes over the "
+                                                "steps the lengths were tuned for: set train.schedule_steps")
+        if self.schedule_scale == "auto" and self.max_wallclock_seconds > 0 and self.warmup_steps < 2:
+            raise ConfigError("schedule_scale", "schedule_scale: auto under a cap times the compile-priming steps "
+                                                "after the first (which compiles): set warmup_steps >= 2")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Every training switch as a function of the run's progress, in one object.
+"""Every training switch as a function of the run's progress, in one object; and (`scaled`, schedule_scale)
+the step-counted lengths fitted to the steps a run will really make.
 
 Progress is the fraction of the run done: by wall-clock under a cap (the reference's rule, so a capped
 run's warmdown ends at the cap whatever its step time), else by steps. The loop asks the schedule, step
@@ -8,7 +9,7 @@ by step, for the LR multiplier, Muon's momentum, and whether depth recurrence, Q
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pgolf.config.sections import TrainConfig
 
@@ -65,3 +66,26 @@ class Schedule:
     def swa_snapshot(self, step: int, progress: float) -> bool:
         """Whether SWA averages in the weights after `step` steps."""
         return self.cfg.swa_every > 0 and progress >= self.cfg.swa_start_frac and step % self.cfg.swa_every == 0
+
+
+def scaled(cfg: TrainConfig, factor: float) -> TrainConfig:
+    """`cfg` with every step-counted length multiplied by `factor` (schedule_scale, issue 18): the LR warm-up
+    and warmdown, Muon's momentum warm-up, the SWA period and the EMA's horizon 1/(1 − decay). Lengths set
+    stay at least one step (the EMA's horizon two); those that are off stay off. Fractions of the run need no
+    scaling."""
+    def steps(n: int) -> int:
+        return max(1, round(n * factor)) if n > 0 else 0
+
+    decay = cfg.ema_decay
+    if decay > 0:  # the horizon 1/(1 − decay) scaled, at least 2 steps (decay 0.5), so the EMA stays on
+        decay = 1.0 - 1.0 / max(2.0, factor / (1.0 - decay))
+    return replace(cfg, lr_warmup_steps=steps(cfg.lr_warmup_steps), warmdown_iters=steps(cfg.warmdown_iters),
+                   muon_momentum_warmup_steps=steps(cfg.muon_momentum_warmup_steps), swa_every=steps(cfg.swa_every),
+                   ema_decay=decay)
+
+
+def run_length(cfg: TrainConfig, step_ms: float | None) -> int:
+    """The steps this run will make: the cap over the step time (never past `iterations`), or `iterations`."""
+    if cfg.max_wallclock_seconds > 0 and step_ms:
+        return max(1, min(cfg.iterations, int(1000.0 * cfg.max_wallclock_seconds / step_ms)))
+    return max(1, cfg.iterations)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from pgolf.nn.distributed import Dist
 from pgolf.nn.model import GPT, autocast_for, enable_qat, prepare_for_device, set_qat
 from pgolf.nn.muon import Muon
 from pgolf.nn.optim import build_optimizers
-from pgolf.nn.schedule import Schedule
+from pgolf.nn.schedule import Schedule, run_length, scaled
 from pgolf.nn.trainstate import Checkpointer, Progress, optimizer_states
 from pgolf.report.progress import Bar
 from pgolf.text.evaluate import EvalData, evaluate_model
@@ -85,6 +86,7 @@ class TrainResult:
     weight_average: dict | None = None
     looping_enabled_at_step: int | None = None
     peak_memory_bytes: int | None = None
+    schedule: dict | None = None  # schedule_scale's factor and the lengths it gave; None when off
 
 
 def l1_penalty(matrix_opt: torch.optim.Optimizer, lam: float) -> torch.Tensor:
@@ -118,6 +120,8 @@ class Trainer:
         self.average = weight_average_for(self.model, cfg)  # evaluated and saved instead of the live weights
         self.progress = Progress()
         self.val_history: list[dict] = []
+        self.primed_step_ms: float | None = None  # the compiled step's time, measured while priming
+        self.estimated_steps: int | None = None  # schedule_scale: auto's run length
 
     # ---- one optimizer step
 
@@ -175,14 +179,44 @@ class Trainer:
         initial_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
         warm_loader = DistributedTokenLoader(self.data, self.d.rank, self.d.world, self.d.device)
+        times = []
         for looping in ((False, True) if self.delayed_loops else (True,)):
             self.model.set_looping(looping)
-            for _ in range(self.cfg.warmup_steps):
+            for i in range(self.cfg.warmup_steps):
+                t0 = time.perf_counter()
                 self.train_step(warm_loader)
+                if self.cuda:
+                    torch.cuda.synchronize()
+                if i:  # the first step of each mode compiles
+                    times.append(time.perf_counter() - t0)
+        if times:  # every rank the same (the slowest), so that schedule_scale: auto agrees across ranks
+            step_ms = torch.tensor(1000.0 * statistics.median(times), device=self.d.device)
+            self.primed_step_ms = float(self.d.all_reduce_(step_ms, op="max"))
         self.model.load_state_dict(initial_model, strict=True)
         for opt, state in zip(self.optimizers, initial_opts):
             opt.load_state_dict(state)
         self.zero_grad()
+
+    def fit_schedule(self) -> None:
+        """schedule_scale (issue 18): the step-counted lengths fitted to the steps this run will make. The factor
+        is fixed once and saved with the training state, so a resumed run keeps it."""
+        cfg, p = self.cfg, self.progress
+        if cfg.schedule_scale == "off":
+            return
+        if p.schedule_factor is None:
+            self.estimated_steps = run_length(cfg, self.primed_step_ms)
+            p.schedule_factor = (self.estimated_steps / cfg.schedule_steps if cfg.schedule_scale == "auto"
+                                 else float(cfg.schedule_scale))
+        self.cfg = scaled(cfg, p.schedule_factor)
+        self.schedule = Schedule(self.cfg)
+        if self.average is not None:
+            self.average.decay = self.cfg.ema_decay
+        if self.d.main:
+            c = self.cfg
+            print(f"train: schedule × {p.schedule_factor:.3f} ({cfg.schedule_scale}"
+                  f"{f', ~{self.estimated_steps} steps over schedule_steps {cfg.schedule_steps}' if self.estimated_steps else ''}): "
+                  f"warmdown_iters {c.warmdown_iters}, muon_momentum_warmup_steps {c.muon_momentum_warmup_steps}, "
+                  f"lr_warmup_steps {c.lr_warmup_steps}, swa_every {c.swa_every}, ema_decay {c.ema_decay:.5f}")
 
     def resume(self) -> None:
         self.progress = self.checkpointer.load(self.model, self.optimizers, self.average)
@@ -279,4 +313,9 @@ class Trainer:
             val_history=self.val_history,
             weight_average={"kind": self.average.kind, "snapshots": self.average.count} if self.average else None,
             looping_enabled_at_step=p.loop_switch_step if self.delayed_loops else None,
-            peak_memory_bytes=torch.cuda.max_memory_allocated() if self.cuda else None)
+            peak_memory_bytes=torch.cuda.max_memory_allocated() if self.cuda else None,
+            schedule=None if cfg.schedule_scale == "off" else {
+                "factor": p.schedule_factor, "estimated_steps": self.estimated_steps,
+                "primed_step_ms": self.primed_step_ms, "warmdown_iters": cfg.warmdown_iters,
+                "muon_momentum_warmup_steps": cfg.muon_momentum_warmup_steps, "lr_warmup_steps": cfg.lr_warmup_steps,
+                "swa_every": cfg.swa_every, "ema_decay": cfg.ema_decay})

@@ -35,6 +35,7 @@ class Progress:
     stream_position: tuple[int, int] = (0, 0)
     loss_rows: list[tuple] = field(default_factory=list)
     loop_switch_step: int | None = None
+    schedule_factor: float | None = None  # schedule_scale's factor, fixed once (a resumed run keeps it)
 
 
 def state_path(out: Path) -> Path:
@@ -75,6 +76,7 @@ class Checkpointer:
             "step": progress.step, "train_ms": progress.train_ms, "stream_position": list(progress.stream_position),
             "param_groups": json.dumps(groups), "loss_rows": progress.loss_rows,
             "average_count": average.count if average else 0, "loop_switch_step": progress.loop_switch_step,
+            "schedule_factor": progress.schedule_factor,
             **self.fingerprint,
         })
 
@@ -106,7 +108,8 @@ class Checkpointer:
                     state.setdefault(int(pid), {})[name] = value
             opt.load_state_dict({"state": state, "param_groups": groups[i]})
         return Progress(int(meta["step"]), float(meta["train_ms"]), tuple(meta["stream_position"]),
-                        [tuple(r) for r in meta.get("loss_rows", [])], meta.get("loop_switch_step"))
+                        [tuple(r) for r in meta.get("loss_rows", [])], meta.get("loop_switch_step"),
+                        meta.get("schedule_factor"))
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

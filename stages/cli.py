@@ -163,7 +163,7 @@ def calibrate(
 def quantize(
     ckpt: Path = typer.Argument(..., help="Checkpoint from `pgolf train`."),
     bits: Optional[int] = typer.Option(None, help="Bits per weight, 2..8 (params: quantize.bits)."),
-    method: Optional[str] = typer.Option(None, help="rtn | gptq (gptq needs --hessians; without them it falls back to rtn)."),
+    method: Optional[str] = typer.Option(None, help="rtn | gptq (gptq needs --hessians; without them it falls back to rtn) | kmeans (a 2^bits-level codebook per tensor, PR #212)."),
     clip: Optional[str] = typer.Option(None, help="percentile (the reference's) | sdclip (k·std per row)."),
     embed_bits: Optional[int] = typer.Option(None, help="Bits for the embedding/head (0 = --bits)."),
     attn_bits: Optional[int] = typer.Option(None, help="Bits for attention matrices (0 = --bits)."),

@@ -267,3 +267,55 @@ def test_a_run_follows_its_scaled_schedule(tokenized_dir, tmp_path, mode):
         assert sched["primed_step_ms"] > 0 and sched["estimated_steps"] == 12
         assert sched["factor"] == pytest.approx(12 / 100_000) and sched["warmdown_iters"] == 1
     assert TrainConfig().schedule_scale == "off"
+
+
+def test_kmeans_codebooks_decode_to_their_levels_and_beat_the_uniform_grid():
+    """quantize.method=kmeans (PR #212): every weight decodes to one of 2^bits stored fp16 levels, the
+    squared error is at most the uniform grid's over [min, max] (Lloyd starts there), and a code outside the
+    codebook is refused."""
+    from pgolf.config.sections import QuantizeConfig
+    from pgolf.formats.dequant import decode_entry
+    from pgolf.quant.encode import encode_tensor, store_encoded
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 96, generator=g) * 0.02
+    name = "blocks.0.mlp.fc.weight"
+    for bits in (3, 5):
+        enc = encode_tensor(name, w, QuantizeConfig(method="kmeans", bits=bits, keep_float_max_numel=16))
+        assert enc.entry["encoding"] == "codebook" and enc.parts["codebook"].numel() == 2 ** bits
+        assert enc.parts["codes"].dtype == torch.int8
+        tensors, schema = store_encoded({name: enc}, {name: w})
+        restored = decode_entry(name, schema[name], tensors, "test")
+        assert set(restored.unique().tolist()) <= set(enc.parts["codebook"].float().tolist())
+        step = (w.max() - w.min()) / (2 ** bits - 1)
+        uniform = w.min() + torch.round((w - w.min()) / step) * step
+        assert float(((restored - w) ** 2).mean()) < float(((uniform - w) ** 2).mean())
+    tensors[f"{name}#codes"] = tensors[f"{name}#codes"].clone()
+    tensors[f"{name}#codes"][0, 0] = 100  # beyond a 32-level codebook
+    with pytest.raises(PgolfError, match="outside the 32-level codebook"):
+        decode_entry(name, schema[name], tensors, "test")
+    with pytest.raises(PgolfError, match="prune_sparsity"):
+        build(QuantizeConfig, [({"method": "kmeans", "prune_sparsity": 0.5}, "params.yaml")], "quantize")
+
+
+def test_a_kmeans_checkpoint_packs_and_reads_back_through_the_blob(calibrated_model, tokenized_dir, tmp_path):
+    """Through the quantize and pack stages: the blob holds codebooks and codes, and decodes to the weights
+    quantize reported."""
+    from pgolf import pack, quantize
+    from pgolf.config.sections import PackConfig, QuantizeConfig
+    from pgolf.formats import blob
+    from pgolf.formats.dequant import dequantize
+    from pgolf.formats.files import load_tensors
+
+    q, b = tmp_path / "q.safetensors", tmp_path / "m.pgolf"
+    cfg = QuantizeConfig(method="kmeans", bits=5, keep_float_max_numel=256, device="cpu")
+    quantize.run(calibrated_model["ckpt"], q, cfg, PackConfig(codec="zlib"), None, tmp_path / "q.json", None)
+    stored, meta = load_tensors(q, "quantized")
+    pack.run(q, tokenized_dir, b, PackConfig(codec="ans"), tmp_path / "pack.json")
+    header, back = blob.read_blob(b, 16_000_000)
+    from_blob = dequantize(back, header["schema"], "blob")
+    from_file = dequantize(stored, meta["schema"], "file")
+    kinds = {e["encoding"] for e in header["schema"].values()}
+    assert "codebook" in kinds and all(torch.equal(from_blob[k], from_file[k]) for k in from_file)
+    fc = from_blob["blocks.0.mlp.fc.weight"]
+    assert fc.unique().numel() <= 32

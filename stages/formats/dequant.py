@@ -81,11 +81,25 @@ def _decode_int_lqer(parts: dict[str, torch.Tensor], entry: dict[str, Any], sour
     return base.add_(a @ b)
 
 
+def _decode_codebook(parts: dict[str, torch.Tensor], entry: dict[str, Any], source: str) -> torch.Tensor:
+    """W = codebook[codes + levels/2]: a per-tensor k-means codebook (PR #212), indices held as int8."""
+    q, book = parts["codes"], parts["codebook"]
+    if q.dtype != torch.int8 or book.ndim != 1 or not book.is_floating_point() or book.numel() not in (
+            2, 4, 8, 16, 32, 64, 128, 256):
+        raise PgolfError(f"{source}: a codebook needs int8 codes and 2^k float levels (got {q.dtype}, "
+                         f"{tuple(book.shape)})")
+    idx = q.long() + book.numel() // 2
+    if q.device.type != "meta" and q.numel() and (int(idx.min()) < 0 or int(idx.max()) >= book.numel()):
+        raise PgolfError(f"{source}: codes point outside the {book.numel()}-level codebook; the file is corrupt")
+    return book.float()[idx]
+
+
 # encoding -> (required part roles, decoder).
 ENCODINGS: dict[str, tuple[tuple[str, ...], Callable[[dict, dict, str], torch.Tensor]]] = {
     "int_per_row": (("codes", "scales"), _decode_int),
     "int_per_row+lqer": (("codes", "scales") + LQER_ROLES, _decode_int_lqer),
     "int_per_tensor": (("codes", "scales"), _decode_int),
+    "codebook": (("codes", "codebook"), _decode_codebook),
     "float": (("value",), _decode_value),
     "raw": (("value",), _decode_value),
 }

@@ -69,7 +69,7 @@ class Schedule:
 
 
 def scaled(cfg: TrainConfig, factor: float) -> TrainConfig:
-    """`cfg` with every step-counted length multiplied by `factor` (schedule_scale, issue 18): the LR warm-up
+    """`cfg` with every step-counted length multiplied by `factor` (schedule_scale): the LR warm-up
     and warmdown, Muon's momentum warm-up, the SWA period and the EMA's horizon 1/(1 − decay). Lengths set
     stay at least one step (the EMA's horizon two); those that are off stay off. Fractions of the run need no
     scaling."""

@@ -198,7 +198,7 @@ class Trainer:
         self.zero_grad()
 
     def fit_schedule(self) -> None:
-        """schedule_scale (issue 18): the step-counted lengths fitted to the steps this run will make. The factor
+        """schedule_scale: the step-counted lengths fitted to the steps this run will make. The factor
         is fixed once and saved with the training state, so a resumed run keeps it."""
         cfg, p = self.cfg, self.progress
         if cfg.schedule_scale == "off":

@@ -1,6 +1,6 @@
 """One tensor to its stored parts: the method that chooses its codes, its grid, and its schema entry.
 
-Methods (how codes are chosen: `rtn`, `gptq`) are a registry; per-group bit widths and clips are
+Methods (how codes are chosen: `rtn`, `gptq`, `kmeans`) are a registry; per-group bit widths and clips are
 resolved per tensor name before a method runs. `store_encoded` lays the parts out as the tensors of
 `quantized.safetensors` plus the schema that makes them self-describing (pgolf.formats.dequant reads
 them back with nothing else).
@@ -19,7 +19,8 @@ from pgolf.formats.dequant import dtype_name
 from pgolf.nn.model import resolve_device
 from pgolf.nn.names import is_control_name, tensor_group
 from pgolf.quant.gptq import gptq_quantize
-from pgolf.quant.grid import REFERENCE_INT8_SCALE_FLOOR, is_reference_int8, quantize_rtn_tensor, row_scales
+from pgolf.quant.grid import (REFERENCE_INT8_SCALE_FLOOR, is_reference_int8, kmeans_codebook, quantize_rtn_tensor,
+                              row_scales)
 
 
 @dataclass
@@ -68,9 +69,18 @@ def _gptq(name: str, t: torch.Tensor, cfg: QuantizeConfig, hessian: torch.Tensor
     return Encoded({"codes": q, "scales": scale16.contiguous()}, entry)
 
 
+def _kmeans(name: str, t: torch.Tensor, cfg: QuantizeConfig, hessian: torch.Tensor | None) -> Encoded:
+    """A per-tensor k-means codebook of 2^bits fp16 levels (PR #212); the codes are level indices shifted into
+    int8's range (index − 2^(bits−1)), so they pack like integer codes."""
+    idx, book = kmeans_codebook(t, cfg.bits)
+    codes = (idx - 2 ** (cfg.bits - 1)).to(torch.int8)
+    entry = {"encoding": "codebook", "method": "kmeans", "bits": cfg.bits, "clip": None, "scheme": "per_tensor"}
+    return Encoded({"codes": codes.contiguous(), "codebook": book}, entry)
+
+
 # method name (config QUANT_METHODS) -> fn(name, tensor, cfg resolved for that tensor, hessian or None).
 QUANTIZERS: dict[str, Callable[[str, torch.Tensor, QuantizeConfig, torch.Tensor | None], Encoded]] = {
-    "rtn": _rtn, "gptq": _gptq}
+    "rtn": _rtn, "gptq": _gptq, "kmeans": _kmeans}
 
 
 def keep_float(name: str, t: torch.Tensor, control_fp16: bool) -> Encoded:

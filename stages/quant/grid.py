@@ -85,3 +85,24 @@ def quantize_rtn_tensor(t: torch.Tensor, bits: int, clip: str, clip_percentile: 
     scale = torch.tensor(c_value / R if c_value > 0 else 1.0, dtype=torch.float32)
     q = torch.clamp(torch.round(torch.clamp(w, -c_value, c_value) / scale), -R, R)
     return q.to(torch.int8).contiguous(), scale, "per_tensor"
+
+
+KMEANS_ITERS = 25  # Lloyd iterations; the distortion has settled to < 1e-4 relative by then on weight matrices
+
+
+def kmeans_codebook(w: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, fp16 codebook of 2^bits levels): 1-D k-means of all of a tensor's weights (PR #212's
+    codebooks). Lloyd's algorithm from the uniform grid over [min, max], so its squared error never exceeds
+    that grid's; the indices are assigned last, to the fp16 levels as stored."""
+    x = w.detach().float().flatten()
+    levels = 2 ** bits
+    book = torch.linspace(float(x.min()), float(x.max()), levels)
+    for _ in range(iters):
+        idx = torch.bucketize(x, (book[1:] + book[:-1]) / 2)  # nearest level: the book is sorted
+        sums = torch.zeros(levels).index_add_(0, idx, x)
+        counts = torch.bincount(idx, minlength=levels)
+        book = torch.where(counts > 0, sums / counts.clamp_min(1), book).sort().values
+    book16 = book.half()
+    stored = book16.float()
+    idx = torch.bucketize(x, (stored[1:] + stored[:-1]) / 2)
+    return idx.view(w.shape), book16

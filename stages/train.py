@@ -65,8 +65,10 @@ def write_outputs(result: TrainResult, cfg: TrainConfig, manifest_path: Path, ma
                   metrics: Path, log: Path, world: int, device: str) -> None:
     p, val = result.progress, result.final_val
     model = result.model
-    save_tensors(out, {k: v.detach() for k, v in model.state_dict().items()}, "checkpoint", {
-        "model_config": asdict(model.cfg),
+    # Multi-token heads are a training objective (PR #375): the checkpoint is the model without them.
+    state = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("mtp.")}
+    save_tensors(out, state, "checkpoint", {
+        "model_config": {**asdict(model.cfg), "mtp_heads": 0},
         "params": asdict(cfg),
         "inputs": {"manifest": sha256_file(manifest_path)},
         "tokenizer_sha256": manifest.get("tokenizer_sha256"),
@@ -97,7 +99,7 @@ def write_outputs(result: TrainResult, cfg: TrainConfig, manifest_path: Path, ma
         "schedule": result.schedule,
         "val_tokens_scored": val.get("tokens_scored"),
         "val_history": result.val_history,
-        "model_params": sum(t.numel() for t in model.parameters()),
+        "model_params": sum(t.numel() for t in state.values()),  # as saved (multi-token heads dropped)
         "peak_memory_bytes": result.peak_memory_bytes,
         "world_size": world,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",

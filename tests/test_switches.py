@@ -319,3 +319,48 @@ def test_a_kmeans_checkpoint_packs_and_reads_back_through_the_blob(calibrated_mo
     assert "codebook" in kinds and all(torch.equal(from_blob[k], from_file[k]) for k in from_file)
     fc = from_blob["blocks.0.mlp.fc.weight"]
     assert fc.unique().numel() <= 32
+
+
+def test_multi_token_heads_add_their_weighted_loss_in_training_only():
+    """model.mtp_heads (PR #375): head k predicts token t+1+k through its own projection and the LM head; the
+    objective is CE + mtp_weight × the heads' mean CE; scoring (logits) is the model without them."""
+    import torch.nn.functional as F
+    from dataclasses import replace
+
+    from pgolf.nn.model import rms_norm
+    from pgolf.nn.optim import group_of
+
+    torch.manual_seed(3)
+    m = GPT(replace(CFG, mtp_heads=2))
+    assert all(torch.equal(h.weight, torch.eye(CFG.model_dim)) for h in m.mtp)  # identity at init
+    with torch.no_grad():
+        for h in m.mtp:
+            h.weight.add_(0.05 * torch.randn_like(h.weight))
+    x, y = batch()
+    with torch.no_grad():
+        plain = m(x, y)
+        m.mtp_weight = 0.3
+        total = m(x, y)
+        h = m.hidden(x)
+        main = F.cross_entropy(m.logits(x).flatten(0, 1), y.flatten())
+        extra = [F.cross_entropy(m.softcap(m.head_logits(rms_norm(head(h[:, :-k])))).flatten(0, 1), y[:, k:].flatten())
+                 for k, head in enumerate(m.mtp, 1)]
+    assert float(plain) == pytest.approx(float(main), rel=1e-6)  # mtp_weight 0: the plain objective
+    assert float(total) == pytest.approx(float(main + 0.3 * (extra[0] + extra[1]) / 2), rel=1e-6)
+    assert float(total) != float(plain)
+    assert {group_of(n, p) for n, p in m.named_parameters() if n.startswith("mtp.")} == {"matrix"}
+
+
+def test_a_run_with_multi_token_heads_saves_the_model_without_them(tokenized_dir, tmp_path):
+    """Through the train stage: the heads train the trunk (its weights differ from a run without them) and the
+    checkpoint is the plain model — no mtp.* tensors, mtp_heads 0 — which scoring builds and loads as is."""
+    from dataclasses import replace
+
+    from test_train import MODEL, TRAIN, train_once
+
+    cfg, model = replace(TRAIN, iterations=6), replace(MODEL, mtp_heads=2)
+    base, _, _ = train_once(tokenized_dir, tmp_path / "base", replace(cfg, mtp_weight=0.0), model)  # same init
+    state, meta, _ = train_once(tokenized_dir, tmp_path / "mtp", cfg, model)
+    assert not any(k.startswith("mtp.") for k in state) and meta["model_config"]["mtp_heads"] == 0
+    assert set(state) == set(base) and not torch.equal(state["blocks.0.mlp.fc.weight"], base["blocks.0.mlp.fc.weight"])
+    GPT(ModelConfig(**meta["model_config"])).load_state_dict(state)  # what scoring builds, strictly

@@ -141,6 +141,9 @@ class ModelConfig(Section):
     gated_attn_dim: int = param(0, "headwise gated attention: c_q widened by this many rows (a multiple of "
                                 "num_heads); 0: off", ge=0)
     ortho_init: bool = param(False, "orthogonal init (gain 1) of every non-zero-init block matrix")
+    mtp_heads: int = param(0, "multi-token prediction (PR #375): N training-only heads predicting tokens t+2 .. "
+                           "t+1+N (train.mtp_weight); dropped from the checkpoint, so scoring never sees them",
+                           ge=0)
 
     def check(self) -> None:
         if self.model_dim % self.num_heads:
@@ -228,6 +231,8 @@ class TrainConfig(Section):
                              "min_lr at the end of the run (after the warm-up)", choices=("linear", "cosine"))
     cautious_wd: bool = param(False, "Muon's weight decay only where the update and the weight agree in sign (PR #375)")
     # The seed studies' training-objective switches (PR #375), off by default.
+    mtp_weight: float = param(0.3, "multi-token prediction (model.mtp_heads): weight of the extra heads' mean loss "
+                              "(PR #375: 0.3)", ge=0)
     label_smoothing: float = param(0.0, "training loss only: cross-entropy against (1 − ε)·target + ε·uniform "
                                    "(PR #375: 0.05); evaluation never smooths", ge=0, lt=1)
     l1_lambda: float = param(0.0, "adds λ·Σ|w| over the block matrices to the training loss (PR #375)", ge=0)

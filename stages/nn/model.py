@@ -289,6 +289,10 @@ class GPT(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head.zero_init = True
+        # Multi-token prediction (PR #375), training only: head k maps the final hidden state through its own
+        # projection (identity at init) and the LM head to token t+1+k. train drops them from the checkpoint.
+        self.mtp = nn.ModuleList(CastedLinear(cfg.model_dim, cfg.model_dim, bias=False)
+                                 for _ in range(cfg.mtp_heads)) if cfg.mtp_heads else None
         self._init_weights()
 
     def set_looping(self, on: bool) -> None:
@@ -312,6 +316,8 @@ class GPT(nn.Module):
         for module in self.modules():
             if getattr(module, "zero_init", False):
                 nn.init.zeros_(module.weight)
+        for head in self.mtp or ():
+            nn.init.eye_(head.weight)
         # The reference builds the model in bf16 and then restores fp32 masters, so its initial
         # weights are bf16-representable; round the same way (with equal seeds the inits match bit for bit).
         with torch.no_grad():
@@ -382,14 +388,22 @@ class GPT(nn.Module):
         return self.softcap(self.head_logits(self.hidden(input_ids)))
 
     label_smoothing = 0.0  # the training objective's ε (set by the trainer only: scoring never smooths)
+    mtp_weight = 0.0  # the extra heads' share of the training objective (set by the trainer)
 
     def loss_from_logits(self, logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
                                label_smoothing=self.label_smoothing)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (nats) over all positions (label-smoothed when training asks for it)."""
-        return self.loss_from_logits(self.logits(input_ids), target_ids)
+        """Mean cross-entropy (nats) over all positions (label-smoothed when training asks for it), plus
+        mtp_weight × the mean of the multi-token heads' losses when the model has them."""
+        h = self.hidden(input_ids)
+        loss = self.loss_from_logits(self.softcap(self.head_logits(h)), target_ids)
+        if self.mtp is None or not self.mtp_weight:
+            return loss
+        extra = [self.loss_from_logits(self.softcap(self.head_logits(rms_norm(head(h[:, :-k])))), target_ids[:, k:])
+                 for k, head in enumerate(self.mtp, 1) if h.size(1) > k]  # head k: position t predicts t+1+k
+        return loss + self.mtp_weight * torch.stack(extra).mean() if extra else loss
 
 
 def document_mask(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:

@@ -43,8 +43,9 @@ def group_of(name: str, param: torch.Tensor) -> str:
         return "embed"
     if name == "lm_head.weight":
         return "head"
-    if name == "bigram.proj.weight" or (name.startswith("blocks.") and param.ndim >= 2 and not is_control_name(name)):
-        return "matrix"
+    if name == "bigram.proj.weight" or name.startswith("mtp.") or (
+            name.startswith("blocks.") and param.ndim >= 2 and not is_control_name(name)):
+        return "matrix"  # the block matrices, and the projections of the hashed bigrams and multi-token heads
     return "scalar"  # control tensors in the blocks, and every model-level one (skip weights and gates, smear gate)
 
 

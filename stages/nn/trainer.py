@@ -109,6 +109,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         self.model = prepare_for_device(GPT(model_cfg), d.device)
         self.model.label_smoothing = cfg.label_smoothing  # before compile: read as a constant of the graph
+        self.model.mtp_weight = cfg.mtp_weight if model_cfg.mtp_heads else 0.0  # likewise
         if cfg.qat_bits:
             enable_qat(self.model, cfg.qat_bits)  # before compile: the on/off toggle is a buffer
         compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if (self.cuda and cfg.compile) else self.model

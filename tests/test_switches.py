@@ -364,3 +364,58 @@ def test_a_run_with_multi_token_heads_saves_the_model_without_them(tokenized_dir
     assert not any(k.startswith("mtp.") for k in state) and meta["model_config"]["mtp_heads"] == 0
     assert set(state) == set(base) and not torch.equal(state["blocks.0.mlp.fc.weight"], base["blocks.0.mlp.fc.weight"])
     GPT(ModelConfig(**meta["model_config"])).load_state_dict(state)  # what scoring builds, strictly
+
+
+@pytest.mark.parametrize("doc_mask", [False, True])
+def test_canon_layers_mix_the_last_k_positions_causally_and_within_documents(doc_mask):
+    """model.canon_k (PR #375: 3): n_t + Σ_{i<K} w_i ⊙ n_{t−i} on each sublayer's normed input, zero-init (the
+    model starts as it would without), never reaching before the sequence or, with doc_mask, across a BOS."""
+    from dataclasses import replace
+
+    from pgolf.audit import model_checks
+    from pgolf.nn.model import Canon, canon_taps
+    from pgolf.nn.optim import group_of
+
+    layer = Canon(3, 4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)))
+    n = torch.randn(1, 6, 4, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[5, 6, 1, 7, 8, 9]])  # a BOS (1) at position 2
+    out = layer(n, canon_taps(ids, 3, 1, doc_mask, n.dtype))
+    w = layer.weight.detach()
+    for t in range(6):
+        want = n[0, t] + w[0] * n[0, t]
+        for i in (1, 2):
+            if t - i >= 0 and not (doc_mask and t - i < 2 <= t):  # t−i before the BOS that starts t's document
+                want = want + w[i] * n[0, t - i]
+        assert torch.allclose(out[0, t], want, atol=1e-6), t
+
+    cfg = replace(CFG, canon_k=3, doc_mask=doc_mask)
+    plain = filled_gpt(replace(cfg, canon_k=0))  # non-zero everywhere: the blocks' outputs reach the logits
+    m = GPT(cfg)
+    missing = m.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all("canon_" in k for k in missing)
+    x = torch.randint(2, CFG.vocab_size, (1, 40), generator=torch.Generator().manual_seed(4))
+    x[0, 17] = CFG.bos_id
+    with torch.no_grad():
+        assert torch.allclose(m.logits(x), plain.logits(x), atol=1e-6)  # zero-init: the identity
+        for name, p in m.named_parameters():
+            if "canon_" in name:
+                p.normal_(0, 0.5)
+        assert not torch.allclose(m.logits(x), plain.logits(x), atol=1e-3)
+    tokens = torch.cat([x[0], x[0, :1]]).numpy()
+    model_checks.causality(m, tokens, torch.device("cpu"))  # raises if an earlier logit moves
+    if doc_mask:
+        model_checks.document_isolation(m, tokens, torch.device("cpu"))  # raises on a leak across the BOS
+    assert {group_of(k, p) for k, p in m.named_parameters() if "canon_" in k} == {"scalar"}
+
+
+def test_a_run_with_canon_layers_trains_them(tokenized_dir, tmp_path):
+    from dataclasses import replace
+
+    from test_train import MODEL, TRAIN, train_once
+
+    state, meta, _ = train_once(tokenized_dir, tmp_path, replace(TRAIN, iterations=6), replace(MODEL, canon_k=3))
+    canon = [k for k in state if "canon_" in k]
+    assert len(canon) == 2 * MODEL.num_layers and meta["model_config"]["canon_k"] == 3
+    assert all(state[k].abs().sum() > 0 for k in canon)  # they left zero: the loss reaches them

@@ -141,6 +141,8 @@ class ModelConfig(Section):
     gated_attn_dim: int = param(0, "headwise gated attention: c_q widened by this many rows (a multiple of "
                                 "num_heads); 0: off", ge=0)
     ortho_init: bool = param(False, "orthogonal init (gain 1) of every non-zero-init block matrix")
+    canon_k: int = param(0, "Canon layers (PR #375: 3): each sublayer's normed input gains a causal depthwise mix "
+                         "of its last K positions, zero-init, never across a BOS with doc_mask; 0: off", ge=0)
     mtp_heads: int = param(0, "multi-token prediction (PR #375): N training-only heads predicting tokens t+2 .. "
                            "t+1+N (train.mtp_weight); dropped from the checkpoint, so scoring never sees them",
                            ge=0)

@@ -174,6 +174,36 @@ class MLP(nn.Module):
         return out if self.adapter is None else out + self.adapter(x)
 
 
+class Canon(nn.Module):
+    """A Canon layer (Allen-Zhu, "Physics of Language Models: Part 4.1", 2025; PR #375 with K = 3): the normed
+    input of a sublayer gains a causal depthwise mix of its last K positions, n_t + Σ_{i<K} w_i ⊙ n_{t−i}.
+    w starts at zero (the identity). `ok[i]` ([B, T, 1]) zeroes tap i where t−i is before the sequence or, with
+    document masking, in another document, so nothing crosses a BOS."""
+
+    def __init__(self, k: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(k, dim))
+
+    def forward(self, n: torch.Tensor, ok: list[torch.Tensor]) -> torch.Tensor:
+        w = self.weight.to(n.dtype)
+        out = n + w[0] * n
+        for i in range(1, w.size(0)):
+            out = out + w[i] * F.pad(n[:, :-i], (0, 0, i, 0)) * ok[i]
+        return out
+
+
+def canon_taps(input_ids: torch.Tensor, k: int, bos_id: int, doc_mask: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+    """ok[i] for Canon's taps: 1 where position t−i exists (and, with doc_mask, lies in t's document)."""
+    B, T = input_ids.shape
+    doc = torch.cumsum(input_ids == bos_id, dim=1) if doc_mask else torch.zeros_like(input_ids)
+    pos = torch.arange(T, device=input_ids.device)
+    taps = [torch.ones(B, T, 1, dtype=dtype, device=input_ids.device)]
+    for i in range(1, k):
+        same = (pos >= i) & (doc == F.pad(doc[:, :-i], (i, 0), value=-1))
+        taps.append(same.unsqueeze(-1).to(dtype))
+    return taps
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -184,26 +214,32 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # (x, x0) weights
+        self.canon_attn = Canon(cfg.canon_k, dim) if cfg.canon_k else None  # on each sublayer's normed input
+        self.canon_mlp = Canon(cfg.canon_k, dim) if cfg.canon_k else None
         self.parallel = bool(cfg.parallel_from) and layer >= cfg.parallel_from
         if self.parallel:
             # post[s, d]: how much of sublayer s (0 attention, 1 MLP) goes into lane d; resid[d]: lane d's carry
             self.parallel_post_lambdas = nn.Parameter(torch.ones(2, 2))
             self.parallel_resid_lambdas = nn.Parameter(torch.full((2,), 1.1))
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, mask=None) -> torch.Tensor:
+    def normed(self, x: torch.Tensor, canon: Canon | None, taps) -> torch.Tensor:
+        n = rms_norm(x) * self.norm_scale
+        return n if canon is None else canon(n, taps)
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, mask=None, taps=None) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, mask)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.normed(x, self.canon_attn, taps), mask)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.normed(x, self.canon_mlp, taps))
 
     def forward_lanes(self, lane0: torch.Tensor, lane1: torch.Tensor, x0: torch.Tensor,
-                      mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      mask=None, taps=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Parallel residuals (PR #1204): attention reads lane0 (mixed with x0), the MLP reads lane1 and does
         not see this block's attention output; both write into both lanes through learned lambdas."""
         dt = lane0.dtype
         mix = self.resid_mix.to(dt)
-        a = self.attn_scale.to(dt) * self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.norm_scale, mask)
-        f = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.norm_scale)
+        a = self.attn_scale.to(dt) * self.attn(self.normed(mix[0] * lane0 + mix[1] * x0, self.canon_attn, taps), mask)
+        f = self.mlp_scale.to(dt) * self.mlp(self.normed(lane1, self.canon_mlp, taps))
         post, resid = self.parallel_post_lambdas.to(dt), self.parallel_resid_lambdas.to(dt)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * f,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * f)
@@ -340,11 +376,13 @@ class GPT(nn.Module):
             e = self.smear(e, input_ids)
         x = rms_norm(e)
         x0 = x
+        taps = canon_taps(input_ids, self.cfg.canon_k, self.cfg.bos_id, self.cfg.doc_mask, x.dtype) \
+            if self.cfg.canon_k else None
         order = self.looped_order if self.looping else self.plain_order
         num_encoder = len(order) // 2
         skips = []
         for layer in order[:num_encoder]:
-            x = self.blocks[layer](x, x0, mask)
+            x = self.blocks[layer](x, x0, mask, taps)
             skips.append(x)
         lanes = None  # (lane0, lane1) from the first parallel block on
         for j, layer in enumerate(order[num_encoder:]):
@@ -357,9 +395,9 @@ class GPT(nn.Module):
                 else:
                     lanes = (self.merge_skip(j, lanes[0], skips.pop()), lanes[1])
             if lanes is None:
-                x = block(x, x0, mask)
+                x = block(x, x0, mask, taps)
             else:
-                lanes = block.forward_lanes(*lanes, x0, mask)
+                lanes = block.forward_lanes(*lanes, x0, mask, taps)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)

@@ -214,10 +214,12 @@ class Trainer:
             self.average.decay = self.cfg.ema_decay
         if self.d.main:
             c = self.cfg
-            print(f"train: schedule × {p.schedule_factor:.3f} ({cfg.schedule_scale}"
-                  f"{f', ~{self.estimated_steps} steps over schedule_steps {cfg.schedule_steps}' if self.estimated_steps else ''}): "
-                  f"warmdown_iters {c.warmdown_iters}, muon_momentum_warmup_steps {c.muon_momentum_warmup_steps}, "
-                  f"lr_warmup_steps {c.lr_warmup_steps}, swa_every {c.swa_every}, ema_decay {c.ema_decay:.5f}")
+            why = cfg.schedule_scale
+            if self.estimated_steps and cfg.schedule_scale == "auto":
+                why += f", ~{self.estimated_steps} steps over schedule_steps {cfg.schedule_steps}"
+            print(f"train: schedule × {p.schedule_factor:.3f} ({why}): warmdown_iters {c.warmdown_iters}, "
+                  f"muon_momentum_warmup_steps {c.muon_momentum_warmup_steps}, lr_warmup_steps {c.lr_warmup_steps}, "
+                  f"swa_every {c.swa_every}, ema_decay {c.ema_decay:.5f}")
 
     def resume(self) -> None:
         self.progress = self.checkpointer.load(self.model, self.optimizers, self.average)

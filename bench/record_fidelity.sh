@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The record (PR #1855) against pgolf's `record` model on the same weights (issue 15), in two device calls
-# on one held machine (carry .corpus, .whl and .anchors):
+# The record (PR #1855) against pgolf's `record` model on the same weights (issue 15): two device calls
+# on one held machine, then a third on any (carry .corpus, .whl and .anchors):
 #   bash bench/record_fidelity.sh record    # tokenize as the record expects; its own train_gpt.py trains
 #                                           # CAP seconds (default 150), quantizes, writes final_model.int6.ptz
 #                                           # (COMPRESSOR=pergroup: lrzip) and logs its diagnostic val_bpb

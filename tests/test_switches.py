@@ -299,8 +299,8 @@ def test_kmeans_codebooks_decode_to_their_levels_and_beat_the_uniform_grid():
 
 
 def test_a_kmeans_checkpoint_packs_and_reads_back_through_the_blob(calibrated_model, tokenized_dir, tmp_path):
-    """Through the quantize and pack stages: the blob holds codebooks and codes, and decodes to the weights
-    quantize reported."""
+    """Through the quantize and pack stages: the blob holds codebooks and codes (and, with embed_rank, the
+    embedding's SVD factors), and decodes to the weights quantize reported."""
     from pgolf import pack, quantize
     from pgolf.config.sections import PackConfig, QuantizeConfig
     from pgolf.formats import blob
@@ -308,7 +308,7 @@ def test_a_kmeans_checkpoint_packs_and_reads_back_through_the_blob(calibrated_mo
     from pgolf.formats.files import load_tensors
 
     q, b = tmp_path / "q.safetensors", tmp_path / "m.pgolf"
-    cfg = QuantizeConfig(method="kmeans", bits=5, keep_float_max_numel=256, device="cpu")
+    cfg = QuantizeConfig(method="kmeans", bits=5, keep_float_max_numel=256, device="cpu", embed_rank=16)
     quantize.run(calibrated_model["ckpt"], q, cfg, PackConfig(codec="zlib"), None, tmp_path / "q.json", None)
     stored, meta = load_tensors(q, "quantized")
     pack.run(q, tokenized_dir, b, PackConfig(codec="ans"), tmp_path / "pack.json")
@@ -316,7 +316,7 @@ def test_a_kmeans_checkpoint_packs_and_reads_back_through_the_blob(calibrated_mo
     from_blob = dequantize(back, header["schema"], "blob")
     from_file = dequantize(stored, meta["schema"], "file")
     kinds = {e["encoding"] for e in header["schema"].values()}
-    assert "codebook" in kinds and all(torch.equal(from_blob[k], from_file[k]) for k in from_file)
+    assert {"codebook", "lowrank"} <= kinds and all(torch.equal(from_blob[k], from_file[k]) for k in from_file)
     fc = from_blob["blocks.0.mlp.fc.weight"]
     assert fc.unique().numel() <= 32
 
@@ -419,3 +419,27 @@ def test_a_run_with_canon_layers_trains_them(tokenized_dir, tmp_path):
     canon = [k for k in state if "canon_" in k]
     assert len(canon) == 2 * MODEL.num_layers and meta["model_config"]["canon_k"] == 3
     assert all(state[k].abs().sum() > 0 for k in canon)  # they left zero: the loss reaches them
+
+
+def test_embed_rank_stores_the_embedding_as_a_truncated_svd():
+    """quantize.embed_rank (PR #212: 64): the embedding decodes to A·B, within int8 rounding of the best rank-r
+    approximation, from far fewer stored values; other tensors are quantized as before."""
+    from pgolf.config.sections import QuantizeConfig
+    from pgolf.formats.dequant import decode_entry
+    from pgolf.quant.encode import encode_tensor, store_encoded
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(300, 8, generator=g) @ torch.randn(8, 64, generator=g) * 0.01 + 1e-3 * torch.randn(300, 64,
+                                                                                                      generator=g)
+    cfg = QuantizeConfig(bits=6, embed_rank=8, keep_float_max_numel=16)
+    enc = encode_tensor("tok_emb.weight", w, cfg)
+    assert enc.entry["encoding"] == "lowrank" and enc.entry["rank"] == 8
+    assert sum(p.numel() for p in enc.parts.values()) < 0.2 * w.numel()
+    tensors, schema = store_encoded({"tok_emb.weight": enc}, {"tok_emb.weight": w})
+    restored = decode_entry("tok_emb.weight", schema["tok_emb.weight"], tensors, "test")
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    best = (u[:, :8] * s[:8]) @ vh[:8]
+    assert float((restored - w).norm()) <= float((best - w).norm()) + 0.02 * float(w.norm())
+    assert encode_tensor("blocks.0.mlp.fc.weight", w, cfg).entry["encoding"] == "int_per_row"  # not the embedding
+    with pytest.raises(PgolfError, match="embed_rank"):
+        build(QuantizeConfig, [({"embed_rank": 64, "budget": 16_000_000}, "params.yaml")], "quantize")

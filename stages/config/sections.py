@@ -311,6 +311,8 @@ class QuantizeConfig(Section):
                                "E‖∂L/∂W‖² from calibrate's statistics (needs --hessians); empty: off")
     prune_sparsity: float = param(0.0, "zero this fraction of each quantized matrix's smallest-|w| weights "
                                   "(their codes stay 0; PR #212's magnitude pruning); 0: off", ge=0, lt=1)
+    embed_rank: int = param(0, "store the embedding/head as a rank-r truncated SVD, both factors int8 per row "
+                            "(PR #212: 64); 0: off", ge=0)
     control_fp16: bool = param(False, "store the kept-float control tensors in fp16 too (the record's passthrough, "
                                "PR #1855); off: fp32, the baseline's rule")
     # Per-group overrides by parameter name (pgolf.nn.names): embed (tok_emb, lm_head), attn (c_q, c_k, c_v,
@@ -351,6 +353,8 @@ class QuantizeConfig(Section):
         if self.budget and self.lqer_top_k:
             raise ConfigError("lqer_top_k", "--budget chooses LQER per tensor itself (budget_lqer); set lqer_top_k=0 "
                                             "with it")
+        if self.budget and self.embed_rank:
+            raise ConfigError("embed_rank", "embed_rank is not among --budget's choices; set embed_rank=0 with it")
         if self.method == "kmeans" and self.prune_sparsity:
             raise ConfigError("prune_sparsity", "prune_sparsity needs an integer grid (rtn, gptq): pruned weights keep "
                                                 "code 0, an arbitrary level of a kmeans codebook")

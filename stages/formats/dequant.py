@@ -56,7 +56,7 @@ def _decode_value(parts: dict[str, torch.Tensor], entry: dict[str, Any], source:
 def decode_lqer_factor(q: torch.Tensor, s: torch.Tensor, group: int, source: str) -> torch.Tensor:
     """One int8-held factor: one scale (s.numel() == 1), one per row, or one per `group` flattened values."""
     if q.dtype != torch.int8 or q.ndim != 2 or not s.is_floating_point():
-        raise PgolfError(f"{source}: LQER factors must be 2-D int8 with float scales (got {q.dtype}, {s.dtype})")
+        raise PgolfError(f"{source}: low-rank factors (LQER, embed_rank) must be 2-D int8 with float scales (got {q.dtype}, {s.dtype})")
     s = s.float().flatten()
     if s.numel() == 1:
         return q.float().mul_(s[0])
@@ -94,12 +94,22 @@ def _decode_codebook(parts: dict[str, torch.Tensor], entry: dict[str, Any], sour
     return book.float()[idx]
 
 
+def _decode_lowrank(parts: dict[str, torch.Tensor], entry: dict[str, Any], source: str) -> torch.Tensor:
+    """W = (q_A·s_A)(q_B·s_B): a truncated SVD stored as two int8 factors with per-row scales (PR #212)."""
+    a = decode_lqer_factor(parts["lowrank_a"], parts["lowrank_a_scales"], 0, source)
+    b = decode_lqer_factor(parts["lowrank_b"], parts["lowrank_b_scales"], 0, source)
+    if a.shape[1] != b.shape[0]:
+        raise PgolfError(f"{source}: low-rank factors {tuple(a.shape)}·{tuple(b.shape)} do not multiply; corrupt")
+    return a @ b
+
+
 # encoding -> (required part roles, decoder).
 ENCODINGS: dict[str, tuple[tuple[str, ...], Callable[[dict, dict, str], torch.Tensor]]] = {
     "int_per_row": (("codes", "scales"), _decode_int),
     "int_per_row+lqer": (("codes", "scales") + LQER_ROLES, _decode_int_lqer),
     "int_per_tensor": (("codes", "scales"), _decode_int),
     "codebook": (("codes", "codebook"), _decode_codebook),
+    "lowrank": (("lowrank_a", "lowrank_a_scales", "lowrank_b", "lowrank_b_scales"), _decode_lowrank),
     "float": (("value",), _decode_value),
     "raw": (("value",), _decode_value),
 }

@@ -117,12 +117,29 @@ def pruned(name: str, t: torch.Tensor, cfg: QuantizeConfig, hessian: torch.Tenso
     return enc
 
 
+def low_rank(name: str, t: torch.Tensor, rank: int) -> Encoded:
+    """Embedding factorisation (PR #212): the rank-r truncated SVD W ≈ A·B with A = U√S and B = √S·Vᵀ, each
+    factor int8 with fp16 per-row scales (its own scale per row of A and of B)."""
+    u, s, vh = torch.linalg.svd(t.float(), full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    parts = {}
+    for role, factor in (("lowrank_a", u[:, :r] * root), ("lowrank_b", root[:, None] * vh[:r])):
+        scale = (factor.abs().amax(dim=1) / 127).clamp_min(1e-12).half()
+        parts[role] = torch.clamp(torch.round(factor / scale.float()[:, None]), -127, 127).to(torch.int8).contiguous()
+        parts[role + "_scales"] = scale
+    return Encoded(parts, {"encoding": "lowrank", "method": "svd", "bits": 8, "rank": r, "clip": None,
+                           "scheme": "per_row"})
+
+
 def encode_tensor(name: str, t: torch.Tensor, cfg: QuantizeConfig, hessian: torch.Tensor | None = None) -> Encoded:
     t = t.detach().cpu().contiguous()
     if not t.is_floating_point():
         enc = Encoded({"value": t}, {"encoding": "raw", "method": "passthrough", "bits": None, "clip": None, "scheme": None})
     elif not is_quantized(t, cfg):
         enc = keep_float(name, t, cfg.control_fp16)
+    elif cfg.embed_rank and t.ndim == 2 and tensor_group(name) == "embed":
+        enc = low_rank(name, t, cfg.embed_rank)
     elif cfg.prune_sparsity:
         enc = pruned(name, t, cfg, hessian)
     else:

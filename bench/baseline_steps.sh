@@ -8,12 +8,8 @@
 # bench/baseline_steps.py then lines the losses up and finds where they part.
 set -euo pipefail
 STEPS=${1:-668}
-OUT=${OUT:-/tmp/pgolf-bs-out}
-W=/tmp/pgolf-bs
-R="$W/results"
-mkdir -p "$OUT" "$W" "$R"
-trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"' EXIT
 source bench/common.sh
+run_folders pgolf-bs
 machine_env > "$R/env.txt"
 TOK=$W/tok
 ROOT=$PWD

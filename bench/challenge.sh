@@ -18,12 +18,8 @@ set -euo pipefail
 NPROC=$1
 CAP=${2:-600}
 CALL_SECONDS=${CALL_SECONDS:-590}  # the device's per-call limit, less a margin
-OUT=${OUT:-/tmp/pgolf-challenge-out}
-W=/tmp/pgolf-challenge
-R=$W/results
-mkdir -p "$OUT" "$W" "$R"
-trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"; cp "$R"/*.log "$R/train_log.csv" "$OUT/" 2>/dev/null || true' EXIT
 source bench/common.sh
+run_folders pgolf-challenge results '*.log' train_log.csv
 export TORCHINDUCTOR_CACHE_DIR=$W/inductor  # kept between calls on a held machine
 CALL=$(( $(cat "$W/calls" 2>/dev/null || echo 0) + 1 ))
 echo "$CALL" > "$W/calls"

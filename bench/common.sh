@@ -1,5 +1,5 @@
-# Sourced by the bench scripts on the GPU machine, with R (the results folder) set: installs the carried
-# wheels and pgolf, and defines `timed`.
+# Sourced by the bench scripts on the GPU machine: installs the carried wheels and pgolf, and defines
+# `run_folders` (a run's folders and what it leaves in OUT) and `timed`.
 export PYTHONUNBUFFERED=1
 if [ -z "${BENCH_LOCAL:-}" ]; then  # BENCH_LOCAL=1: a dry run on a machine where pgolf is installed
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -7,6 +7,18 @@ if [ -z "${BENCH_LOCAL:-}" ]; then  # BENCH_LOCAL=1: a dry run on a machine wher
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 fi
 PG="python3 -m pgolf.cli"
+
+run_folders() {  # run_folders NAME [RESULTS] [FILE...]: the work folder W=/tmp/NAME, the metrics folder
+  # R=$W/RESULTS (default: results) and OUT (default /tmp/NAME-out); when the script exits, R's metrics are
+  # merged into $OUT/results.json and the FILEs (names in R, globs allowed) copied to OUT where they exist
+  W=/tmp/$1
+  R=$W/${2:-results}
+  OUT=${OUT:-/tmp/$1-out}
+  RUN_KEEP=("${@:3}")
+  mkdir -p "$OUT" "$W" "$R"
+  trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"
+        for f in "${RUN_KEEP[@]}"; do cp $R/$f "$OUT/" 2>/dev/null || true; done' EXIT
+}
 
 timed() {  # timed NAME CMD...: run it, append "NAME milliseconds" to $R/times.txt
   local name=$1; shift

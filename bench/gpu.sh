@@ -13,12 +13,8 @@ NPROC=${1:-1}
 CAP=${2:-240}
 ITERS=${3:-20000}
 MAX_SENTENCE=${4:-4192}  # SentencePiece's default (the challenge's); 1048576 keeps long docs in tokenizer training
-OUT=${OUT:-/tmp/pgolf-bench-out}
-W=/tmp/pgolf-bench
-R="$W/results"  # metrics go here, merged into $OUT/results.json at exit (the device returns at most 8 files)
-mkdir -p "$OUT" "$W" "$R"
-trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"; cp "$R/train_log.csv" "$OUT/" 2>/dev/null || true' EXIT
 source bench/common.sh
+run_folders pgolf-bench results train_log.csv  # metrics merged into one file: the device returns at most 8
 
 {
   date -u +%Y-%m-%dT%H:%M:%SZ

@@ -12,12 +12,8 @@
 # codec comparison (bench/codec_bench.py).
 set -euo pipefail
 PHASE=$1
-OUT=${OUT:-/tmp/pgolf-fit-out}
-W=/tmp/pgolf-fit
-R="$W/results_$PHASE"
-mkdir -p "$OUT" "$W" "$R"
-trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"' EXIT
 source bench/common.sh
+run_folders pgolf-fit "results_$PHASE"
 export TORCHINDUCTOR_CACHE_DIR=$W/inductor
 machine_env > "$R/env.txt"
 params_file() {  # params_file CODEC: the preset with that pack codec and TTT off

@@ -5,12 +5,8 @@
 # ITERATIONS fixed steps, calibrates once, then quantizes → packs → scores each scheme. Results: $OUT/results.json.
 set -euo pipefail
 ITERS=${1:-400}
-OUT=${OUT:-/tmp/pgolf-quant-out}
-W=/tmp/pgolf-quant
-R="$W/results"
-mkdir -p "$OUT" "$W" "$R"
-trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"' EXIT
 source bench/common.sh
+run_folders pgolf-quant
 NP=(--params none.yaml)
 { date -u +%Y-%m-%dT%H:%M:%SZ; nvidia-smi --query-gpu=name --format=csv,noheader; } > "$R/env.txt"
 

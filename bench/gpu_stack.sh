@@ -21,13 +21,9 @@ CAP=$2
 QUANT=${3:-0}
 shift 3 || true
 EXTRA=("$@")
-OUT=${OUT:-/tmp/pgolf-stack-out}
-W=/tmp/pgolf-stack
-R="$W/results_$PRESET${TOKENIZER:+_$TOKENIZER}"
-mkdir -p "$OUT" "$W" "$R"
-[ "$QUANT" = only ] || rm -f "$R"/* "$W/h_$PRESET.safetensors" "$W/h1m_$PRESET.safetensors"
-trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"; cp "$R/train_log.csv" "$OUT/" 2>/dev/null || true' EXIT
 source bench/common.sh
+run_folders pgolf-stack "results_$PRESET${TOKENIZER:+_$TOKENIZER}" train_log.csv
+[ "$QUANT" = only ] || rm -f "$R"/* "$W/h_$PRESET.safetensors" "$W/h1m_$PRESET.safetensors"
 export TORCHINDUCTOR_CACHE_DIR=$W/inductor  # kept between calls on a held machine
 {
   machine_env

@@ -20,12 +20,8 @@ set -euo pipefail
 STEP=$1
 CAP=${CAP:-240}
 PRESET=${PRESET:-pr2071}
-OUT=${OUT:-/tmp/pgolf-ttt-out}
-W=/tmp/pgolf-ttt
-R=$W/results
-mkdir -p "$OUT" "$W" "$R"
-trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"' EXIT
 source bench/common.sh
+run_folders pgolf-ttt
 export TORCHINDUCTOR_CACHE_DIR=$W/inductor
 { echo "step $STEP preset $PRESET cap $CAP"; machine_env; } | tee -a "$R/env.txt"
 

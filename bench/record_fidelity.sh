@@ -16,12 +16,8 @@
 set -euo pipefail
 PHASE=$1
 CAP=${CAP:-150}
-OUT=${OUT:-/tmp/pgolf-rf-out}
-W=/tmp/pgolf-rf
-R="$W/results_$PHASE"
-mkdir -p "$OUT" "$W" "$R"
-trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"' EXIT
 source bench/common.sh
+run_folders pgolf-rf "results_$PHASE"
 machine_env > "$R/env.txt"
 ANCHOR=$PWD/.anchors/record_1855
 TOK=$W/tok

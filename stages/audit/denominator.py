@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from pgolf.audit.challenge_claims import Run
-from pgolf.text.bpb import stream_lut_bytes
+from pgolf.text.bpb import record_batches, stream_lut_bytes
 from pgolf.text.evaluate import EvalData
 
 
@@ -48,12 +48,8 @@ def scored_targets(run: Run) -> tuple[list[tuple[int, int]], str]:
     if record is None:
         return [(1, run.tokens + 1)], ""
     world, per_batch, seq_len = record
-    windows, ranges = run.tokens // seq_len, []
-    for rank in range(world):
-        start, end = windows * rank // world, windows * (rank + 1) // world
-        end = start + (end - start) // per_batch * per_batch
-        if end > start:
-            ranges.append((start * seq_len + 1, end * seq_len + 1))
+    span = per_batch * seq_len  # targets a+1 .. a+span of the batch starting at token a
+    ranges = [(a + 1, a + span + 1) for a in record_batches(run.tokens + 1, seq_len, per_batch, world)]
     rule = (f"the record script's eval_val scores per rank whole batches of {per_batch} windows of {seq_len} "
             f"(world size {world}, from the log's hyperparameters)")
     return ranges, rule

@@ -20,7 +20,7 @@ from pgolf.nn.model import resolve_device
 from pgolf.nn.names import is_control_name, tensor_group
 from pgolf.quant.gptq import gptq_quantize
 from pgolf.quant.grid import (REFERENCE_INT8_SCALE_FLOOR, is_reference_int8, kmeans_codebook, quantize_rtn_tensor,
-                              row_scales)
+                              round_to_scale, row_scales)
 
 
 @dataclass
@@ -125,9 +125,8 @@ def low_rank(name: str, t: torch.Tensor, rank: int) -> Encoded:
     root = s[:r].sqrt()
     parts = {}
     for role, factor in (("lowrank_a", u[:, :r] * root), ("lowrank_b", root[:, None] * vh[:r])):
-        scale = (factor.abs().amax(dim=1) / 127).clamp_min(1e-12).half()
-        parts[role] = torch.clamp(torch.round(factor / scale.float()[:, None]), -127, 127).to(torch.int8).contiguous()
-        parts[role + "_scales"] = scale
+        codes, scale = round_to_scale(factor, factor.abs().amax(dim=1, keepdim=True) / 127, -127, 127)
+        parts[role], parts[role + "_scales"] = codes.contiguous(), scale.flatten()
     return Encoded(parts, {"encoding": "lowrank", "method": "svd", "bits": 8, "rank": r, "clip": None,
                            "scheme": "per_row"})
 

@@ -87,6 +87,13 @@ def quantize_rtn_tensor(t: torch.Tensor, bits: int, clip: str, clip_percentile: 
     return q.to(torch.int8).contiguous(), scale, "per_tensor"
 
 
+def round_to_scale(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes in [lo, hi], fp16 scale): codes are rounded with the fp16 scale that is stored (low-rank
+    factors: LQER's, embed_rank's)."""
+    scale16 = scale.clamp_min(ZERO_ROW_GUARD).to(torch.float16)
+    return torch.clamp(torch.round(x / scale16.float()), lo, hi).to(torch.int8), scale16
+
+
 KMEANS_ITERS = 25  # Lloyd iterations; the distortion has settled to < 1e-4 relative by then on weight matrices
 
 

@@ -25,7 +25,7 @@ from pgolf.config.sections import QuantizeConfig
 from pgolf.formats.dequant import decode_lqer_factor
 from pgolf.quant.encode import Encoded
 from pgolf.quant.gptq import weighted_error
-from pgolf.quant.grid import ZERO_ROW_GUARD
+from pgolf.quant.grid import round_to_scale
 
 GROUP = 64
 
@@ -55,24 +55,18 @@ def weighted_error_factors(error: torch.Tensor, roots: tuple[torch.Tensor, torch
     return a, (b.double() @ inv_root).float()
 
 
-def _round(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes, fp16 scale): codes are rounded with the fp16 scale that is stored."""
-    scale16 = scale.clamp_min(ZERO_ROW_GUARD).to(torch.float16)
-    return torch.clamp(torch.round(x / scale16.float()), lo, hi).to(torch.int8), scale16
-
-
 def quantize_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
     """(stored parts, schema meta) of the two factors."""
     if b.numel() % GROUP == 0:
-        qa, sa = _round(a, a.abs().max() / 1.5, -2, 1)
+        qa, sa = round_to_scale(a, a.abs().max() / 1.5, -2, 1)
         groups = b.reshape(-1, GROUP)
-        qb, sb = _round(groups, groups.abs().amax(dim=1, keepdim=True) / 7.5, -8, 7)
+        qb, sb = round_to_scale(groups, groups.abs().amax(dim=1, keepdim=True) / 7.5, -8, 7)
         parts = {"lqer_a": qa, "lqer_a_scales": sa.reshape(1), "lqer_b": qb.reshape(b.shape),
                  "lqer_b_scales": sb.flatten()}
         meta = {"packing": "asym", "group": GROUP, "a_bits": 2, "b_bits": 4}
     else:
-        qa, sa = _round(a, a.abs().amax(dim=1, keepdim=True) / 7, -7, 7)
-        qb, sb = _round(b, b.abs().amax(dim=1, keepdim=True) / 7, -7, 7)
+        qa, sa = round_to_scale(a, a.abs().amax(dim=1, keepdim=True) / 7, -7, 7)
+        qb, sb = round_to_scale(b, b.abs().amax(dim=1, keepdim=True) / 7, -7, 7)
         parts = {"lqer_a": qa, "lqer_a_scales": sa.flatten(), "lqer_b": qb, "lqer_b_scales": sb.flatten()}
         meta = {"packing": "sym", "group": 0, "a_bits": 4, "b_bits": 4}
     return {k: v.contiguous() for k, v in parts.items()}, meta

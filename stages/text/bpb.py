@@ -108,27 +108,35 @@ def plan_windows(n_tokens: int, seq_len: int, stride: int, max_targets: int = 0)
     return windows
 
 
-def plan_record_segments(n_tokens: int, bos_positions: np.ndarray, seq_len: int, batch_seqs: int, ranks: int
-                         ) -> list[Window]:
-    """The record scripts' eval_val (PR #1855; the "diagnostic" lines of its log) as windows, to re-score a
-    logged number exactly: the stream cut to whole seq_len windows; each of `ranks` ranks takes its share
-    of them and scores whole batches of `batch_seqs` windows, dropping the rest; a batch is one packed
-    sequence whose attention is cut at every BOS and every seq_len tokens from a document start, so each
-    segment is scored alone, from its own first token. Every target at most once, not every target."""
+def record_batches(n_tokens: int, seq_len: int, batch_seqs: int, ranks: int) -> list[int]:
+    """Where each batch the record scripts' eval_val scores starts (PR #1855; the "diagnostic" lines of its
+    log): the stream cut to whole seq_len windows; each of `ranks` ranks takes its share of them and scores
+    whole batches of `batch_seqs` windows (batch_seqs·seq_len tokens), dropping the rest."""
     if seq_len < 1 or batch_seqs < 1 or ranks < 1:
         raise PgolfError(f"bad record windows: seq_len {seq_len}, batch_seqs {batch_seqs}, ranks {ranks}")
-    bos_positions = np.asarray(bos_positions)
     n_windows = (n_tokens - 1) // seq_len
-    windows: list[Window] = []
+    starts = []
     for rank in range(ranks):
         first, last = n_windows * rank // ranks, n_windows * (rank + 1) // ranks
         last = first + (last - first) // batch_seqs * batch_seqs
-        for batch in range(first, last, batch_seqs):
-            a, b = batch * seq_len, (batch + batch_seqs) * seq_len
-            inside = bos_positions[(bos_positions > a) & (bos_positions < b)]
-            starts = [a] + inside.tolist() + [b]
-            for s, e in zip(starts[:-1], starts[1:]):  # a document, in pieces of at most seq_len
-                windows.extend(Window(p, min(p + seq_len, e), 0) for p in range(s, e, seq_len))
+        starts.extend(w * seq_len for w in range(first, last, batch_seqs))
+    return starts
+
+
+def plan_record_segments(n_tokens: int, bos_positions: np.ndarray, seq_len: int, batch_seqs: int, ranks: int
+                         ) -> list[Window]:
+    """The record scripts' eval_val as windows, to re-score a logged number exactly: each of its batches
+    (record_batches) is one packed sequence whose attention is cut at every BOS and every seq_len tokens from
+    a document start, so each segment is scored alone, from its own first token. Every target at most once,
+    not every target."""
+    bos_positions = np.asarray(bos_positions)
+    windows: list[Window] = []
+    for a in record_batches(n_tokens, seq_len, batch_seqs, ranks):
+        b = a + batch_seqs * seq_len
+        inside = bos_positions[(bos_positions > a) & (bos_positions < b)]
+        starts = [a] + inside.tolist() + [b]
+        for s, e in zip(starts[:-1], starts[1:]):  # a document, in pieces of at most seq_len
+            windows.extend(Window(p, min(p + seq_len, e), 0) for p in range(s, e, seq_len))
     if not windows:
         raise PgolfError(f"nothing to score: {n_tokens:,} validation tokens fill no batch of {batch_seqs} "
                          f"windows of {seq_len} on each of {ranks} ranks")

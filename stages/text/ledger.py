@@ -158,7 +158,7 @@ class Ledger:
     def documents(self, bos_id: int) -> list[tuple[int, int]]:
         """[start, end) of every document: from its BOS to the next BOS inclusive (its last target is the
         next document's BOS, as the record's evaluation counts it); the last one to the stream's end."""
-        starts = np.flatnonzero(self._tokens == bos_id)
+        starts = self.document_starts(bos_id)
         if starts.size == 0 or starts[0] != 0:
             starts = np.concatenate([[0], starts])
         ends = np.concatenate([starts[1:] + 1, [self.n_tokens]])

@@ -13,7 +13,8 @@ Measured, for the float weights and for the quantized artifact:
   scored by pgolf's ledger on the same windows — the like-for-like comparison;
 - BPB under the record's protocol (its eval_val: 32-window batches cut into document segments of at
   most seq_len): the record model through its own eval_val, pgolf's through the ledger on the same
-  segments.
+  segments — derived here from the script's own _build_cu_seqlens, and checked equal to pgolf's
+  `windows: record` plan.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pgolf.formats import record_int6
 from pgolf.nn.model import GPT, build_model, scoring_logits
 from pgolf.text import ledger as ledgers
-from pgolf.text.bpb import Window, plan_windows, scored_targets
+from pgolf.text.bpb import Window, plan_record_segments, plan_windows, scored_targets
 from pgolf.text.evaluate import EvalData
 
 
@@ -121,8 +123,12 @@ def main() -> None:
     seq_len = h.eval_seq_len
     pg_windows = plan_windows(data.tokens.size, seq_len, 0)
     rec_windows = record_segments(rec, h, data)
+    per_batch = h.val_batch_tokens // (h.world_size * h.grad_accum_steps) // seq_len
+    if plan_record_segments(data.tokens.size, np.flatnonzero(data.tokens == rec.BOS_ID), seq_len, per_batch,
+                            h.world_size) != rec_windows:  # what `pgolf verify` scores a diagnostic claim on
+        raise SystemExit("pgolf's windows=record plan differs from the script's own segments")
     report: dict = {"seq_len": seq_len, "pgolf_windows": len(pg_windows), "record_segments": len(rec_windows),
-                    "val_tokens": int(data.tokens.size)}
+                    "record_segments_equal_pgolf_plan": True, "val_tokens": int(data.tokens.size)}
 
     def record_model(state: dict[str, torch.Tensor] | None):
         model = rec.deserialize(h, device) if state is None else rec.GPT(h).to(device).bfloat16()

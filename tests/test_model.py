@@ -527,7 +527,8 @@ def test_bigram_hash_buckets_pairs_within_documents_and_starts_as_a_no_op():
 
 
 def test_qat_fake_quantizes_block_matrices_with_a_straight_through_gradient():
-    from pgolf.nn.model import CastedLinear, enable_qat, fake_quantize, set_qat
+    from pgolf.nn.layers import fake_quantize
+    from pgolf.nn.model import CastedLinear, enable_qat, set_qat
 
     model = randomized(TINY)
     ids = torch.randint(0, TINY.vocab_size, (2, 16))

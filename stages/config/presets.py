@@ -22,6 +22,7 @@ _RECORD_MODEL = {
     "activation": "leaky_relu2", "rope_dims": 16, "ln_scale": True, "qk_gain_init": 5.0, "xsa_layers": 11,
     "skip_gates": True, "parallel_from": 8, "loop_start": 3, "loop_end": 5, "num_loops": 2,
     "smear_gate": True, "sparse_attn_gate": True, "sparse_gate_scale": 0.5, "ortho_init": True, "doc_mask": True,
+    "fused_ce": True,  # its fused softcapped CE (PR #1787): 2.4× the compiled plain loss on one H200 (issue 16)
 }
 _RECORD_TRAIN = {
     "iterations": 20000, "max_wallclock_seconds": 600.0, "warmup_steps": 20,

@@ -121,6 +121,16 @@ class TokenStream:
         return np.concatenate(chunks) if len(chunks) > 1 else np.array(chunks[0])
 
 
+def to_device(t: torch.Tensor, device: torch.device | str, pinned: bool) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the GPU. From pageable memory CUDA synchronises the stream
+    before the copy, so the host would stall each micro-batch until the previous one finished and the GPU would
+    idle while the next one is launched; from pinned memory (PyTorch's caching host allocator, which keeps the
+    buffer until the copy is done) the copy is queued like a kernel."""
+    if pinned and torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class DistributedTokenLoader:
     """Each call takes one contiguous span for all ranks; rank r keeps its slice (reference semantics).
 
@@ -129,18 +139,32 @@ class DistributedTokenLoader:
     """
 
     def __init__(self, data_dir: str | Path, rank: int, world_size: int, device: torch.device | str,
-                 position: tuple[int, int] = (0, 0)):
+                 position: tuple[int, int] = (0, 0), pinned: bool = True):
+        """pinned: stage batches in page-locked memory, so the copy to the GPU is asynchronous (bench/step_trace.py
+        compares it with pageable memory)."""
         self.stream = TokenStream(require_shards(data_dir, "train"), position)
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.pinned = pinned
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._take(global_tokens, seq_len, grad_accum_steps)
+        return to_device(x, self.device, self.pinned), to_device(y, self.device, self.pinned)
+
+    def next_segmented_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int,
+                             planner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """next_batch, plus the batch's cu_seqlens from `planner` (pgolf.nn.attention.SegmentPlanner), planned
+        on the host tokens before they move, so the step needs no host sync to find its documents."""
+        x, y = self._take(global_tokens, seq_len, grad_accum_steps)
+        cu = planner.plan(x.numpy())
+        return (to_device(x, self.device, self.pinned), to_device(y, self.device, self.pinned),
+                to_device(cu, self.device, self.pinned))
+
+    def _take(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         local_tokens = global_tokens // (self.world_size * grad_accum_steps)
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world_size)
         local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
-        x = local[:-1].reshape(-1, seq_len)
-        y = local[1:].reshape(-1, seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
 
 
 class ShardWriter:

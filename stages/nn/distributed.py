@@ -26,13 +26,17 @@ class Dist:
         self.enabled = self.world > 1
         if self.enabled and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        # host flags (stop at the cap, suspend) agree over gloo on CPU tensors: an NCCL all-reduce read back with
+        # .item() would wait for the GPU to finish the step, every step
+        self.host_group = dist.new_group(backend="gloo") if self.enabled and self.device.type == "cuda" else None
         self.main = self.rank == 0
 
     def any(self, flag: bool) -> bool:
+        """Whether any rank's flag is set (a collective of host values; no GPU sync)."""
         if not self.enabled:
             return flag
-        t = torch.tensor(int(flag), device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor(int(flag))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return bool(t.item())
 
     def close(self) -> None:

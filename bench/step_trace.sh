@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Issue 16's last device call: the fused LeakyReLU² MLP against the compiled plain one (bench/mlp_bench.py),
+# then the training step's host waits with pinned and pageable batches (bench/step_trace.py). Carry .whl.
+set -uo pipefail
+source bench/common.sh
+OUT=${OUT:-/tmp/pgolf-trace-out}
+mkdir -p "$OUT"
+machine_env > "$OUT/env.txt"
+python3 bench/mlp_bench.py --out "$OUT/mlp_bench.json" 2>&1 | grep -v Warning | tail -n 8
+python3 bench/step_trace.py --out /tmp/pgolf-trace 2>&1 | grep -v -E "Warning|USDT" | tail -n 6
+cp /tmp/pgolf-trace/step_trace.json /tmp/pgolf-trace/trace_*.json.gz "$OUT/" 2>/dev/null || true

@@ -70,7 +70,9 @@ def write_outputs(result: TrainResult, cfg: TrainConfig, manifest_path: Path, ma
     save_tensors(out, state, "checkpoint", {
         "model_config": {**asdict(model.cfg), "mtp_heads": 0},
         "params": asdict(cfg),
-        "inputs": {"manifest": sha256_file(manifest_path)},
+        # a distilled checkpoint names its teacher by content (pgolf.nn.distill)
+        "inputs": {"manifest": sha256_file(manifest_path),
+                   **({"distill_teacher": result.distill_teacher["sha256"]} if result.distill_teacher else {})},
         "tokenizer_sha256": manifest.get("tokenizer_sha256"),
         "steps": p.step,
         "world_size": world,
@@ -97,6 +99,8 @@ def write_outputs(result: TrainResult, cfg: TrainConfig, manifest_path: Path, ma
         "weight_average": result.weight_average,
         "looping_enabled_at_step": result.looping_enabled_at_step,
         "schedule": result.schedule,
+        "distill_teacher": result.distill_teacher,
+        "reptile": result.reptile,
         "val_tokens_scored": val.get("tokens_scored"),
         "val_history": result.val_history,
         "model_params": sum(t.numel() for t in state.values()),  # as saved (multi-token heads dropped)

@@ -51,11 +51,14 @@ def run(blob: Path, data: Path, cfg: EvalConfig, metrics: Path) -> None:
            "seconds": round(time.perf_counter() - t0, 1)}
     if not result["compliant"]:  # shown where `dvc metrics show` puts the score (kept narrow otherwise)
         row["compliant"] = False
+    if cfg.ngram_mix != "none":  # the score is the LM's mixture with an n-gram model, not the LM's alone
+        row["ngram_mix"] = cfg.ngram_mix
     write_metrics(metrics, row, result)
     sidecar = result.get("val_bpb_sidecar")
     before = f"; {result['val_bpb_before_ttt']:.4f} before {cfg.ttt} TTT" if cfg.ttt != "none" else ""
     print(f"ttt-eval: val_bpb {result['val_bpb']:.4f} (LUT {result['val_bpb_lut']:.4f}"
           + (f", sidecar {sidecar:.4f}" if sidecar is not None else "") + f") over {result['tokens_scored']:,} tokens"
-          + before)
+          + before + (f"; LM mixed with an order-{cfg.ngram_order} n-gram ({cfg.ngram_mix})" if cfg.ngram_mix != "none"
+                      else ""))
     if not result["compliant"]:
         print(f"ttt-eval: NOT A VALID SCORE: {cfg.ttt}: {result['ttt']['noncompliance']}; verify refuses it")

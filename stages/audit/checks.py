@@ -34,6 +34,7 @@ from pgolf.formats.shards import shard_paths
 from pgolf.nn.model import GPT, build_model, resolve_device
 from pgolf.text.evaluate import EvalData
 from pgolf.ttt.modes import score_weights
+from pgolf.ttt.ngram_mix import NgramMixer
 
 PGOLF, OFFICIAL, RECORD = "pgolf", "official-int8", "record-int6"
 FORMATS = (PGOLF, OFFICIAL, RECORD)
@@ -348,7 +349,9 @@ def document_isolation(ctx: Context) -> str:
 @check("normalised distribution", needs=("decode", "vocab"))
 def normalised_distribution(ctx: Context) -> str:
     model, device = built(ctx)
-    return model_checks.normalised(model, model_checks.sample(ctx.val()), ctx.val(), device)
+    mixer = None if ctx.eval_cfg.ngram_mix == "none" else \
+        (lambda: NgramMixer.from_config(ctx.eval_cfg, model.cfg.vocab_size))  # the claim's scored distribution
+    return model_checks.normalised(model, model_checks.sample(ctx.val()), ctx.val(), device, mixer)
 
 
 @check("deterministic decode", formats=(PGOLF,), needs=("decode",))

@@ -9,7 +9,8 @@ forwards run a float32 copy: bf16 rounds two sequence lengths differently, enoug
   fixed in PR #1851) fails it; only for models that mask attention at document starts (the others attend
   across documents by design);
 - a normalised distribution (C2): every logit is finite, so the softmax over the full vocabulary sums to 1,
-  and the loss the scoring path records equals −log of that softmax at the target, recomputed in float64.
+  and the loss the scoring path records equals −log of that softmax at the target, recomputed in float64;
+  for a claim scored with an n-gram mixture (ttt_eval.ngram_mix), the same of the mixture.
 """
 
 from __future__ import annotations
@@ -87,22 +88,30 @@ def document_isolation(model: GPT, tokens: np.ndarray, device: torch.device) -> 
             f"{allowed:.2g})")
 
 
-def normalised(model: GPT, tokens: np.ndarray, data: EvalData, device: torch.device) -> str:
+def normalised(model: GPT, tokens: np.ndarray, data: EvalData, device: torch.device, mixer=None) -> str:
+    """mixer: a callable giving a fresh pgolf.ttt.ngram_mix.NgramMixer, for a claim scored with one."""
     logits = _logits(model, tokens[:-1], device)
     if not torch.isfinite(logits).all():
         raise PgolfError("the model produces non-finite logits: no proper distribution over the vocabulary")
     log_p = torch.log_softmax(logits, dim=-1)
     total = float(log_p.exp().sum(-1).sub(1).abs().max())
     targets = torch.from_numpy(tokens[1:])
+    what = f"{logits.shape[1]:,}-way softmax"
+    if mixer is not None:  # the distribution scored is the mixture, built as the ledger builds it
+        mixed = mixer().mix_window(log_p, tokens[:-1], 0, tokens[1:])
+        if not bool((mixed > 0).all()):
+            raise PgolfError("the n-gram mixture gives some token probability 0: no proper distribution")
+        log_p, what = mixed.log(), f"{logits.shape[1]:,}-way n-gram mixture"
+        total = max(total, float(mixed.sum(-1).sub(1).abs().max()))
     expected = -log_p.gather(1, targets[:, None]).squeeze(1)
-    ledger = Ledger(tokens, None, data.luts, device, keep_losses=True)
+    ledger = Ledger(tokens, None, data.luts, device, keep_losses=True, mixer=mixer() if mixer is not None else None)
     ledger.score([Window(0, tokens.size - 1, 0)], scoring_logits(model, device))
     recorded = torch.from_numpy(ledger.losses[1:])
     gap = float((recorded - expected).abs().max())
     if total > 1e-9 or gap > 1e-4:
-        raise PgolfError(f"the scoring path is not the full softmax: Σp − 1 up to {total:.2g}, recorded loss vs "
-                         f"−log softmax up to {gap:.2g}")
-    return (f"{logits.shape[1]:,}-way softmax sums to 1 (|Σp − 1| ≤ {total:.1g}); recorded loss = −log p(target) "
+        raise PgolfError(f"the scoring path is not the full {what}: Σp − 1 up to {total:.2g}, recorded loss vs "
+                         f"−log p up to {gap:.2g}")
+    return (f"{what} sums to 1 (|Σp − 1| ≤ {total:.1g}); recorded loss = −log p(target) "
             f"(≤ {gap:.1g}) on {tokens.size - 1} targets")
 
 

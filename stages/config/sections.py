@@ -32,7 +32,7 @@ NONCOMPLIANT_TTT = {"train_then_score": "it trains on the validation tokens befo
                                         "ruled out in issues #402 and #677 of the challenge's repository)"}
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")
 ACTIVATIONS = ("relu2", "leaky_relu2")
-ATTN_BACKENDS = ("auto", "sdpa", "flex")
+ATTN_BACKENDS = ("auto", "sdpa", "flex", "fa4", "sdpa_flash", "sdpa_cudnn")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 MIN_BITS, MAX_BITS = 2, 8
 MIN_CHUNK_BYTES = 1 << 16
@@ -129,8 +129,17 @@ class ModelConfig(Section):
     smear_gate_perdim: bool = param(False, "the older SmearGate: per-channel blend σ(g)·e_t + (1−σ(g))·e_{t−1}")
     bigram_buckets: int = param(0, "BigramHash: hashed (prev, cur) pair embeddings added to the input; 0: off", ge=0)
     bigram_dim: int = param(128, "BigramHash embedding width (projected to model_dim)", ge=1)
-    attn_backend: str = param("auto", "document-masked attention: auto (flex when training on CUDA, else SDPA) | sdpa "
-                              "| flex", choices=ATTN_BACKENDS)
+    attn_backend: str = param("auto", "document-masked attention: auto (training on CUDA: fa4 where installed on "
+                              "SM90+, else flex; otherwise SDPA) | sdpa | flex | fa4 (FlashAttention-4 varlen, SM90+; "
+                              "pip install flash-attn-4) | sdpa_flash, sdpa_cudnn (SDPA pinned to one kernel, as PR #375 "
+                              "compared them; causal attention without doc_mask)",
+                              choices=ATTN_BACKENDS)
+    fused_ce: bool = param(False, "training loss through the fused softcapped cross-entropy kernel (Triton, PR #1787; "
+                           "no float32 logits); where Triton or CUDA is missing, the same function in PyTorch")
+    fused_mlp: bool = param(False, "MLP up-projection with LeakyReLU(0.5)² in the matmul's epilogue (Triton, after "
+                            "PR #1530; needs activation leaky_relu2; the plain path while QAT or a LoRA is on fc); "
+                            "unmeasured on a GPU so far, so off until a speed side-by-side shows it pays; where "
+                            "Triton or CUDA is missing, the same function in PyTorch")
     skip_gates: bool = param(False, "U-Net skip merge as a lerp x ← σ(g)·x + (1−σ(g))·(w ⊙ skip), g init 0")
     parallel_from: int = param(0, "two-lane parallel residuals in physical layers >= K; 0: off", ge=0)
     loop_start: int = param(0, "depth recurrence: first looped layer", ge=0)
@@ -146,6 +155,20 @@ class ModelConfig(Section):
     mtp_heads: int = param(0, "multi-token prediction (PR #375): N training-only heads predicting tokens t+2 .. "
                            "t+1+N (train.mtp_weight); dropped from the checkpoint, so scoring never sees them",
                            ge=0)
+    # The seed studies' architecture switches (pgolf.nn.studies), off by default.
+    memory_tokens: int = param(0, "memory tokens (PR #375: 64): N learned embeddings before every window, seen by "
+                               "every token (each document's own past besides, with doc_mask); tokens take RoPE "
+                               "positions N..N+T-1; not with attn_backend fa4; 0: off", ge=0)
+    denseformer: bool = param(False, "DenseFormer (PR #1227): after each block the stream is a learned weighted "
+                              "average of the embedding and every block output so far, identity at init; not with "
+                              "num_loops or parallel_from")
+    s4d_layers: int = param(0, "S4D-Lin state-space layers (PR #1227: 2): a diagonal SSM instead of attention in the "
+                            "bottom N physical layers, its state reset at every BOS with doc_mask; 0: off", ge=0)
+    s4d_state: int = param(64, "state size of an S4D layer per channel (an even N: N/2 complex conjugate modes)",
+                           ge=2)
+    monarch_blocks: int = param(0, "Monarch MLP (PR #1227): each MLP matrix a product of two block-diagonal factors "
+                                "with K blocks and a permutation between; needs K² <= model_dim and the MLP width; "
+                                "0: off", off=0, ge=2)
 
     def check(self) -> None:
         if self.model_dim % self.num_heads:
@@ -181,6 +204,50 @@ class ModelConfig(Section):
             raise ConfigError("gated_attn_dim", f"gated_attn_dim {self.gated_attn_dim} must be 0 (off) or a positive "
                                                 f"multiple of num_heads {self.num_heads} (each head's gate reads "
                                                 "gated_attn_dim / num_heads rows)")
+        if self.doc_mask and self.attn_backend.startswith("sdpa_"):
+            raise ConfigError("attn_backend", f"attn_backend {self.attn_backend} pins SDPA to a kernel that takes no "
+                                              "document mask; with doc_mask use auto, sdpa, flex or fa4")
+        if self.fused_mlp and self.activation != "leaky_relu2":
+            raise ConfigError("fused_mlp", f"fused_mlp fuses LeakyReLU(0.5)² into the MLP's up-projection, but "
+                                           f"activation is {self.activation!r}; set activation leaky_relu2 or "
+                                           "fused_mlp false")
+        if self.fused_mlp and self.monarch_blocks:
+            raise ConfigError("fused_mlp", "fused_mlp fuses the dense MLP's up-projection, which monarch_blocks "
+                                           "replaces; use one of fused_mlp and monarch_blocks")
+        self._check_studies()
+
+    def _check_studies(self) -> None:
+        """The seed-study layers (pgolf.nn.studies): what each cannot be combined with, and its shapes."""
+        if self.memory_tokens and self.attn_backend == "fa4":
+            raise ConfigError("memory_tokens", "memory_tokens needs a shared prefix every document attends to, which "
+                                               "attn_backend fa4 (varlen segments, one per document) cannot express; "
+                                               "use attn_backend auto, flex or sdpa")
+        if self.denseformer and self.num_loops:
+            raise ConfigError("denseformer", "denseformer learns one averaging step per block run, and depth "
+                                             "recurrence changes how many blocks run; use one of denseformer and "
+                                             "num_loops")
+        if self.denseformer and self.parallel_from:
+            raise ConfigError("denseformer", "denseformer averages a single residual stream, and parallel_from "
+                                             "splits it into two lanes; use one of denseformer and parallel_from")
+        if self.s4d_layers > self.num_layers:
+            raise ConfigError("s4d_layers", f"s4d_layers {self.s4d_layers} must be between 0 and num_layers "
+                                            f"{self.num_layers}")
+        if self.s4d_layers + self.xsa_layers > self.num_layers:
+            raise ConfigError("s4d_layers", f"s4d_layers {self.s4d_layers} (bottom) and xsa_layers {self.xsa_layers} "
+                                            f"(top) overlap in {self.num_layers} layers: XSA needs attention, which an "
+                                            "S4D layer replaces")
+        if self.s4d_state % 2:
+            raise ConfigError("s4d_state", f"s4d_state {self.s4d_state} must be even (N/2 complex conjugate pairs)")
+        k = self.monarch_blocks
+        if k:
+            hidden = int(self.mlp_mult * self.model_dim)
+            if self.model_dim % k or hidden % k:
+                raise ConfigError("monarch_blocks", f"monarch_blocks {k} must divide model_dim {self.model_dim} and "
+                                                    f"the MLP width {hidden}")
+            if k * k > min(self.model_dim, hidden):
+                raise ConfigError("monarch_blocks", f"monarch_blocks {k}: K² = {k * k} must be at most min(model_dim, "
+                                                    f"MLP width) = {min(self.model_dim, hidden)}, so that every "
+                                                    "output of a Monarch product reads every input")
 
 
 @dataclass
@@ -238,6 +305,23 @@ class TrainConfig(Section):
     label_smoothing: float = param(0.0, "training loss only: cross-entropy against (1 − ε)·target + ε·uniform "
                                    "(PR #375: 0.05); evaluation never smooths", ge=0, lt=1)
     l1_lambda: float = param(0.0, "adds λ·Σ|w| over the block matrices to the training loss (PR #375)", ge=0)
+    # Knowledge distillation (PR #1227, pgolf.nn.distill): (1 − α)·CE + α·T²·KL(teacher/T ‖ student/T).
+    distill_teacher: str = param("", "knowledge distillation (PR #1227): a checkpoint `pgolf train` wrote on the same "
+                                 "tokenized data, whose softcapped logits the student learns to match (add the file "
+                                 "to the train stage's deps in dvc.yaml); the student's loss is then computed "
+                                 "un-fused and the teacher adds a forward per micro-batch; empty: off",
+                                 off="", pattern=r".+\.safetensors")
+    distill_temperature: float = param(2.0, "distill_teacher: the softmax temperature T of both distributions", gt=0)
+    distill_alpha: float = param(0.5, "distill_teacher: the weight α of the T²-scaled KL term; (1 − α) weighs the "
+                                 "cross-entropy", ge=0, le=1)
+    # Reptile (PR #375, pgolf.nn.reptile): first-order meta-learning over the end of the run.
+    reptile_frac: float = param(0.0, "Reptile (PR #375: 0.2) over the last fraction of the run: each step saves θ, "
+                                "takes reptile_inner_steps plain SGD steps on consecutive micro-batches, then "
+                                "θ ← θ + outer_lr·(θ' − θ); the regular optimizers are paused; 0: off", ge=0, le=1)
+    reptile_inner_lr: float = param(0.1, "reptile_frac: the inner SGD steps' learning rate", gt=0)
+    reptile_outer_lr: float = param(0.01, "reptile_frac: the outer step's interpolation rate toward θ'", gt=0, le=1)
+    reptile_inner_steps: int = param(3, "reptile_frac: inner SGD steps (one micro-batch each) per training step",
+                                     ge=1)
     embed_wd: float = param(0.0, "decoupled weight decay of the embedding/head (AdamW when > 0)", ge=0)
     scalar_wd: float = param(0.0, "decoupled weight decay of the control tensors (AdamW when > 0)", ge=0)
     lr_warmup_steps: int = param(0, "linear LR warm-up from 0 over the first N steps", ge=0)
@@ -465,6 +549,21 @@ class EvalConfig(Section):
     ttt_global_lr: float = param(0.0, "phased_lora: global SGD's peak learning rate (cosine over chunks)", ge=0)
     ttt_global_momentum: float = param(0.9, "phased_lora: global SGD momentum", ge=0, lt=1)
     ttt_global_epochs: int = param(1, "phased_lora: global SGD passes over the documents of a pause", ge=1)
+    # Mixing with an n-gram model of the targets already scored (pgolf.ttt.ngram_mix; PR #1227's study).
+    ngram_mix: str = param("none", "score λ·p_LM + (1−λ)·p_ngram over the full vocabulary, the n-gram model built "
+                           "from targets already scored: ctw (λ the posterior mean of a Bayesian mixture over "
+                           "ngram_weights values, one posterior per context length seen) | entropy (n-gram weight "
+                           "rising with the LM's entropy) | none", choices=("none", "ctw", "entropy"))
+    ngram_order: int = param(6, "ngram_mix: n-gram order (contexts of up to N−1 tokens)", ge=1, le=16)
+    ngram_alpha: float = param(1.0, "ngram_mix: Dirichlet pseudo-count of each context toward the next shorter "
+                               "context's distribution", gt=0)
+    ngram_weights: int = param(21, "ngram_mix=ctw: the LM weights λ the posterior is over, evenly spaced in [0, 1]; "
+                               "2: the LM alone vs the n-gram model alone", ge=2, le=1001)
+    ngram_weight_min: float = param(0.05, "ngram_mix=entropy: the n-gram's weight where the LM is sure", ge=0, le=1)
+    ngram_weight_max: float = param(0.6, "ngram_mix=entropy: the n-gram's weight where the LM is unsure", ge=0, le=1)
+    ngram_entropy_center: float = param(4.0, "ngram_mix=entropy: the LM entropy (nats) where the n-gram weight is "
+                                        "halfway", ge=0)
+    ngram_entropy_scale: float = param(2.0, "ngram_mix=entropy: the weight's sigmoid steepness per nat", ge=0)
 
     def check(self) -> None:
         if self.stride > self.seq_len:
@@ -475,6 +574,13 @@ class EvalConfig(Section):
         if self.ttt_lora_chunk_tokens > self.seq_len:
             raise ConfigError("ttt_lora_chunk_tokens", f"ttt_lora_chunk_tokens {self.ttt_lora_chunk_tokens} must be at "
                                                        f"most seq_len {self.seq_len} (a chunk is scored in one window)")
+        if self.ngram_mix != "none" and (self.windows == "record" or self.ttt not in ("none", "score_first")):
+            raise ConfigError("ngram_mix", f"ngram_mix={self.ngram_mix} runs with windows=fixed and ttt none or "
+                                           "score_first only (record windows re-score a logged number as it was "
+                                           "measured; the other TTT modes train through the scored loss)")
+        if self.ngram_weight_min > self.ngram_weight_max:
+            raise ConfigError("ngram_weight_min", f"ngram_weight_min {self.ngram_weight_min} must be at most "
+                                                  f"ngram_weight_max {self.ngram_weight_max}")
         lora_targets(self)
 
 

@@ -6,12 +6,13 @@ embedding stream x0, then runs attention (GQA, QK RMSNorm, RoPE, learned per-hea
 MLP, each scaled by a learned per-channel vector. Output projections start at zero.
 
 Options beyond the baseline (all off by default; as the record PR #1855 has them unless noted):
-document masking (SDPA with a dense mask, or flex_attention with a block mask), SmearGate (BOS-fixed,
+document masking (pgolf.nn.attention: SDPA, flex_attention or FlashAttention-4 varlen), SmearGate (BOS-fixed,
 PR #1667 + the PR #1851 fix, or the older per-dim blend of PR #398) and BigramHash embeddings (PR #398),
 LeakyReLU(0.5)², a float MLP width, partial RoPE, layerwise norm scaling 1/√(l+1), exclusive
 self-attention (XSA, arXiv:2603.09078) on the last layers, a sparse (PR #1787) and a headwise (Q-widened,
 PR #2071) attention output gate, skip gates, two-lane parallel residuals in the last layers (PR #1204),
-depth recurrence, and orthogonal init. An option that is off creates no parameter and draws no random number, so the
+depth recurrence, and orthogonal init; the seed studies' memory tokens, DenseFormer, S4D-Lin and Monarch
+MLP layers live in pgolf.nn.studies. An option that is off creates no parameter and draws no random number, so the
 baseline's init is unchanged.
 
 Two switches change the forward at run time without a retrace that could go stale under torch.compile:
@@ -32,6 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.config.sections import ModelConfig
+from pgolf.nn.attention import attend, mask_for
+from pgolf.nn.layers import CastedLinear
+from pgolf.nn.fused_ce import softcapped_cross_entropy
+from pgolf.nn.fused_mlp import leaky_relu2_linear
+from pgolf.nn.studies import (MEMORY_INIT_STD, DenseFormer, MonarchMLP, S4DMixer, SSMInput, memory_taps,
+                              prepend_memory)
 from pgolf.errors import PgolfError
 BIGRAM_HASH_MULT = 1_000_003  # bucket = (prev · K + cur) mod buckets; K prime, larger than any vocab
 SMEAR_WINDOW = 12  # the gate reads the current token's first 12 embedding dims
@@ -40,32 +47,6 @@ GATE_WINDOW = 12  # the sparse attention gate reads the first 12 dims of the nor
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
-
-class CastedLinear(nn.Linear):
-    """Weights stay fp32 (the optimizer's master copy); the matmul runs in the activation dtype.
-
-    With QAT enabled (`enable_qat`), the weight goes through a straight-through per-row fake quantizer,
-    blended in by the `qat_mix` buffer (0 off, 1 on): the forward sees the quantized weight, the
-    gradient flows to the float weight unchanged. `adapter` (test-time LoRA, pgolf.ttt.lora) adds its
-    output; it is a plain callable, not a submodule, so it never enters the state dict."""
-
-    qat_bits = 0
-    adapter = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if self.qat_bits:
-            w = w + self.qat_mix * (fake_quantize(w, self.qat_bits) - w).detach()
-        out = F.linear(x, w.to(x.dtype))
-        return out if self.adapter is None else out + self.adapter(x)
-
-
-def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric per-row round-to-nearest on ±(2^(b−1)−1) levels, scale = row absmax (no clipping)."""
-    top = 2 ** (bits - 1) - 1
-    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
-    return torch.round(w / scale).clamp(-top, top) * scale
 
 
 class Rotary(nn.Module):
@@ -108,6 +89,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
+        self.attn_backend = cfg.attn_backend
         self.xsa = xsa
         self.gate_dim = cfg.gated_attn_dim
         kv_dim = cfg.num_kv_heads * self.head_dim
@@ -125,8 +107,7 @@ class CausalSelfAttention(nn.Module):
         self.sparse_gate_scale = cfg.sparse_gate_scale
 
     def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-        """x: the block's normed input n [B, T, C]; mask: None (causal), a dense [B,1,T,T] bool mask or a
-        flex_attention BlockMask."""
+        """x: the block's normed input n [B, T, C]; mask: pgolf.nn.attention's (None: causal)."""
         B, T, C = x.shape
         q = self.c_q(x)
         if self.gate_dim:
@@ -138,11 +119,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(T, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        gqa = self.num_kv_heads != self.num_heads
-        if mask is not None and not isinstance(mask, torch.Tensor):  # a flex_attention BlockMask
-            y = flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        y = attend(q, k, v, mask, self.attn_backend)
         if self.xsa:
             y = exclusive(y, v)
         if self.attn_gate_w is not None:
@@ -166,11 +143,16 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, cfg.model_dim, bias=False)
         self.proj.zero_init = True
         self.leaky = cfg.activation == "leaky_relu2"
+        self.fused = cfg.fused_mlp and self.leaky  # pgolf.nn.fused_mlp: the activation in fc's epilogue
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        h = F.leaky_relu(h, 0.5) if self.leaky else torch.relu(h)
-        out = self.proj(h.square())
+        # QAT's fake quantizer and a LoRA on fc change fc's output: those take the plain path
+        if self.fused and not self.fc.qat_bits and self.fc.adapter is None:
+            h2 = leaky_relu2_linear(x, self.fc.weight)
+        else:
+            h = self.fc(x)
+            h2 = (F.leaky_relu(h, 0.5) if self.leaky else torch.relu(h)).square()
+        out = self.proj(h2)
         return out if self.adapter is None else out + self.adapter(x)
 
 
@@ -209,8 +191,9 @@ class Block(nn.Module):
         super().__init__()
         dim = cfg.model_dim
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
-        self.attn = CausalSelfAttention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_layers)
-        self.mlp = MLP(cfg)
+        self.attn = (S4DMixer(cfg) if layer < cfg.s4d_layers  # the bottom s4d_layers mix tokens by an SSM
+                     else CausalSelfAttention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_layers))
+        self.mlp = MonarchMLP(cfg) if cfg.monarch_blocks else MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # (x, x0) weights
@@ -329,7 +312,12 @@ class GPT(nn.Module):
         # projection (identity at init) and the LM head to token t+1+k. train drops them from the checkpoint.
         self.mtp = nn.ModuleList(CastedLinear(cfg.model_dim, cfg.model_dim, bias=False)
                                  for _ in range(cfg.mtp_heads)) if cfg.mtp_heads else None
+        self.denseformer = DenseFormer(len(self.plain_order)) if cfg.denseformer else None  # pgolf.nn.studies
+        self.memory_tokens = None
         self._init_weights()
+        if cfg.memory_tokens:  # drawn last, so every other weight is as without them (same seed); bf16-rounded
+            self.memory_tokens = nn.Parameter(
+                (torch.randn(cfg.memory_tokens, cfg.model_dim) * MEMORY_INIT_STD).bfloat16().float())
 
     def set_looping(self, on: bool) -> None:
         """Switch depth recurrence on or off (a no-op without num_loops). `looping` is a plain Python
@@ -360,29 +348,38 @@ class GPT(nn.Module):
             for p in self.parameters():
                 p.copy_(p.bfloat16().float())
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final normed hidden states [B, T, D] (the LM head's input)."""
-        mask = None
-        if self.cfg.doc_mask:
-            # auto: flex_attention's block mask skips masked blocks in training; without gradients (evaluation,
-            # calibration) SDPA's memory-efficient kernel with the dense mask needs no compiled kernel.
-            flex = self.cfg.attn_backend == "flex" or (self.cfg.attn_backend == "auto" and input_ids.is_cuda
-                                                       and torch.is_grad_enabled())
-            mask = (flex_document_mask if flex else document_mask)(input_ids, self.cfg.bos_id)
+    def hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, D] (the LM head's input). `cu_seqlens`: the fa4 backend's
+        segments when the caller planned them on the host (training); else they are read off input_ids.
+        With memory tokens the blocks run on [memory; tokens], and the memory positions are cut off at the end."""
+        mem = self.cfg.memory_tokens  # memory positions the blocks run on before the tokens (pgolf.nn.studies)
+        mask = mask_for(self.cfg.attn_backend, input_ids, self.cfg.bos_id, cu_seqlens, mem) if self.cfg.doc_mask \
+            else None
         e = self.tok_emb(input_ids)
         if self.bigram is not None:
             e = e + self.bigram(input_ids, e.dtype)
         if self.smear is not None:
             e = self.smear(e, input_ids)
         x = rms_norm(e)
+        if self.memory_tokens is not None:
+            x = prepend_memory(x, self.memory_tokens)
         x0 = x
         taps = canon_taps(input_ids, self.cfg.canon_k, self.cfg.bos_id, self.cfg.doc_mask, x.dtype) \
             if self.cfg.canon_k else None
+        if taps is not None and mem:
+            taps = memory_taps(taps, mem)
+        # an S4D layer reads where documents start where an attention layer reads its mask
+        ssm = (SSMInput(input_ids == self.cfg.bos_id if self.cfg.doc_mask else None, mem) if self.cfg.s4d_layers
+               else None)
+        masks = [ssm if isinstance(block.attn, S4DMixer) else mask for block in self.blocks]
+        history = [x0] if self.denseformer is not None else None  # DenseFormer: X_0, then each block's output
         order = self.looped_order if self.looping else self.plain_order
         num_encoder = len(order) // 2
         skips = []
         for layer in order[:num_encoder]:
-            x = self.blocks[layer](x, x0, mask, taps)
+            x = self.blocks[layer](x, x0, masks[layer], taps)
+            if history is not None:
+                x = self.denseformer(history, x)
             skips.append(x)
         lanes = None  # (lane0, lane1) from the first parallel block on
         for j, layer in enumerate(order[num_encoder:]):
@@ -395,12 +392,14 @@ class GPT(nn.Module):
                 else:
                     lanes = (self.merge_skip(j, lanes[0], skips.pop()), lanes[1])
             if lanes is None:
-                x = block(x, x0, mask, taps)
+                x = block(x, x0, masks[layer], taps)
+                if history is not None:
+                    x = self.denseformer(history, x)
             else:
-                lanes = block.forward_lanes(*lanes, x0, mask, taps)
+                lanes = block.forward_lanes(*lanes, x0, masks[layer], taps)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
-        return rms_norm(x)
+        return rms_norm(x[:, mem:])  # without the memory positions: [B, T, D]
 
     def merge_skip(self, j: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Decoder step j's U-Net skip: x + w⊙skip, or with skip gates the lerp σ(g)·x + (1−σ(g))·(w⊙skip)."""
@@ -432,55 +431,26 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
                                label_smoothing=self.label_smoothing)
 
-    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    def head_loss(self, h: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """The training objective on hidden states h: the LM head, softcap and cross-entropy, fused into one
+        kernel with `fused_ce` (the softcapped float32 logits are never stored)."""
+        if not self.cfg.fused_ce:
+            return self.loss_from_logits(self.softcap(self.head_logits(h)), target_ids)
+        z = self.head_logits(h)
+        return softcapped_cross_entropy(z.reshape(-1, z.size(-1)), target_ids.reshape(-1), self.cfg.logit_softcap,
+                                        self.label_smoothing)
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy (nats) over all positions (label-smoothed when training asks for it), plus
         mtp_weight × the mean of the multi-token heads' losses when the model has them."""
-        h = self.hidden(input_ids)
-        loss = self.loss_from_logits(self.softcap(self.head_logits(h)), target_ids)
+        h = self.hidden(input_ids, cu_seqlens)
+        loss = self.head_loss(h, target_ids)
         if self.mtp is None or not self.mtp_weight:
             return loss
-        extra = [self.loss_from_logits(self.softcap(self.head_logits(rms_norm(head(h[:, :-k])))), target_ids[:, k:])
+        extra = [self.head_loss(rms_norm(head(h[:, :-k])), target_ids[:, k:])
                  for k, head in enumerate(self.mtp, 1) if h.size(1) > k]  # head k: position t predicts t+1+k
         return loss + self.mtp_weight * torch.stack(extra).mean() if extra else loss
-
-
-def document_mask(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """[B, 1, T, T] boolean: causal, and only within the query's document (documents start at BOS).
-
-    Tokens before a window's first BOS form a document of their own (the tail of one cut by the window).
-    """
-    doc = torch.cumsum(input_ids == bos_id, dim=1)  # document index of every position
-    T = input_ids.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
-
-
-def flex_document_mask(input_ids: torch.Tensor, bos_id: int):
-    """The same mask as `document_mask`, as a flex_attention BlockMask: fully masked blocks are skipped."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    doc = torch.cumsum(input_ids == bos_id, dim=1)
-
-    def same_document_causal(b, h, q, kv):
-        return (q >= kv) & (doc[b, q] == doc[b, kv])
-
-    B, T = input_ids.shape
-    return create_block_mask(same_document_causal, B, None, T, T, device=input_ids.device)
-
-
-_compiled_flex = None
-
-
-def flex_attention_fn(cuda: bool):
-    """flex_attention, compiled on CUDA (a fused kernel; eager materialises every score), eager on CPU."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if not cuda:
-        return flex_attention
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
 
 
 def layer_order(cfg: ModelConfig, looping: bool) -> tuple[int, ...]:

@@ -1,6 +1,8 @@
 """Muon: momentum SGD whose update is orthogonalised by a Newton–Schulz iteration.
 
-Each 2-D update G is replaced by (approximately) U Vᵀ from its SVD, scaled by √max(1, rows/cols).
+Each 2-D update G is replaced by (approximately) U Vᵀ from its SVD, scaled by √max(1, rows/cols). A 3-D
+parameter is a stack of matrices (the block-diagonal factors of a Monarch MLP, pgolf.nn.studies): each is
+orthogonalised (and scaled by its rows/cols) on its own, as the block-diagonal matrix they make would be.
 Options of the record runs: MuonEq-R (normalise the update's rows first), the Polar-Express
 per-iteration coefficients, and decoupled weight decay W ← W·(1 − lr·wd).
 Under torch.distributed each rank orthogonalises every world_size-th matrix and the updates are
@@ -27,17 +29,19 @@ NS_COEFFICIENTS = {
 
 
 def newton_schulz(G: torch.Tensor, steps: int, dtype: torch.dtype, coefficients: str, eps: float = 1e-7) -> torch.Tensor:
+    """The orthogonalised G [rows, cols], or a stack of same-shaped matrices [n, rows, cols] at once (one batched
+    matmul per iteration instead of one per matrix: a step's dozens of small matmuls are launch-bound)."""
     coeffs = NS_COEFFICIENTS[coefficients]
     X = G.to(dtype)
-    X = X / (X.norm() + eps)
-    transposed = G.size(0) > G.size(1)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = G.size(-2) > G.size(-1)
     if transposed:
-        X = X.T
+        X = X.mT
     for i in range(steps):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if transposed else X
+    return X.mT if transposed else X
 
 
 class Muon(torch.optim.Optimizer):
@@ -95,25 +99,31 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.ns_dtype)
-            offset = 0
+            offsets, offset = [], 0
+            for p in params:
+                offsets.append(offset)
+                offset += p.numel()
+            # this rank's matrices (every world-th), stacked by shape so each shape orthogonalises in one batch
+            by_shape: dict[tuple[int, ...], list[int]] = {}
             for i, p in enumerate(params):
                 if i % world == rank and p.grad is not None:
-                    g = p.grad
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
-                    buf.mul_(group["momentum"]).add_(g)
-                    if group["nesterov"]:
-                        g = g.add(buf, alpha=group["momentum"])
-                    if group["row_norm"]:  # MuonEq-R
-                        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                    g = newton_schulz(g, steps=group["backend_steps"], dtype=self.ns_dtype,
-                                      coefficients=group["coefficients"])
-                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    updates[offset:offset + p.numel()] = g.reshape(-1)
-                offset += p.numel()
+                    by_shape.setdefault(tuple(p.shape), []).append(i)
+            for shape, index in by_shape.items():
+                grads = [params[i].grad for i in index]
+                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g))
+                        for i, g in zip(index, grads)]
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+                g = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs)
+                if group["row_norm"]:  # MuonEq-R
+                    g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                g = newton_schulz(g, steps=group["backend_steps"], dtype=self.ns_dtype, coefficients=group["coefficients"])
+                g = g * max(1.0, shape[-2] / shape[-1]) ** 0.5  # a 3-D parameter: its blocks' rows / cols
+                for j, i in enumerate(index):
+                    updates[offsets[i]:offsets[i] + params[i].numel()] = g[j].reshape(-1)
             if distributed:
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
+            for p, offset in zip(params, offsets):
                 update = updates[offset:offset + p.numel()].view_as(p).to(p.dtype)
                 if group["weight_decay"] and group.get("cautious"):
                     # cautious weight decay: only where the step already moves w towards 0 (update and w agree)
@@ -121,4 +131,3 @@ class Muon(torch.optim.Optimizer):
                 elif group["weight_decay"]:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"])
-                offset += p.numel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 # Matching is by substring, so these cover every name of the reference's own list (attn_scales,
 # resid_mixes, skip_weights, ...).
 CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_gate", "smear",
-                           "parallel_", "attn_gate", "canon_")
+                           "parallel_", "attn_gate", "canon_", "dwa_weights", "s4d_")
 
 
 def is_control_name(name: str) -> bool:

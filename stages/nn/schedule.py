@@ -3,7 +3,7 @@ the step-counted lengths fitted to the steps a run will really make.
 
 Progress is the fraction of the run done: by wall-clock under a cap (the reference's rule, so a capped
 run's warmdown ends at the cap whatever its step time), else by steps. The loop asks the schedule, step
-by step, for the LR multiplier, Muon's momentum, and whether depth recurrence, QAT and SWA are on.
+by step, for the LR multiplier, Muon's momentum, and whether depth recurrence, QAT, SWA and Reptile are on.
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ class Schedule:
 
     def qat(self, progress: float) -> bool:
         return bool(self.cfg.qat_bits) and progress >= self.cfg.qat_start_frac
+
+    def reptile(self, progress: float) -> bool:
+        """Whether the step is a Reptile outer step (pgolf.nn.reptile): the last `reptile_frac` of the run."""
+        return self.cfg.reptile_frac > 0 and progress >= 1.0 - self.cfg.reptile_frac
 
     def swa_snapshot(self, step: int, progress: float) -> bool:
         """Whether SWA averages in the weights after `step` steps."""

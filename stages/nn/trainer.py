@@ -3,7 +3,9 @@ iteration count or the wall-clock cap, validating on the way and saving a resuma
 
 The reference recipe (the challenge's train_gpt.py): gradient accumulation to a fixed global batch, the
 schedule of pgolf.nn.schedule, compile-priming steps that are rolled back, validation time not counted
-as training time. One process, or DDP under torchrun (NCCL on CUDA, gloo on CPU).
+as training time. One process, or DDP under torchrun (NCCL on CUDA, gloo on CPU). The seed studies'
+knowledge distillation and Reptile phase are pgolf.nn.distill and pgolf.nn.reptile, hooked in per micro-batch
+and per step.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pgolf.config.sections import EvalConfig, ModelConfig, TrainConfig
 from pgolf.errors import PgolfError
 from pgolf.formats.shards import DistributedTokenLoader
+from pgolf.nn.attention import SegmentPlanner, fa4_interface, training_backend
 from pgolf.nn.average import weight_average_for
+from pgolf.nn.distill import DistilledObjective, load_teacher
 from pgolf.nn.distributed import Dist
 from pgolf.nn.model import GPT, autocast_for, enable_qat, prepare_for_device, set_qat
 from pgolf.nn.muon import Muon
 from pgolf.nn.optim import build_optimizers
+from pgolf.nn.reptile import reptile_step
 from pgolf.nn.schedule import Schedule, run_length, scaled
 from pgolf.nn.trainstate import Checkpointer, Progress, optimizer_states
 from pgolf.report.progress import Bar
@@ -87,6 +92,8 @@ class TrainResult:
     looping_enabled_at_step: int | None = None
     peak_memory_bytes: int | None = None
     schedule: dict | None = None  # schedule_scale's factor and the lengths it gave; None when off
+    distill_teacher: dict | None = None  # the teacher's file, sha256 and size; None without one
+    reptile: dict | None = None  # where the Reptile phase started and its steps; None when off
 
 
 def l1_penalty(matrix_opt: torch.optim.Optimizer, lam: float) -> torch.Tensor:
@@ -101,6 +108,13 @@ class Trainer:
         self.d, self.data, self.cfg, self.checkpointer = d, data, cfg, checkpointer
         self.accum = micro_steps(cfg, d.world)
         self.cuda = d.device.type == "cuda"
+        # Knowledge distillation (pgolf.nn.distill): the teacher is built before the seed is set, so that its
+        # construction draws none of the random numbers the student's init and training see.
+        self.teacher = None
+        if cfg.distill_teacher:
+            self.teacher = load_teacher(cfg.distill_teacher, model_cfg, checkpointer.fingerprint["tokenizer_sha256"],
+                                        d.device)
+            checkpointer.fingerprint["distill_teacher_sha256"] = self.teacher.sha256  # never resume on another
         torch.manual_seed(cfg.seed)
         if self.cuda:
             torch.cuda.manual_seed(cfg.seed)
@@ -112,7 +126,19 @@ class Trainer:
         self.model.mtp_weight = cfg.mtp_weight if model_cfg.mtp_heads else 0.0  # likewise
         if cfg.qat_bits:
             enable_qat(self.model, cfg.qat_bits)  # before compile: the on/off toggle is a buffer
-        compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if (self.cuda and cfg.compile) else self.model
+        # with a teacher the objective takes its logits as an input and computes the student's loss un-fused
+        objective = self.model if self.teacher is None else DistilledObjective(self.model, cfg.distill_temperature,
+                                                                                 cfg.distill_alpha)
+        compiled = torch.compile(objective, dynamic=False, fullgraph=True) if (self.cuda and cfg.compile) else objective
+        # fa4: each batch's document segments are planned on the host (pgolf.nn.attention)
+        self.attention = training_backend(model_cfg.attn_backend, d.device, model_cfg.doc_mask, model_cfg.memory_tokens)
+        self.planner = None
+        if self.attention == "fa4":
+            if self.cuda:
+                fa4_interface()  # fails now, with the fix, rather than inside the first compiled step
+            self.planner = SegmentPlanner(model_cfg.bos_id)
+        if d.main and model_cfg.doc_mask:
+            print(f"train: document-masked attention on {self.attention} (attn_backend {model_cfg.attn_backend})")
         self.forward = DDP(compiled, device_ids=[d.local_rank] if self.cuda else None,
                            broadcast_buffers=False) if d.enabled else compiled
         self.optimizers, self.matrix_opt = build_optimizers(self.model, cfg, torch.bfloat16 if self.cuda else torch.float32)
@@ -123,6 +149,7 @@ class Trainer:
         self.val_history: list[dict] = []
         self.primed_step_ms: float | None = None  # the compiled step's time, measured while priming
         self.estimated_steps: int | None = None  # schedule_scale: auto's run length
+        self.in_reptile = False  # whether the next step is a Reptile outer step (set by apply_schedule)
 
     # ---- one optimizer step
 
@@ -130,18 +157,34 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
+    def next_micro_batch(self, loader: DistributedTokenLoader) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """This rank's next micro-batch: inputs, targets and (fa4) its planned document segments."""
+        cfg = self.cfg
+        if self.planner is None:
+            x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, self.accum)
+            return x, y, ()
+        x, y, cu_seqlens = loader.next_segmented_batch(cfg.train_batch_tokens, cfg.train_seq_len, self.accum,
+                                                       self.planner)
+        return x, y, (cu_seqlens,)
+
+    def micro_loss(self, x: torch.Tensor, y: torch.Tensor, segments: tuple) -> torch.Tensor:
+        """The training objective on one micro-batch (with the teacher's logits when distilling, and L1)."""
+        teacher = () if self.teacher is None else (self.teacher.logits(x),)  # no_grad, frozen, eval mode
+        with autocast_for(self.d.device):
+            loss = self.forward(x, y, *teacher, *segments)
+        if self.cfg.l1_lambda:
+            loss = loss + l1_penalty(self.matrix_opt, self.cfg.l1_lambda)
+        return loss
+
     def train_step(self, loader: DistributedTokenLoader) -> torch.Tensor:
         """Accumulate `accum` micro-batches (DDP syncs on the last), clip, step every optimizer; mean loss."""
         cfg = self.cfg
         total = torch.zeros((), device=self.d.device)
         for micro in range(self.accum):
-            x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, self.accum)
+            x, y, segments = self.next_micro_batch(loader)
             last = not self.d.enabled or micro == self.accum - 1
             with contextlib.nullcontext() if last else self.forward.no_sync():
-                with autocast_for(self.d.device):
-                    loss = self.forward(x, y)
-                if cfg.l1_lambda:
-                    loss = loss + l1_penalty(self.matrix_opt, cfg.l1_lambda)
+                loss = self.micro_loss(x, y, segments)
                 total += loss.detach()
                 (loss / self.accum).backward()
         if cfg.grad_clip_norm > 0:
@@ -150,6 +193,16 @@ class Trainer:
             opt.step()
         self.zero_grad()
         return total / self.accum
+
+    def reptile_step(self, loader: DistributedTokenLoader) -> torch.Tensor:
+        """A Reptile outer step (pgolf.nn.reptile) in place of train_step: `reptile_inner_steps` SGD steps, one
+        micro-batch each (every backward syncs under DDP, so the ranks' inner gradients are averaged), then the
+        interpolation. The regular optimizers do not step and keep their state; mean inner loss."""
+        cfg = self.cfg
+        self.zero_grad()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return reptile_step(params, lambda k: self.micro_loss(*self.next_micro_batch(loader)), cfg.reptile_inner_lr,
+                            cfg.reptile_outer_lr, cfg.reptile_inner_steps)
 
     def apply_schedule(self, elapsed_ms: float, say) -> float:
         """Set the switches, momentum and learning rates for the next step; returns the LR multiplier."""
@@ -161,6 +214,13 @@ class Trainer:
             say(f"step {step}: depth recurrence {'on' if model.looping else 'off'}")
         if self.cfg.qat_bits:
             set_qat(model, schedule.qat(progress))
+        if self.cfg.reptile_frac > 0:
+            # under a cap each rank's clock differs a little: all ranks switch together, or their collectives part
+            self.in_reptile = self.d.any(schedule.reptile(progress))
+            if self.in_reptile and self.progress.reptile_from_step is None:
+                self.progress.reptile_from_step = step
+                say(f"step {step}: Reptile on ({self.cfg.reptile_inner_steps} inner SGD steps at lr "
+                    f"{self.cfg.reptile_inner_lr}, outer lr {self.cfg.reptile_outer_lr}); the optimizers pause")
         if isinstance(self.matrix_opt, Muon):  # AdamW's betas stay as set (matrix_optimizer=adamw)
             for group in self.matrix_opt.param_groups:
                 group["momentum"] = schedule.muon_momentum(step)
@@ -271,7 +331,7 @@ class Trainer:
                     break
 
                 scale = self.apply_schedule(clock.elapsed_ms(), say)
-                loss = self.train_step(loader)
+                loss = self.reptile_step(loader) if self.in_reptile else self.train_step(loader)
                 p.step += 1
                 elapsed_ms = clock.elapsed_ms()
                 if self.average is not None and (self.average.kind == "ema" or self.schedule.swa_snapshot(
@@ -321,4 +381,11 @@ class Trainer:
                 "factor": p.schedule_factor, "estimated_steps": self.estimated_steps,
                 "primed_step_ms": self.primed_step_ms, "warmdown_iters": cfg.warmdown_iters,
                 "muon_momentum_warmup_steps": cfg.muon_momentum_warmup_steps, "lr_warmup_steps": cfg.lr_warmup_steps,
-                "swa_every": cfg.swa_every, "ema_decay": cfg.ema_decay})
+                "swa_every": cfg.swa_every, "ema_decay": cfg.ema_decay},
+            distill_teacher=None if self.teacher is None else {
+                **self.teacher.describe(), "temperature": cfg.distill_temperature, "alpha": cfg.distill_alpha},
+            reptile=None if cfg.reptile_frac <= 0 else {
+                "from_step": p.reptile_from_step,
+                "steps": 0 if p.reptile_from_step is None else p.step - p.reptile_from_step,
+                "inner_steps": cfg.reptile_inner_steps, "inner_lr": cfg.reptile_inner_lr,
+                "outer_lr": cfg.reptile_outer_lr})

@@ -2,8 +2,8 @@
 
 It holds what the next step depends on: weights, every optimizer's state (Adam moments, Muon momentum),
 the weight average (EMA or SWA shadow, when on), the data stream's position, the step, the schedule's
-clock (training milliseconds so far), the loss rows logged, and the step depth recurrence switched on
-at. With these restored, a resumed run takes exactly the steps an uninterrupted one would. The file is
+clock (training milliseconds so far), the loss rows logged, and the steps depth recurrence and Reptile
+started at. With these restored, a resumed run takes exactly the steps an uninterrupted one would. The file is
 the checkpoint's name plus `.resume`, written periodically (`checkpoint_every`) or on `--suspend-after`.
 """
 
@@ -36,6 +36,7 @@ class Progress:
     loss_rows: list[tuple] = field(default_factory=list)
     loop_switch_step: int | None = None
     schedule_factor: float | None = None  # schedule_scale's factor, fixed once (a resumed run keeps it)
+    reptile_from_step: int | None = None  # the first Reptile outer step (pgolf.nn.reptile); None before
 
 
 def state_path(out: Path) -> Path:
@@ -76,7 +77,7 @@ class Checkpointer:
             "step": progress.step, "train_ms": progress.train_ms, "stream_position": list(progress.stream_position),
             "param_groups": json.dumps(groups), "loss_rows": progress.loss_rows,
             "average_count": average.count if average else 0, "loop_switch_step": progress.loop_switch_step,
-            "schedule_factor": progress.schedule_factor,
+            "schedule_factor": progress.schedule_factor, "reptile_from_step": progress.reptile_from_step,
             **self.fingerprint,
         })
 
@@ -109,7 +110,7 @@ class Checkpointer:
             opt.load_state_dict({"state": state, "param_groups": groups[i]})
         return Progress(int(meta["step"]), float(meta["train_ms"]), tuple(meta["stream_position"]),
                         [tuple(r) for r in meta.get("loss_rows", [])], meta.get("loop_switch_step"),
-                        meta.get("schedule_factor"))
+                        meta.get("schedule_factor"), meta.get("reptile_from_step"))
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

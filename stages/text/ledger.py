@@ -7,7 +7,9 @@ rejected whole families of submissions whose adaptation saw tokens before they w
 - the targets never leave the ledger: a mode hands it windows and a logits function, the ledger builds
   the inputs, computes the cross-entropy over the full vocabulary itself and adds it to the sums;
 - a target is recorded at most once (a second attempt is an error), and the BPB sums come from nothing else;
-- training tokens are handed out only where every target they contain has already been recorded.
+- training tokens are handed out only where every target they contain has already been recorded;
+- with an n-gram mixer (ttt_eval.ngram_mix) the loss is that of its mixture of the full softmax with an
+  n-gram model, taken target by target in the scoring order, each target learnt only after it is scored.
 Positions are those of the validation stream: target p is token p, predicted from tokens before p.
 
 Under torchrun every rank holds a ledger of the whole stream and scores its share of the windows; what
@@ -38,10 +40,12 @@ class Ledger:
     """BPB sums over the validation stream, and which targets have been scored."""
 
     def __init__(self, tokens: np.ndarray, sidecar: np.ndarray | None, luts: ByteLUTs, device: torch.device | str,
-                 keep_losses: bool = False, ranks: Dist | None = None):
+                 keep_losses: bool = False, ranks: Dist | None = None, mixer=None):
         """keep_losses: also keep every target's loss (float64, 8 bytes a token) and the number of the score()
         call that recorded it (its place in the scoring order), for tests and audits. ranks: the torchrun
-        group this ledger is one rank's part of (None: one process)."""
+        group this ledger is one rank's part of (None: one process). mixer: a pgolf.ttt.ngram_mix.NgramMixer
+        whose mixture of the model's softmax with an n-gram model of the targets scored so far is what is
+        scored (one process only: its counts follow the scoring order)."""
         self._tokens = np.asarray(tokens)  # modes see them only through score() and training_tokens()
         self.n_tokens = self._tokens.size
         if sidecar is not None and np.shape(sidecar) != self._tokens.shape:
@@ -54,6 +58,10 @@ class Ledger:
         self.lut_bytes = stream_lut_bytes(self._tokens, luts)
         self.recorded = np.zeros(self.n_tokens, dtype=bool)  # index p: target p (0 is never a target)
         self.ranks = ranks if ranks is not None and ranks.enabled else None
+        if mixer is not None and self.ranks:
+            raise PgolfError("ngram_mix runs in one process: its n-gram counts follow the one scoring order, and a "
+                             "rank would count only its share (run ttt-eval without torchrun)")
+        self.mixer = mixer
         # what this rank scored itself (`recorded` also holds what other ranks published)
         self.scored_here = np.zeros(self.n_tokens, dtype=bool) if self.ranks else self.recorded
         self.losses = np.full(self.n_tokens, np.nan) if keep_losses else None
@@ -78,7 +86,7 @@ class Ledger:
         return (nll * mask).sum(1) / mask.sum(1)
 
     def _record(self, windows: list[Window], logits_fn: Callable[[torch.Tensor], torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
         length = max(w.end - w.start for w in windows)
         x = np.zeros((len(windows), length), dtype=np.int64)
         y = np.zeros_like(x)
@@ -98,8 +106,14 @@ class Ledger:
         if tuple(logits.shape[:2]) != x.shape:
             raise PgolfError(f"model returned logits of shape {tuple(logits.shape)} for inputs {x.shape}")
         y_t, mask_t = torch.from_numpy(y).to(logits.device), torch.from_numpy(mask).to(logits.device)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y_t.flatten(), reduction="none").view(y_t.shape)
-        scored = nll.detach().double()[mask_t]
+        if self.mixer is None:
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y_t.flatten(), reduction="none").view(y_t.shape)
+            scored = nll.detach().double()[mask_t]
+        else:  # the n-gram mixture, row by row, left to right (the order mask selects in)
+            if torch.is_grad_enabled():
+                raise ComplianceError("an n-gram mixture is scored, never trained through (ttt none or score_first)")
+            nll = None
+            scored = torch.cat([self._mixed_nll(logits[row], x[row], y[row], w) for row, w in enumerate(windows)])
         self.loss_sum += float(scored.sum())
         self.recorded[targets] = True
         self.scored_here[targets] = True
@@ -112,6 +126,13 @@ class Ledger:
         if self.sidecar is not None:
             self.sidecar_sum += int(self.sidecar[targets].sum(dtype=np.int64))
         return nll, mask_t
+
+    def _mixed_nll(self, logits: torch.Tensor, inputs: np.ndarray, targets: np.ndarray, w: Window) -> torch.Tensor:
+        """One window's scored targets under the mixer: −ln of the mixture of the float64 softmax over the full
+        vocabulary with the n-gram model, which learns each target once its loss is taken."""
+        n = w.end - w.start
+        log_p = torch.log_softmax(logits[w.first_scored:n].double(), dim=-1)
+        return self.mixer.window_nll(log_p, inputs[:n], w.first_scored, targets[w.first_scored:n])
 
     # ---- sharing the work between ranks
 

@@ -7,7 +7,8 @@ each chunk once it is scored; `lora` adapts per-document adapters on each chunk 
 scored; `phased_lora` also trains the base model on documents already scored, at a few pauses; and
 `train_then_score` reproduces PR #398's protocol, flagged non-compliant by the ledger. Every mode runs on
 the weights of the blob, never a checkpoint, and through the model's own forward, so every model option is
-applied as in training.
+applied as in training. With `ngram_mix` (none and score_first) the ledger scores the model's softmax mixed
+with an n-gram model of the targets already scored (pgolf.ttt.ngram_mix).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pgolf.text.evaluate import EvalData
 from pgolf.text.ledger import Ledger, score_windows
 from pgolf.ttt.flagged import train_then_score
 from pgolf.ttt.lora import document_lora
+from pgolf.ttt.ngram_mix import NgramMixer
 from pgolf.ttt.phased import phased_lora
 from pgolf.ttt.score_first import score_first
 
@@ -75,7 +77,8 @@ def score_weights(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, d
                   cfg: EvalConfig, ranks: Dist | None = None) -> dict:
     """Build the model from plain weights and score it as `cfg` says (the numbers ttt-eval and verify report).
     With TTT, the same weights are also scored without it first (`val_bpb_before_ttt`). Under torchrun
-    (`ranks`) every rank scores its share and every rank gets the whole result."""
+    (`ranks`) every rank scores its share and every rank gets the whole result. With `ngram_mix` every run
+    scores the mixture (pgolf.ttt.ngram_mix), and `ngram_mix` in the result says which mixer ran."""
     device = ranks.device if ranks is not None else torch.device(resolve_device(cfg.device))
     eval_data = EvalData.load(data)
     if model_cfg.vocab_size != int(eval_data.manifest["vocab_size"]):
@@ -90,9 +93,12 @@ def score_weights(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, d
         warmup = warm_up(model, cfg, device) if cfg.warmup else 0.0
         started = time.perf_counter()
         deadline = started + cfg.ttt_time_budget if cfg.ttt_time_budget > 0 else None
-        ledger = Ledger(eval_data.tokens, eval_data.sidecar, eval_data.luts, device, ranks=ranks)
+        mixer = NgramMixer.from_config(cfg, model_cfg.vocab_size)  # a fresh one: counts from this run's scores
+        ledger = Ledger(eval_data.tokens, eval_data.sidecar, eval_data.luts, device, ranks=ranks, mixer=mixer)
         info = MODES[mode](model, ledger, cfg, device, deadline)
         result = ledger.result(info.pop("expected_targets"))
+        if mixer is not None:
+            result["ngram_mix"] = mixer.report()
         seconds = time.perf_counter() - started
         clock = {"seconds": round(seconds, 2), "warmup_seconds": round(warmup, 2),
                  "seconds_with_warmup": round(seconds + warmup, 2)}

@@ -27,7 +27,7 @@ from pgolf.config.build import build_section
 from pgolf.config.sections import ModelConfig
 from pgolf.errors import PgolfError
 from pgolf.formats.files import load_tensors, sha256_file
-from pgolf.nn.model import GPT, autocast_for, build_model, rms_norm
+from pgolf.nn.model import GPT, autocast_for, build_model
 
 
 def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -62,12 +62,7 @@ class DistilledObjective(nn.Module):
         logits = m.softcap(m.head_logits(h))  # un-fused: the KL needs the student's full logits
         loss = distilled_loss(m.loss_from_logits(logits, target_ids), logits, teacher_logits, self.temperature,
                               self.alpha)
-        if m.mtp is None or not m.mtp_weight:
-            return loss
-        # the multi-token heads' share, as GPT.forward adds it (PR #375): they learn from the data alone
-        extra = [m.head_loss(rms_norm(head(h[:, :-k])), target_ids[:, k:])
-                 for k, head in enumerate(m.mtp, 1) if h.size(1) > k]
-        return loss + m.mtp_weight * torch.stack(extra).mean() if extra else loss
+        return m.with_extra_heads(loss, h, target_ids)  # the multi-token heads learn from the data alone
 
 
 @dataclass

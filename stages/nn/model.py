@@ -445,7 +445,10 @@ class GPT(nn.Module):
         """Mean cross-entropy (nats) over all positions (label-smoothed when training asks for it), plus
         mtp_weight × the mean of the multi-token heads' losses when the model has them."""
         h = self.hidden(input_ids, cu_seqlens)
-        loss = self.head_loss(h, target_ids)
+        return self.with_extra_heads(self.head_loss(h, target_ids), h, target_ids)
+
+    def with_extra_heads(self, loss: torch.Tensor, h: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """loss + mtp_weight × the mean of the multi-token heads' losses on hidden states h (when it has them)."""
         if self.mtp is None or not self.mtp_weight:
             return loss
         extra = [self.head_loss(rms_norm(head(h[:, :-k])), target_ids[:, k:])

@@ -225,6 +225,23 @@ def test_lora_leaves_the_model_as_it_found_it():
     assert m.head_adapter is None and m.blocks[0].attn.c_q.adapter is None and all(p.requires_grad for p in m.parameters())
 
 
+def test_lora_adapts_a_model_whose_bottom_layer_is_an_s4d_layer():
+    """An S4D layer's attention slot has no q, k, v projections: LoRA adapts its output ("o") and everything else."""
+    from pgolf.ttt.lora import document_lora
+
+    tokens, sidecar = stream()
+    m = model(ModelConfig(**{**PLAIN.__dict__, "s4d_layers": 1, "s4d_state": 4}))
+    ledger = Ledger(tokens, sidecar, luts(), "cpu")
+    info = document_lora(m, ledger, cfg_for("lora"), torch.device("cpu"), None)
+    assert ledger.recorded[1:].all() and info["steps"] > 0
+    assert m.blocks[0].attn.adapter is None and m.blocks[1].attn.c_q.adapter is None  # detached again
+    plain = document_lora(model(), Ledger(tokens, sidecar, luts(), "cpu"), cfg_for("lora"), torch.device("cpu"), None)
+    dim, rank = PLAIN.model_dim, LORA["ttt_lora_rank"]
+    kv = PLAIN.num_kv_heads * dim // PLAIN.num_heads
+    qkv = rank * (dim + dim) + 2 * rank * (dim + kv)  # the S4D slot's missing q, k and v adapters
+    assert plain["adapter_params_per_document"] - info["adapter_params_per_document"] == qkv
+
+
 def test_phased_pauses_fall_where_the_documents_done_reach_each_boundary():
     batches = [[(0, 2)] * n for n in (3, 3, 3, 2)]  # 3, 6, 9, 11 documents done
     assert phase_segments(batches, 6, 2) == [((0, 1), 3), ((1, 2), 6), ((2, 4), 0)]

@@ -68,7 +68,7 @@ def attach(model: GPT, cfg: EvalConfig, slots: int, device: torch.device) -> lis
 
     for block in model.blocks:
         attn = block.attn
-        for site, linear in (("q", attn.c_q), ("k", attn.c_k), ("v", attn.c_v)):
+        for site, linear in query_key_value(attn):  # none in an S4D layer's slot (pgolf.nn.studies)
             if site in sites:
                 linear.adapter = make(linear.in_features, linear.out_features)
         if "o" in sites:
@@ -80,9 +80,15 @@ def attach(model: GPT, cfg: EvalConfig, slots: int, device: torch.device) -> lis
     return adapters
 
 
+def query_key_value(attn) -> list[tuple[str, torch.nn.Module]]:
+    """The q, k, v projections of an attention slot that has them."""
+    return [(site, getattr(attn, name)) for site, name in (("q", "c_q"), ("k", "c_k"), ("v", "c_v"))
+            if hasattr(attn, name)]
+
+
 def detach(model: GPT) -> None:
     for block in model.blocks:
-        for module in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.attn, block.mlp):
+        for module in [linear for _, linear in query_key_value(block.attn)] + [block.attn, block.mlp]:
             module.adapter = None
     model.head_adapter = None
 

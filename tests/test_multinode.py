@@ -15,18 +15,9 @@ import torch
 
 from pgolf.formats.files import load_tensors
 
-# The same run as test_train.py::test_two_process_torchrun_matches_one_process (equal global batch:
-# 1 process × 2 micro-steps vs 2 processes × 1).
-SETS = ["--set", "preset=tiny", "--set", "iterations=6", "--set", "train_seq_len=64",
-        "--set", "train_batch_tokens=2048", "--set", "grad_accum_steps=2", "--set", "val_tokens=1024",
-        "--set", "model.num_layers=2", "--set", "model.model_dim=64", "--set", "log_every=1"]
+from test_train import cli_train_args as train_args  # the run test_train.py's torchrun tests make
+
 TIMEOUT_S = 300
-
-
-def train_args(tokenized_dir: Path, out: Path) -> list[str]:
-    return ["-m", "pgolf.cli", "train", "--data", str(tokenized_dir), "--device", "cpu",
-            "--out", str(out / "ckpt.safetensors"), "--metrics", str(out / "m.json"),
-            "--loss-log", str(out / "log.csv"), "--params", str(out / "none.yaml"), *SETS]
 
 
 def free_port() -> int:

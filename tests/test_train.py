@@ -85,18 +85,26 @@ def test_bad_geometry_and_vocab_mismatch_are_clear_errors(tokenized_dir, tmp_pat
     assert not (tmp_path / "ckpt.safetensors").exists()
 
 
+# A small `pgolf train` that 1 process × 2 micro-steps and 2 processes × 1 compute alike (equal global batch);
+# the torchrun tests here and in test_multinode.py run it.
+TORCHRUN_SETS = ["--set", "preset=tiny", "--set", "iterations=6", "--set", "train_seq_len=64",
+                 "--set", "train_batch_tokens=2048", "--set", "grad_accum_steps=2", "--set", "val_tokens=1024",
+                 "--set", "model.num_layers=2", "--set", "model.model_dim=64", "--set", "log_every=1"]
+
+
+def cli_train_args(tokenized_dir: Path, out: Path) -> list[str]:
+    """`-m pgolf.cli train …` of that run, writing into `out`; a launcher (python, torchrun) goes before it."""
+    return ["-m", "pgolf.cli", "train", "--data", str(tokenized_dir), "--device", "cpu",
+            "--out", str(out / "ckpt.safetensors"), "--metrics", str(out / "m.json"),
+            "--loss-log", str(out / "log.csv"), "--params", str(out / "none.yaml"), *TORCHRUN_SETS]
+
+
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tokenized_dir, tmp_path):
     """Equal global batch: 1 process × 2 micro-steps vs 2 processes × 1 (DDP over gloo)."""
-    sets = ["--set", "preset=tiny", "--set", "iterations=6", "--set", "train_seq_len=64",
-            "--set", "train_batch_tokens=2048", "--set", "grad_accum_steps=2", "--set", "val_tokens=1024",
-            "--set", "model.num_layers=2", "--set", "model.model_dim=64", "--set", "log_every=1"]
-
     def launch(prefix: list[str], out: Path) -> dict:
         out.mkdir()
-        cmd = prefix + ["-m", "pgolf.cli", "train", "--data", str(tokenized_dir), "--device", "cpu",
-                        "--out", str(out / "ckpt.safetensors"), "--metrics", str(out / "m.json"),
-                        "--loss-log", str(out / "log.csv"), "--params", str(out / "none.yaml"), *sets]
+        cmd = prefix + cli_train_args(tokenized_dir, out)
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
         return load_tensors(out / "ckpt.safetensors", "checkpoint")[0]
 
@@ -178,15 +186,9 @@ def test_a_suspended_run_resumes_to_the_same_result(tokenized_dir, tmp_path):
 @pytest.mark.slow
 def test_a_suspended_torchrun_run_resumes_with_every_ranks_momentum(tokenized_dir, tmp_path):
     """Under torchrun each rank holds only its own Muon matrices' momentum: the saved state must hold all."""
-    sets = ["--set", "preset=tiny", "--set", "iterations=6", "--set", "train_seq_len=64",
-            "--set", "train_batch_tokens=2048", "--set", "grad_accum_steps=2", "--set", "val_tokens=1024",
-            "--set", "model.num_layers=2", "--set", "model.model_dim=64", "--set", "log_every=1"]
-
     def launch(out: Path, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "pgolf.cli", "train", "--data", str(tokenized_dir), "--device", "cpu",
-               "--out", str(out / "ckpt.safetensors"), "--metrics", str(out / "m.json"),
-               "--loss-log", str(out / "log.csv"), "--params", str(out / "none.yaml"), *sets, *extra]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *cli_train_args(tokenized_dir, out), *extra]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
 
     (tmp_path / "whole").mkdir()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +168,14 @@ def filled_gpt(cfg: ModelConfig, scale: float = 0.1, seed: int = 0) -> GPT:
             if p.ndim == 2:
                 p.add_(torch.randn_like(p) * scale)
     return model
+
+
+def run_in_triton_interpreter(script: str) -> None:
+    """Run `script` (which prints "ok" when its checks pass) with TRITON_INTERPRET=1, so Triton kernels run on CPU
+    tensors. A subprocess, since triton reads the variable when kernels are defined; skipped without triton."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("ok")

@@ -3,16 +3,13 @@ eager fallback through the custom op and autograd, opcheck, torch.compile, the m
 kernels themselves on CPU under Triton's interpreter."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_in_triton_interpreter
 from pgolf.config.sections import ModelConfig
 from pgolf.errors import PgolfError
 from pgolf.nn import model as model_mod
@@ -217,11 +214,5 @@ TRITON_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_in_interpreter():
-    """The Triton kernels (not the fallback) on CPU tensors, run by Triton's interpreter. A subprocess,
-    since triton reads TRITON_INTERPRET when the kernels are defined (at import of fused_mlp)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.startswith("ok")
+    """The Triton kernels (not the fallback) on CPU tensors, run by Triton's interpreter."""
+    run_in_triton_interpreter(TRITON_SCRIPT)

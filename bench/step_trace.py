@@ -28,7 +28,7 @@ from pgolf.nn.distributed import Dist
 from pgolf.nn.trainer import Trainer
 from pgolf.nn.trainstate import Checkpointer
 
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")
+SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 
 
 def synthetic_shards(root: Path, vocab: int, tokens: int, bos: int) -> Path:
@@ -59,19 +59,15 @@ def profile_steps(trainer: Trainer, loader, steps: int, device, trace: Path) -> 
         shutil.copyfileobj(f, g)
     trace.unlink()
     events = prof.events()
-    blocking = {}
+    blocking, copies = {}, {"calls": 0, "ms": 0.0}
     for e in events:
-        for name in SYNC_CALLS:
-            if e.name.startswith(name.strip()) and (name != "cudaMemcpy " or e.name == "cudaMemcpy"):
-                b = blocking.setdefault(e.name, {"calls": 0, "ms": 0.0})
-                b["calls"] += 1
-                b["ms"] += e.cpu_time_total / 1000
-    copies = {}
-    for e in events:
-        if e.name == "cudaMemcpyAsync":
-            c = copies.setdefault(e.name, {"calls": 0, "ms": 0.0})
-            c["calls"] += 1
-            c["ms"] += e.cpu_time_total / 1000
+        if e.name in SYNC_CALLS:
+            b = blocking.setdefault(e.name, {"calls": 0, "ms": 0.0})
+            b["calls"] += 1
+            b["ms"] += e.cpu_time_total / 1000
+        elif e.name == "cudaMemcpyAsync":  # host-blocking when its source is pageable
+            copies["calls"] += 1
+            copies["ms"] += e.cpu_time_total / 1000
     kernels = sorted((e.time_range.start, e.time_range.end) for e in events
                      if cuda and e.device_type == torch.autograd.DeviceType.CUDA)
     busy, end = 0.0, None

@@ -121,14 +121,12 @@ class TokenStream:
         return np.concatenate(chunks) if len(chunks) > 1 else np.array(chunks[0])
 
 
-def to_device(t: torch.Tensor, device: torch.device | str, pinned: bool) -> torch.Tensor:
-    """A host tensor on `device` without waiting for the GPU. From pageable memory CUDA synchronises the stream
-    before the copy, so the host would stall each micro-batch until the previous one finished and the GPU would
-    idle while the next one is launched; from pinned memory (PyTorch's caching host allocator, which keeps the
-    buffer until the copy is done) the copy is queued like a kernel."""
-    if pinned and torch.device(device).type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+def staged(t: torch.Tensor, device: torch.device | str, pinned: bool) -> torch.Tensor:
+    """Host tensor `t`, in page-locked memory when `pinned` and it is bound for a GPU. From pageable memory CUDA
+    synchronises the stream before a copy, so the host would stall each micro-batch until the previous one
+    finished and the GPU would idle while the next one is launched; from pinned memory (PyTorch's caching host
+    allocator, which keeps the buffer until the copy is done) the copy is queued like a kernel."""
+    return t.pin_memory() if pinned and torch.device(device).type == "cuda" else t
 
 
 class DistributedTokenLoader:
@@ -148,22 +146,23 @@ class DistributedTokenLoader:
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self._take(global_tokens, seq_len, grad_accum_steps)
-        return to_device(x, self.device, self.pinned), to_device(y, self.device, self.pinned)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def next_segmented_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int,
                              planner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """next_batch, plus the batch's cu_seqlens from `planner` (pgolf.nn.attention.SegmentPlanner), planned
         on the host tokens before they move, so the step needs no host sync to find its documents."""
         x, y = self._take(global_tokens, seq_len, grad_accum_steps)
-        cu = planner.plan(x.numpy())
-        return (to_device(x, self.device, self.pinned), to_device(y, self.device, self.pinned),
-                to_device(cu, self.device, self.pinned))
+        cu = staged(planner.plan(x.numpy()), self.device, self.pinned)
+        return (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
+                cu.to(self.device, non_blocking=True))
 
     def _take(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         local_tokens = global_tokens // (self.world_size * grad_accum_steps)
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world_size)
         local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+        local = staged(local, self.device, self.pinned)  # one staging copy: x and y are views of it
         return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
 
 

@@ -17,6 +17,8 @@ shape and recompiles at most a few times per run.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,34 +35,30 @@ def document_mask(input_ids: torch.Tensor, bos_id: int, prefix: int = 0) -> torc
     `prefix`: the attended sequence is [P shared positions; the T tokens] (memory tokens, pgolf.nn.studies), the
     mask [B, 1, P + T, P + T]: every position also sees all of the prefix before it (causal among itself).
     """
-    doc = torch.cumsum(input_ids == bos_id, dim=1)  # document index of every position
-    if prefix:
-        doc = F.pad(doc, (prefix, 0), value=-1)  # the prefix is a "document" of its own ...
+    doc = _document_index(input_ids, bos_id, prefix)
     T = doc.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-    same = doc[:, :, None] == doc[:, None, :]
-    if prefix:  # ... that every query may read
-        same = same | (torch.arange(T, device=input_ids.device) < prefix)[None, None, :]
-    return (causal & same)[:, None]
+    pos = torch.arange(T, device=input_ids.device)
+    same = (doc[:, :, None] == doc[:, None, :]) | (pos < prefix)[None, None, :]
+    return (same & (pos[:, None] >= pos[None, :]))[:, None]
 
 
 def flex_document_mask(input_ids: torch.Tensor, bos_id: int, prefix: int = 0):
     """The same mask as `document_mask`, as a flex_attention BlockMask: fully masked blocks are skipped."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    doc = torch.cumsum(input_ids == bos_id, dim=1)
-    if prefix:
-        doc = F.pad(doc, (prefix, 0), value=-1)
-
-    def same_document_causal(b, h, q, kv):
-        return (q >= kv) & (doc[b, q] == doc[b, kv])
+    doc = _document_index(input_ids, bos_id, prefix)
 
     def prefix_or_same_document_causal(b, h, q, kv):
         return (q >= kv) & ((kv < prefix) | (doc[b, q] == doc[b, kv]))
 
     B, T = doc.shape
-    return create_block_mask(prefix_or_same_document_causal if prefix else same_document_causal, B, None, T, T,
-                             device=input_ids.device)
+    return create_block_mask(prefix_or_same_document_causal, B, None, T, T, device=input_ids.device)
+
+
+def _document_index(input_ids: torch.Tensor, bos_id: int, prefix: int) -> torch.Tensor:
+    """Each position's document number [B, P + T]; the P prefix positions form a document (−1) of their own."""
+    doc = torch.cumsum(input_ids == bos_id, dim=1)
+    return F.pad(doc, (prefix, 0), value=-1) if prefix else doc
 
 
 _compiled_flex = None
@@ -84,7 +82,6 @@ def flex_attention_fn(cuda: bool):
 def segment_starts(tokens: np.ndarray, bos_id: int) -> np.ndarray:
     """Start offsets, in the flattened [B·T] tokens, of every segment: each row's first position and every
     BOS after it. A segment never crosses a row (window) edge or a document start."""
-    B, T = tokens.shape
     is_start = tokens == bos_id
     is_start[:, 0] = True
     return np.flatnonzero(is_start.reshape(-1)).astype(np.int32)
@@ -137,8 +134,13 @@ def fa4_interface():
 def training_backend(backend: str, device: torch.device, doc_mask: bool, prefix: int = 0) -> str:
     """The kernel the training step runs for `backend`. `auto` takes fa4 where it is installed and the GPU is
     SM90+ (1.43× flex's forward + backward at `record`'s 48 sequences; bench/README, issue 16), else flex on
-    CUDA, the dense mask on CPU. fa4 cannot give documents a shared prefix (memory tokens)."""
-    if backend != "auto" or not doc_mask:
+    CUDA, the dense mask on CPU. fa4 cannot give documents a shared prefix (memory tokens). An fa4 asked for on
+    CUDA without FlashAttention-4 fails here, with the fix, rather than inside the first compiled step."""
+    if not doc_mask:
+        return backend
+    if backend == "fa4" and device.type == "cuda":
+        fa4_interface()
+    if backend != "auto":
         return backend
     if device.type != "cuda":
         return "sdpa"
@@ -235,7 +237,7 @@ def varlen_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
     return y.view(B, T, H, D).transpose(1, 2)
 
 
-# PR #375 compared SDPA's kernels on plain causal attention: these backends pin SDPA to one of them on CUDA
+# PR #375 compared SDPA's kernels on plain causal attention: these backends pin SDPA to one of them
 SDPA_KERNELS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
 
 
@@ -248,12 +250,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str
         return varlen_bhtd(q, k, v, mask.cu_seqlens)
     if mask is not None and not isinstance(mask, torch.Tensor):  # a flex_attention BlockMask
         return flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+    pinned = contextlib.nullcontext()
     if backend == "sdpa_flash" or (backend == "sdpa_cudnn" and q.is_cuda):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(getattr(SDPBackend, SDPA_KERNELS[backend])):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        pinned = sdpa_kernel(getattr(SDPBackend, SDPA_KERNELS[backend]))
+    with pinned:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
 class Segments:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pgolf.config.sections import EvalConfig, ModelConfig, TrainConfig
 from pgolf.errors import PgolfError
 from pgolf.formats.shards import DistributedTokenLoader
-from pgolf.nn.attention import SegmentPlanner, fa4_interface, training_backend
+from pgolf.nn.attention import SegmentPlanner, training_backend
 from pgolf.nn.average import weight_average_for
 from pgolf.nn.distill import DistilledObjective, load_teacher
 from pgolf.nn.distributed import Dist
@@ -132,11 +132,7 @@ class Trainer:
         compiled = torch.compile(objective, dynamic=False, fullgraph=True) if (self.cuda and cfg.compile) else objective
         # fa4: each batch's document segments are planned on the host (pgolf.nn.attention)
         self.attention = training_backend(model_cfg.attn_backend, d.device, model_cfg.doc_mask, model_cfg.memory_tokens)
-        self.planner = None
-        if self.attention == "fa4":
-            if self.cuda:
-                fa4_interface()  # fails now, with the fix, rather than inside the first compiled step
-            self.planner = SegmentPlanner(model_cfg.bos_id)
+        self.planner = SegmentPlanner(model_cfg.bos_id) if self.attention == "fa4" else None
         if d.main and model_cfg.doc_mask:
             print(f"train: document-masked attention on {self.attention} (attn_backend {model_cfg.attn_backend})")
         self.forward = DDP(compiled, device_ids=[d.local_rank] if self.cuda else None,

@@ -223,6 +223,15 @@ def test_unknown_model_config_key(world):
     assert refusal(world, path).startswith(f"{path}: header field model_config: unknown key bogus; known: activation,")
 
 
+def test_retired_model_config_key_loads_only_when_off(world):
+    """A blob written while model.fused_mlp existed (removed: it measured slower) still loads with it off; on, it
+    names a model pgolf cannot build, and is refused like any unknown key."""
+    path = mutated(world, "retired_off.pgolf", lambda h: h["model_config"].update(fused_mlp=False))
+    assert blob_path_outcome(path) is None
+    path = mutated(world, "retired_on.pgolf", lambda h: h["model_config"].update(fused_mlp=True))
+    assert refusal(world, path).startswith(f"{path}: header field model_config: unknown key fused_mlp; known:")
+
+
 def test_model_config_that_does_not_fit_the_schema(world):
     """A config whose model does not have the schema's tensors (wider, or absurdly deep) is refused before
     the payload is decoded or any model is allocated."""

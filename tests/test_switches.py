@@ -220,6 +220,12 @@ def test_gradient_guided_bits_give_the_most_sensitive_tensors_the_most_bits(cali
             build(QuantizeConfig, [({"gradient_bits": bad}, "params.yaml")], "quantize")
     with pytest.raises(PgolfError, match="lack"):
         gradient_guided_bits(state, cfg, h, {})
+    with pytest.raises(PgolfError, match="lack"):
+        gradient_guided_bits(state, cfg, {}, {})
+    # a tensor calibrate has no H for (a lookup table, as PR #398's bigram embedding) keeps quantize.bits, unranked
+    lookup = order[0]
+    without = gradient_guided_bits(state, cfg, {k: v for k, v in h.items() if k != lookup}, g)
+    assert lookup not in without and len(without) == n - 1
 
 
 def test_schedule_scale_multiplies_every_step_counted_length():

@@ -136,10 +136,6 @@ class ModelConfig(Section):
                               choices=ATTN_BACKENDS)
     fused_ce: bool = param(False, "training loss through the fused softcapped cross-entropy kernel (Triton, PR #1787; "
                            "no float32 logits); where Triton or CUDA is missing, the same function in PyTorch")
-    fused_mlp: bool = param(False, "MLP up-projection with LeakyReLU(0.5)² in the matmul's epilogue (Triton, after "
-                            "PR #1530; needs activation leaky_relu2; the plain path while QAT or a LoRA is on fc); "
-                            "unmeasured on a GPU so far, so off until a speed side-by-side shows it pays; where "
-                            "Triton or CUDA is missing, the same function in PyTorch")
     skip_gates: bool = param(False, "U-Net skip merge as a lerp x ← σ(g)·x + (1−σ(g))·(w ⊙ skip), g init 0")
     parallel_from: int = param(0, "two-lane parallel residuals in physical layers >= K; 0: off", ge=0)
     loop_start: int = param(0, "depth recurrence: first looped layer", ge=0)
@@ -207,13 +203,6 @@ class ModelConfig(Section):
         if self.doc_mask and self.attn_backend.startswith("sdpa_"):
             raise ConfigError("attn_backend", f"attn_backend {self.attn_backend} pins SDPA to a kernel that takes no "
                                               "document mask; with doc_mask use auto, sdpa, flex or fa4")
-        if self.fused_mlp and self.activation != "leaky_relu2":
-            raise ConfigError("fused_mlp", f"fused_mlp fuses LeakyReLU(0.5)² into the MLP's up-projection, but "
-                                           f"activation is {self.activation!r}; set activation leaky_relu2 or "
-                                           "fused_mlp false")
-        if self.fused_mlp and self.monarch_blocks:
-            raise ConfigError("fused_mlp", "fused_mlp fuses the dense MLP's up-projection, which monarch_blocks "
-                                           "replaces; use one of fused_mlp and monarch_blocks")
         self._check_studies()
 
     def _check_studies(self) -> None:
@@ -350,6 +339,15 @@ class TrainConfig(Section):
                                 "source run); schedule_scale: auto divides by it", ge=0)
     device: str = param("auto", "auto | cpu | cuda[:N]", pattern=DEVICE_PATTERN)
     compile: bool = param(True, "torch.compile on CUDA (never on CPU)")
+    # How DDP meets torch.compile under torchrun. PyTorch's default: Dynamo's DDPOptimizer cuts the compiled graph at
+    # DDP's gradient buckets, so each bucket's all-reduce can start while the backward below it still runs. On
+    # pr2071's 12-sequence micro-batches that is 9 graphs a micro-batch, and issue 16's trace (bench/README.md)
+    # shows the host then needs 97 ms to launch a micro-batch the GPU runs in 39 ms (40 ms on one GPU, one graph).
+    ddp_graph: str = param("buckets", "under torchrun with compile: buckets (DDP around the compiled model, the graph "
+                           "cut at DDP's gradient buckets so their all-reduce overlaps the backward; PyTorch's "
+                           "default), whole (one graph a micro-batch, all-reduce after the backward), compiled_ddp "
+                           "(torch.compile(DDP(model)), cut at the buckets likewise)",
+                           choices=("buckets", "whole", "compiled_ddp"))
 
     def check(self) -> None:
         if self.swa_every and self.ema_decay:

@@ -36,7 +36,6 @@ from pgolf.config.sections import ModelConfig
 from pgolf.nn.attention import attend, mask_for
 from pgolf.nn.layers import CastedLinear
 from pgolf.nn.fused_ce import softcapped_cross_entropy
-from pgolf.nn.fused_mlp import leaky_relu2_linear
 from pgolf.nn.studies import (MEMORY_INIT_STD, DenseFormer, MonarchMLP, S4DMixer, SSMInput, memory_taps,
                               prepend_memory)
 from pgolf.errors import PgolfError
@@ -143,15 +142,10 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, cfg.model_dim, bias=False)
         self.proj.zero_init = True
         self.leaky = cfg.activation == "leaky_relu2"
-        self.fused = cfg.fused_mlp and self.leaky  # pgolf.nn.fused_mlp: the activation in fc's epilogue
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # QAT's fake quantizer and a LoRA on fc change fc's output: those take the plain path
-        if self.fused and not self.fc.qat_bits and self.fc.adapter is None:
-            h2 = leaky_relu2_linear(x, self.fc.weight)
-        else:
-            h = self.fc(x)
-            h2 = (F.leaky_relu(h, 0.5) if self.leaky else torch.relu(h)).square()
+        h = self.fc(x)
+        h2 = (F.leaky_relu(h, 0.5) if self.leaky else torch.relu(h)).square()
         out = self.proj(h2)
         return out if self.adapter is None else out + self.adapter(x)
 

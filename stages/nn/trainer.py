@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import record_function
 
 from pgolf.config.sections import EvalConfig, ModelConfig, TrainConfig
 from pgolf.errors import PgolfError
@@ -129,7 +130,11 @@ class Trainer:
         # with a teacher the objective takes its logits as an input and computes the student's loss un-fused
         objective = self.model if self.teacher is None else DistilledObjective(self.model, cfg.distill_temperature,
                                                                                  cfg.distill_alpha)
-        compiled = torch.compile(objective, dynamic=False, fullgraph=True) if (self.cuda and cfg.compile) else objective
+        compiling = self.cuda and cfg.compile
+        outer = d.enabled and compiling and cfg.ddp_graph == "compiled_ddp"
+        compiled = torch.compile(objective, dynamic=False, fullgraph=True) if compiling and not outer else objective
+        if d.enabled and compiling:  # read when Dynamo compiles (the first forward); see TrainConfig.ddp_graph
+            torch._dynamo.config.optimize_ddp = cfg.ddp_graph != "whole"
         # fa4: each batch's document segments are planned on the host (pgolf.nn.attention)
         self.attention = training_backend(model_cfg.attn_backend, d.device, model_cfg.doc_mask, model_cfg.memory_tokens)
         self.planner = SegmentPlanner(model_cfg.bos_id) if self.attention == "fa4" else None
@@ -137,6 +142,9 @@ class Trainer:
             print(f"train: document-masked attention on {self.attention} (attn_backend {model_cfg.attn_backend})")
         self.forward = DDP(compiled, device_ids=[d.local_rank] if self.cuda else None,
                            broadcast_buffers=False) if d.enabled else compiled
+        self.no_sync = self.forward.no_sync if d.enabled else contextlib.nullcontext
+        if outer:
+            self.forward = torch.compile(self.forward, dynamic=False)
         self.optimizers, self.matrix_opt = build_optimizers(self.model, cfg, torch.bfloat16 if self.cuda else torch.float32)
         self.schedule = Schedule(cfg)
         self.delayed_loops = self.schedule.delays_looping(model_cfg.num_loops)
@@ -177,17 +185,19 @@ class Trainer:
         cfg = self.cfg
         total = torch.zeros((), device=self.d.device)
         for micro in range(self.accum):
-            x, y, segments = self.next_micro_batch(loader)
-            last = not self.d.enabled or micro == self.accum - 1
-            with contextlib.nullcontext() if last else self.forward.no_sync():
-                loss = self.micro_loss(x, y, segments)
-                total += loss.detach()
-                (loss / self.accum).backward()
-        if cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
-        for opt in self.optimizers:
-            opt.step()
-        self.zero_grad()
+            with record_function("pgolf.micro_batch"):  # the labels are what a profiler trace shows
+                x, y, segments = self.next_micro_batch(loader)
+                last = micro == self.accum - 1
+                with contextlib.nullcontext() if last else self.no_sync():
+                    loss = self.micro_loss(x, y, segments)
+                    total += loss.detach()
+                    (loss / self.accum).backward()
+        with record_function("pgolf.optimizer_step"):
+            if cfg.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
+            for opt in self.optimizers:
+                opt.step()
+            self.zero_grad()
         return total / self.accum
 
     def reptile_step(self, loader: DistributedTokenLoader) -> torch.Tensor:

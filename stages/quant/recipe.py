@@ -58,9 +58,12 @@ def gradient_guided_bits(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfi
     """PR #375's mixed precision: the quantized tensors no group pins, ranked by E‖∂L/∂W‖² per token, which
     calibrate's statistics give as (Σ_r G_r)·trace(H) (per-token gradient g xᵀ, g and x taken independent),
     get the widths of `gradient_bits` in turn: the most sensitive fraction the first width, and so on."""
-    ranked = [name for name, t in state_dict.items() if is_quantized(t, cfg) and t.ndim == 2
-              and not (tensor_group(name) and cfg.group_overrides(tensor_group(name))[0])]
-    missing = [n for n in ranked if n not in hessians or n not in out_grads]
+    candidates = [name for name, t in state_dict.items() if is_quantized(t, cfg) and t.ndim == 2
+                  and not (tensor_group(name) and cfg.group_overrides(tensor_group(name))[0])]
+    # a lookup table (PR #398's bigram hash embedding) is no matmul's weight, so calibrate has no H for it: it
+    # keeps quantize.bits, unranked
+    ranked = [n for n in candidates if n in hessians]
+    missing = [n for n in ranked if n not in out_grads] if ranked else candidates
     if missing:
         raise PgolfError(f"quantize.gradient_bits ranks tensors by calibrate's statistics, which lack {missing[:3]}; "
                          "give --hessians from `pgolf calibrate` (with output_grads on)")

@@ -1,0 +1,107 @@
+"""Issue 18's ablation table from bench/seed_studies.sh results: one row a technique, against its base.
+
+    python bench/seed_studies_summary.py RESULTS.json [MORE.json ...] --out TABLE.json [--markdown]
+
+The results of several device calls are merged (a later file wins a key). A row's BPB is its quantized blob's
+over all validation docs (train and quantize rows) or, for an eval row, its score and the base blob's on the
+same first EVAL_TOKENS tokens; bytes are the packed blob's; ms/step is train's. Δ is against the base row of
+the same preset in the same files. The study's own claim is quoted from bench/seed_studies.tsv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+TABLE = Path(__file__).with_name("seed_studies.tsv")
+
+
+def rows() -> list[dict]:
+    with TABLE.open() as f:
+        return list(csv.DictReader((line for line in f if not line.startswith("#")), delimiter="\t"))
+
+
+def measured(row: dict, r: dict) -> dict | None:
+    """The row's figures from the merged metrics, or None when it did not run (or did not finish)."""
+    name, stage = row["row"], row["stage"]
+    if stage == "eval":
+        mixed, plain = r.get(f"{name}_eval_metrics"), r.get(f"{name}_plain_eval_metrics")
+        if not (mixed and plain):
+            return None
+        return {"val_bpb": mixed["val_bpb"], "base_val_bpb_same_tokens": plain["val_bpb"],
+                "val_tokens": mixed.get("val_tokens"), "eval_seconds": mixed.get("seconds")}
+    ev, pack = r.get(f"{name}_eval_metrics"), r.get(f"{name}_pack_metrics")
+    if not (ev and pack):
+        return None
+    out = {"val_bpb": ev["val_bpb"], "bytes": pack["bytes"]}
+    train = r.get(f"{name}_train_report")  # the report holds steps, ms/step and peak memory
+    if train:
+        out.update(steps=train.get("steps"), ms_per_step=train.get("ms_per_step"),
+                   peak_gib=round(train["peak_memory_bytes"] / 2**30, 1) if train.get("peak_memory_bytes") else None)
+    return out
+
+
+def table(results: dict) -> list[dict]:
+    out, base = [], {}
+    for row in rows():
+        m = measured(row, results)
+        entry = {k: row[k] for k in ("row", "study", "base", "stage", "overrides", "claim")}
+        entry["measured"] = m
+        if row["row"].endswith("_base") and m:
+            base[row["base"]] = m
+        out.append(entry)
+    for entry in out:
+        m, b = entry["measured"], base.get(entry["base"])
+        if not m or entry["row"].endswith("_base"):
+            continue
+        if entry["stage"] == "eval":
+            entry["delta_bpb"] = round(m["val_bpb"] - m["base_val_bpb_same_tokens"], 4)
+        elif b:
+            entry["delta_bpb"] = round(m["val_bpb"] - b["val_bpb"], 4)
+            entry["delta_bytes"] = m["bytes"] - b["bytes"]
+            if entry["stage"] == "train" and m.get("ms_per_step") and b.get("ms_per_step"):
+                entry["ms_per_step_ratio"] = round(m["ms_per_step"] / b["ms_per_step"], 3)
+    return out
+
+
+def markdown(entries: list[dict]) -> str:
+    lines = ["| row | study | base | change | BPB | Δ BPB | bytes | Δ bytes | steps | ms/step | study's claim |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        m = e["measured"]
+        if not m:
+            continue
+        change = "–" if e["overrides"] == "-" else f"`{e['overrides']}`"
+        bpb = f"{m['val_bpb']:.4f}"
+        if e["stage"] == "eval":
+            bpb += f" (base {m['base_val_bpb_same_tokens']:.4f}, first {m['val_tokens']:,} tokens)"
+        cells = [e["row"], e["study"], e["base"], change, bpb, f"{e.get('delta_bpb', 0):+.4f}" if "delta_bpb" in e else "",
+                 f"{m['bytes']:,}" if m.get("bytes") else "", f"{e['delta_bytes']:+,}" if "delta_bytes" in e else "",
+                 str(m.get("steps") or ""), f"{m['ms_per_step']:.1f}" if m.get("ms_per_step") else "", e["claim"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    missing = [e["row"] for e in entries if not e["measured"]]
+    if missing:
+        lines.append(f"\nNot run yet: {', '.join(missing)}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results", type=Path, nargs="+")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    args = ap.parse_args()
+    merged: dict = {}
+    for path in args.results:
+        merged.update(json.loads(path.read_text()))
+    entries = table(merged)
+    args.out.write_text(json.dumps({"rows": entries, "env": merged.get("env"), "stage_ms": merged.get("stage_ms")},
+                                   indent=1))
+    if args.markdown:
+        print(markdown(entries))
+
+
+if __name__ == "__main__":
+    main()

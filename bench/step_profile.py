@@ -1,0 +1,198 @@
+"""Where a preset's training step spends its time, one rank or several (issue 16: pr2071's 2-GPU step).
+
+    python bench/step_profile.py --preset pr2071 --out DIR [--set KEY=VALUE ...]
+    torchrun --standalone --nproc_per_node=2 bench/step_profile.py --preset pr2071 --out DIR
+
+The preset's own model and batch geometry on synthetic shards (random tokens, a BOS every ~500, so the
+document mask has real segments), depth recurrence on from the start (the slower mode), compile-priming
+steps, then:
+1. `--steps` steps timed as `pgolf train` runs them (`Trainer.train_step`), ms/step;
+2. the same steps with a device sync between the phases: data + forward + backward of the micro-batches
+   that do not sync gradients, the last micro-batch (whose backward carries DDP's all-reduce), gradient
+   clipping, each optimizer's step; ms per phase (the syncs stop overlap, so the sum exceeds 1.);
+3. `--profile-steps` steps under torch.profiler: per step, GPU time in NCCL kernels, in compute kernels,
+   the busy union, the share of NCCL time hidden under compute, and host-blocking CUDA calls (the Chrome
+   trace's host side, per micro-batch: bench/trace_summary.py).
+Writes DIR/profile_<world>gpu<TAG>.json (rank 0) and rank 0's Chrome trace DIR/trace_<world>gpu<TAG>.json.gz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.config.resolve import resolve
+from pgolf.formats.shards import DistributedTokenLoader, shard_name, write_shard
+from pgolf.nn.distributed import Dist
+from pgolf.nn.trainer import Trainer
+from pgolf.nn.trainstate import Checkpointer
+
+SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+
+
+def synthetic_shards(root: Path, vocab: int, tokens: int, bos: int) -> Path:
+    rng = np.random.default_rng(0)
+    t = rng.integers(2, vocab, tokens).astype(np.uint16)
+    t[rng.random(tokens) < 1 / 500] = bos
+    root.mkdir(parents=True, exist_ok=True)
+    write_shard(root / shard_name("train", 0), t)
+    return root
+
+
+def sync(d: Dist) -> None:
+    if d.device.type == "cuda":
+        torch.cuda.synchronize(d.device)
+    if d.enabled:
+        torch.distributed.barrier()
+
+
+def phase_times(trainer: Trainer, loader, steps: int) -> dict:
+    """ms per phase, with a sync between phases (so overlap is removed: these attribute, they do not add up)."""
+    d, cfg, acc = trainer.d, trainer.cfg, {}
+
+    def timed(name, fn):
+        sync(d)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(d)
+        acc[name] = acc.get(name, 0.0) + 1000 * (time.perf_counter() - t0) / steps
+        return out
+
+    for _ in range(steps):
+        for micro in range(trainer.accum):
+            last = micro == trainer.accum - 1
+
+            def micro_batch(last=last):
+                x, y, segments = trainer.next_micro_batch(loader)
+                with trainer.no_sync() if not last else torch.enable_grad():
+                    (trainer.micro_loss(x, y, segments) / trainer.accum).backward()
+            timed("last_micro_batch_with_grad_sync" if last else "micro_batches_without_sync", micro_batch)
+        if cfg.grad_clip_norm > 0:
+            timed("clip", lambda: torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.grad_clip_norm))
+        for opt in trainer.optimizers:
+            timed(f"step_{type(opt).__name__}_{len(opt.param_groups[0]['params'])}", opt.step)
+        trainer.zero_grad()
+    return {k: round(v, 2) for k, v in acc.items()}
+
+
+def intervals_union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def overlap(spans: list[tuple[float, float]], cover: list[tuple[float, float]]) -> float:
+    """Total length of `spans` (a union) that lies inside `cover` (a union)."""
+    total, j = 0.0, 0
+    for a, b in spans:
+        while j < len(cover) and cover[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(cover) and cover[k][0] < b:
+            total += max(0.0, min(b, cover[k][1]) - max(a, cover[k][0]))
+            k += 1
+    return total
+
+
+def profiled(trainer: Trainer, loader, steps: int, trace: Path | None) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    d = trainer.d
+    sync(d)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(loader)
+        sync(d)
+        wall = time.perf_counter() - t0
+    if trace is not None:
+        raw = trace.with_suffix("")
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as f, gzip.open(trace, "wb") as g:
+            shutil.copyfileobj(f, g)
+        raw.unlink()
+    events = prof.events()
+    # device-side events are the kernels, copies and memsets, and (not work) the record_function labels' GPU spans
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    comm = intervals_union([(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()])
+    compute = intervals_union([(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()])
+    busy = intervals_union(comm + compute)
+    span = (busy[-1][1] - busy[0][0]) if busy else 0.0
+    blocking: dict[str, dict] = {}
+    for e in events:
+        if e.name in SYNC_CALLS:
+            b = blocking.setdefault(e.name, {"calls": 0, "ms": 0.0})
+            b["calls"] += 1
+            b["ms"] = round(b["ms"] + e.cpu_time_total / 1000, 2)
+    per = 1000 * steps  # µs over steps → ms per step
+    comm_us, compute_us = sum(b - a for a, b in comm), sum(b - a for a, b in compute)
+    top: dict[str, float] = {}
+    for e in kernels:
+        top[e.name[:80]] = top.get(e.name[:80], 0.0) + (e.time_range.end - e.time_range.start)
+    return {
+        "ms_per_step": round(1000 * wall / steps, 2),
+        "gpu_compute_ms_per_step": round(compute_us / per, 2),
+        "gpu_nccl_ms_per_step": round(comm_us / per, 2),
+        "nccl_hidden_under_compute": round(overlap(comm, compute) / comm_us, 3) if comm_us else None,
+        "gpu_busy_ms_per_step": round(sum(b - a for a, b in busy) / per, 2),
+        "gpu_busy_fraction_of_span": round(sum(b - a for a, b in busy) / span, 3) if span else None,
+        "host_blocking_calls": blocking,
+        "top_kernels_ms_per_step": {k: round(v / per, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="pr2071")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tag", default="", help="appended to the output names")
+    ap.add_argument("--vocab", type=int, default=8192, help="the tokenizer's size (the model reads it from the data)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for the train stage")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    p = resolve("train", None, ["preset=" + args.preset, "warmup_steps=3", "loop_enable_frac=0", *args.sets])
+    d = Dist(p.train.device)
+    model_cfg, cfg = replace(p.model, vocab_size=args.vocab), replace(p.train, max_wallclock_seconds=0)
+    data = synthetic_shards(args.out / f"data_rank{d.rank}", model_cfg.vocab_size, 30_000_000, model_cfg.bos_id)
+    world = f"{d.world}gpu{args.tag}"
+    trainer = Trainer(d, data, model_cfg, cfg, Checkpointer(args.out / f"ckpt{d.rank}", model_cfg, cfg, d.world, None))
+    t0 = time.perf_counter()
+    trainer.prime_compiled_kernels()
+    result = {"preset": args.preset, "world": d.world, "sets": args.sets, "micro_batches_per_rank": trainer.accum,
+              "seqs_per_micro_batch": cfg.train_batch_tokens // (cfg.train_seq_len * cfg.grad_accum_steps),
+              "attention": trainer.attention, "ddp_graph": cfg.ddp_graph,
+              "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "prime_s": round(time.perf_counter() - t0, 1)}
+    loader = DistributedTokenLoader(data, d.rank, d.world, d.device)
+    trainer.train_step(loader)
+    sync(d)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step(loader)
+    sync(d)
+    result["ms_per_step"] = round(1000 * (time.perf_counter() - t0) / args.steps, 2)
+    result["phases_ms_synced"] = phase_times(trainer, loader, max(2, args.steps // 2))
+    result["profile"] = profiled(trainer, loader, args.profile_steps,
+                                 args.out / f"trace_{world}.json.gz" if d.main else None)
+    if d.main:
+        (args.out / f"profile_{world}.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result), flush=True)
+    d.close()
+
+
+if __name__ == "__main__":
+    main()

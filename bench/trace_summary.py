@@ -1,0 +1,72 @@
+"""Host against device time per step, from bench/step_profile.py's Chrome traces (issue 16's "what is left").
+
+    python bench/trace_summary.py TRACE.json.gz [...] [--steps 3] [--out FILE.json]
+
+Per trace, per optimizer step: the span of device work, the busy union of kernels (the record_function labels'
+device spans are not work and are left out), its NCCL part, device idle time and the largest gaps; and per
+micro-batch the host time of the `pgolf.micro_batch` label beside the compiled graphs it ran (AOT
+`CompiledFunction` calls) and the kernels it launched. A step whose host time per micro-batch exceeds the
+device's is bound by the host: the GPU waits for launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+
+def union(spans):
+    out = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def summarize(path: Path, steps: int) -> dict:
+    events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    busy = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
+    nccl = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" in e["name"].lower()])
+    gaps = sorted((busy[i + 1][0] - busy[i][1] for i in range(len(busy) - 1)), reverse=True)
+    host = [e for e in events if e.get("cat") == "user_annotation"]
+    micro = [e["dur"] for e in host if e["name"] == "pgolf.micro_batch"]
+    optimizer = [e["dur"] for e in host if e["name"] == "pgolf.optimizer_step"]
+    graphs = sum(1 for e in events if e.get("cat") == "cpu_op" and e["name"] == "CompiledFunction")
+    ms = 1000.0
+    n_micro = max(1, len(micro))
+    return {
+        "trace": path.name,
+        "device_span_ms_per_step": round((busy[-1][1] - busy[0][0]) / steps / ms, 1),
+        "kernels_busy_ms_per_step": round(sum(b - a for a, b in busy) / steps / ms, 1),
+        "nccl_busy_ms_per_step": round(sum(b - a for a, b in nccl) / steps / ms, 1),
+        "device_idle_ms_per_step": round(sum(gaps) / steps / ms, 1),
+        "largest_gaps_ms": [round(g / ms, 1) for g in gaps[:5]],
+        "micro_batches_per_step": round(len(micro) / steps, 1),
+        "host_ms_per_micro_batch": round(sum(micro) / n_micro / ms, 1),
+        "kernels_busy_ms_per_micro_batch": round(sum(b - a for a, b in busy) / n_micro / ms, 1),
+        "compiled_graphs_per_micro_batch": round(graphs / n_micro, 1),
+        "kernels_per_micro_batch": round(len(kernels) / n_micro),
+        "host_ms_optimizer_step": round(sum(optimizer) / max(1, len(optimizer)) / ms, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("traces", type=Path, nargs="+")
+    ap.add_argument("--steps", type=int, default=3, help="the profiled steps in each trace (step_profile's --profile-steps)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    rows = [summarize(p, args.steps) for p in args.traces]
+    for r in rows:
+        print(json.dumps(r))
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

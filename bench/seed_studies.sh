@@ -10,7 +10,8 @@
 #   pack with the preset's codec (size limit lifted: bytes are reported), ttt-eval (TTT off: pr2071's phased
 #   LoRA TTT alone takes about 45 minutes on one H200; all 600 docs);
 # - quantize rows: the base row's checkpoint (and Hessians) quantized with the overrides, packed, scored;
-# - eval rows: the base row's blob scored with and without the overrides on the first EVAL_TOKENS val tokens.
+# - eval rows: the base row's blob scored with the overrides, and with them but ngram_mix none, on the first
+#   EVAL_TOKENS val tokens.
 # quantize and eval rows need their base's train row earlier in this call or in an earlier call on the same
 # held machine (its files stay in /tmp/pgolf-studies). Protocol as bench/gpu_stack.sh: ../shared/corpus
 # carried as .corpus, 600 validation docs, SP1024 for pr398 and SP8192 CaseOps for pr2071, 3 compile-priming
@@ -105,9 +106,9 @@ run_row() {
     quantize)
       quantize "$ROW" "$W/${BASE}_base.safetensors" "${S[@]}" ;;
     eval)
-      for name in "${ROW}_plain" "$ROW"; do
-        local extra=()
-        [ "$name" = "$ROW" ] && extra=("${S[@]}")
+      for name in "${ROW}_plain" "$ROW"; do  # the plain score: the same overrides, the mixing off
+        local extra=("${S[@]}")
+        [ "$name" = "$ROW" ] || extra+=(--set ngram_mix=none)
         pg ttt-eval "$W/${BASE}_base.pgolf" --data "$TOK" "${NP[@]}" --val-tokens "$EVAL_TOKENS" "${extra[@]}" \
           --metrics "$R/${name}_eval_metrics.json" > "$W/${name}_eval.log" 2>&1 || return 1
       done ;;

@@ -26,25 +26,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
+from step_trace import SYNC_CALLS, synthetic_shards  # bench/, beside this script
 
 from pgolf.config.resolve import resolve
-from pgolf.formats.shards import DistributedTokenLoader, shard_name, write_shard
+from pgolf.formats.shards import DistributedTokenLoader
 from pgolf.nn.distributed import Dist
 from pgolf.nn.trainer import Trainer
 from pgolf.nn.trainstate import Checkpointer
-
-SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
-
-
-def synthetic_shards(root: Path, vocab: int, tokens: int, bos: int) -> Path:
-    rng = np.random.default_rng(0)
-    t = rng.integers(2, vocab, tokens).astype(np.uint16)
-    t[rng.random(tokens) < 1 / 500] = bos
-    root.mkdir(parents=True, exist_ok=True)
-    write_shard(root / shard_name("train", 0), t)
-    return root
 
 
 def sync(d: Dist) -> None:

@@ -1,0 +1,100 @@
+"""The benchmark tables' own logic, on CPU: every seed-study row is a valid configuration before any GPU time is
+spent on it, the ablation summary computes its deltas against the right base, and the trace summary separates
+kernels from labels and host from device time."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from pgolf.config.resolve import resolve
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+STAGE_OF_ROW = {"train": "train", "quantize": "quantize", "eval": "ttt-eval"}
+
+
+def bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+studies = bench_module("seed_studies_summary")
+
+
+def overrides(row: dict) -> dict:
+    if row["overrides"] == "-":
+        return {}
+    pairs = (kv.split("=", 1) for kv in row["overrides"].replace("BASE_CKPT", "teacher.safetensors").split(";"))
+    return {k: v for k, v in pairs}
+
+
+@pytest.mark.parametrize("row", studies.rows(), ids=lambda r: r["row"])
+def test_every_seed_study_row_is_a_valid_configuration(row):
+    """What bench/seed_studies.sh passes with --set resolves for the stage it goes to (a refused combination,
+    such as S4D layers under XSA, fails here and not after a device call's training)."""
+    assert row["stage"] in STAGE_OF_ROW and row["base"] in ("pr2071", "pr398") and row["claim"]
+    sets = {"preset": row["base"], **({"ttt": "none"} if row["stage"] == "eval" else {}), **overrides(row)}
+    params = resolve(STAGE_OF_ROW[row["stage"]], None, sets)
+    if row["stage"] == "train" and not row["row"].endswith("_base"):
+        base = resolve("train", None, {"preset": row["base"]})
+        assert (params.model, params.train) != (base.model, base.train)  # the row changes something
+    if row["stage"] == "eval":  # the plain score beside it: the same settings with the mixing off
+        resolve("ttt-eval", None, {**sets, "ngram_mix": "none"})
+
+
+def test_seed_study_rows_are_unique_and_each_base_has_its_base_row():
+    rows = studies.rows()
+    names = [r["row"] for r in rows]
+    assert len(names) == len(set(names))
+    for base in {r["base"] for r in rows}:
+        assert f"{base}_base" in names
+
+
+def test_the_ablation_summary_measures_each_row_against_its_own_base():
+    results = {
+        "pr2071_base_eval_metrics": {"val_bpb": 1.20}, "pr2071_base_pack_metrics": {"bytes": 16_000_000},
+        "pr2071_base_train_report": {"steps": 700, "ms_per_step": 300.0, "peak_memory_bytes": 2 ** 33},
+        "pr398_base_eval_metrics": {"val_bpb": 1.30}, "pr398_base_pack_metrics": {"bytes": 17_000_000},
+        "pr398_base_train_report": {"steps": 400, "ms_per_step": 600.0},
+        "kmeans_eval_metrics": {"val_bpb": 1.19}, "kmeans_pack_metrics": {"bytes": 20_000_000},
+        "mtp2_eval_metrics": {"val_bpb": 1.35}, "mtp2_pack_metrics": {"bytes": 17_100_000},
+        "mtp2_train_report": {"steps": 380, "ms_per_step": 630.0},
+        "ctw_eval_metrics": {"val_bpb": 1.10, "val_tokens": 500_000},
+        "ctw_plain_eval_metrics": {"val_bpb": 1.21, "val_tokens": 500_000},
+        "monarch4_eval_metrics": {"val_bpb": 1.5},  # no pack metrics: the row did not finish
+    }
+    table = {e["row"]: e for e in studies.table(results)}
+    assert table["kmeans"]["delta_bpb"] == pytest.approx(-0.01) and table["kmeans"]["delta_bytes"] == 4_000_000
+    assert table["mtp2"]["delta_bpb"] == pytest.approx(0.05) and table["mtp2"]["ms_per_step_ratio"] == 1.05
+    assert table["ctw"]["delta_bpb"] == pytest.approx(-0.11)  # against the base blob on the same tokens
+    assert table["monarch4"]["measured"] is None and "delta_bpb" not in table["monarch4"]
+    text = studies.markdown(list(table.values()))
+    assert "| kmeans | PR #212 | pr2071 |" in text and "monarch4" in text.split("Not run yet:")[1]
+
+
+def test_the_trace_summary_counts_kernels_not_labels_and_host_time_per_micro_batch(tmp_path):
+    trace = bench_module("trace_summary")
+
+    def x(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+    events = [
+        x("user_annotation", "pgolf.micro_batch", 0, 3000), x("user_annotation", "pgolf.micro_batch", 3000, 5000),
+        x("gpu_user_annotation", "pgolf.micro_batch", 0, 8000),  # a label's device span: not work
+        x("cpu_op", "CompiledFunction", 10, 100), x("cpu_op", "CompiledFunction", 3010, 100),
+        x("kernel", "gemm", 1000, 1000), x("kernel", "gemm", 1500, 1000),  # overlapping: 1.5 ms busy
+        x("kernel", "ncclDevKernel_AllReduce", 6000, 500), x("kernel", "rmsnorm", 7000, 1000),
+    ]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = trace.summarize(path, steps=1)
+    assert s["kernels_busy_ms_per_step"] == 3.0 and s["nccl_busy_ms_per_step"] == 0.5
+    assert s["device_span_ms_per_step"] == 7.0 and s["device_idle_ms_per_step"] == 4.0
+    assert s["largest_gaps_ms"] == [3.5, 0.5]
+    assert s["host_ms_per_micro_batch"] == 4.0 and s["compiled_graphs_per_micro_batch"] == 1.0

@@ -99,6 +99,7 @@ run_row() {
     train)
       local ckpt=$W/$ROW.safetensors
       [ "${ROW%_base}" != "$ROW" ] && ckpt=$W/${BASE}_base.safetensors
+      rm -f "${ckpt%.safetensors}.h.safetensors"  # an earlier call's Hessians belong to an earlier checkpoint
       pg train --data "$TOK" --out "$ckpt" "${NP[@]}" --max-wallclock-seconds "${CAP:-240}" --set warmup_steps=3 \
         --set log_every=50 --set val_tokens=262144 "${S[@]}" "${DRY[@]}" --metrics "$R/${ROW}_train_metrics.json" \
         --loss-log "$R/${ROW}_loss.csv" > "$W/${ROW}_train.log" 2>&1 &&

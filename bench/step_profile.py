@@ -9,7 +9,8 @@ steps, then:
 1. `--steps` steps timed as `pgolf train` runs them (`Trainer.train_step`), ms/step;
 2. the same steps with a device sync between the phases: data + forward + backward of the micro-batches
    that do not sync gradients, the last micro-batch (whose backward carries DDP's all-reduce), gradient
-   clipping, each optimizer's step; ms per phase (the syncs stop overlap, so the sum exceeds 1.);
+   clipping, each optimizer's step; ms per phase (the syncs stop overlap and pace the ranks, so the phases
+   attribute time and need not add up to 1.: on pr2071's 2-GPU step they added up to less);
 3. `--profile-steps` steps under torch.profiler: per step, GPU time in NCCL kernels, in compute kernels,
    the busy union, the share of NCCL time hidden under compute, and host-blocking CUDA calls (the Chrome
    trace's host side, per micro-batch: bench/trace_summary.py).

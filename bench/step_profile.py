@@ -157,14 +157,15 @@ def main() -> None:
     p = resolve("train", None, ["preset=" + args.preset, "warmup_steps=3", "loop_enable_frac=0", *args.sets])
     d = Dist(p.train.device)
     model_cfg, cfg = replace(p.model, vocab_size=args.vocab), replace(p.train, max_wallclock_seconds=0)
-    data = synthetic_shards(args.out / f"data_rank{d.rank}", model_cfg.vocab_size, 30_000_000, model_cfg.bos_id)
+    # per rank and tag: runs of one call may go at once, one a GPU
+    data = synthetic_shards(args.out / f"data_rank{d.rank}{args.tag}", model_cfg.vocab_size, 30_000_000, model_cfg.bos_id)
     world = f"{d.world}gpu{args.tag}"
-    trainer = Trainer(d, data, model_cfg, cfg, Checkpointer(args.out / f"ckpt{d.rank}", model_cfg, cfg, d.world, None))
+    trainer = Trainer(d, data, model_cfg, cfg, Checkpointer(args.out / f"ckpt{d.rank}{args.tag}", model_cfg, cfg, d.world, None))
     t0 = time.perf_counter()
     trainer.prime_compiled_kernels()
     result = {"preset": args.preset, "world": d.world, "sets": args.sets, "micro_batches_per_rank": trainer.accum,
               "seqs_per_micro_batch": cfg.train_batch_tokens // (cfg.train_seq_len * cfg.grad_accum_steps),
-              "attention": trainer.attention, "ddp_graph": cfg.ddp_graph,
+              "attention": trainer.attention, "ddp_graph": cfg.ddp_graph, "compile_mode": cfg.compile_mode,
               "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
               "torch": torch.__version__, "prime_s": round(time.perf_counter() - t0, 1)}
     loader = DistributedTokenLoader(data, d.rank, d.world, d.device)

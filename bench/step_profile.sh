@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 16's profile of pr2071's step on one and on two GPUs, one device call on nvidia-h200-x2 (carry .whl):
-# bench/step_profile.py on GPU 0 (beside it, on GPU 1, the fused CE against its compiled plain expression:
-# bench/ce_bench.py), then under torchrun on both GPUs once per train.ddp_graph in DDP_GRAPHS (default: buckets,
-# PyTorch's default; whole; compiled_ddp). NCCL's transport between the GPUs is read from NCCL_DEBUG=INFO.
+# bench/step_profile.py on one GPU for two torch.compile modes at once (COMPILE_MODES, default "default
+# reduce-overhead": GPU 0 and GPU 1), then under torchrun on both GPUs once per train.ddp_graph in DDP_GRAPHS
+# (default "buckets whole"; compiled_ddp was measured on 2026-11-30). STEPS timed steps (default 8). NCCL's
+# transport between the GPUs is read from NCCL_DEBUG=INFO. Every run stops inside BUDGET (570 s).
 # Results in $OUT: profile_*.json beside step_profile.tgz (the logs and rank 0's Chrome traces).
 set -uo pipefail
 source bench/common.sh
@@ -12,17 +13,21 @@ mkdir -p "$OUT" "$W"
 machine_env > "$OUT/env.txt"
 export TORCHINDUCTOR_CACHE_DIR=$W/inductor TRITON_CACHE_DIR=$W/triton
 ARGS=(--preset pr2071 --out "$W" --steps "${STEPS:-8}" --profile-steps 3)
-CUDA_VISIBLE_DEVICES=0 timeout 300 python3 bench/step_profile.py "${ARGS[@]}" > "$OUT/1gpu.log" 2>&1 &
-CUDA_VISIBLE_DEVICES=1 timeout 150 python3 bench/ce_bench.py --out "$OUT/ce_bench.json" > "$OUT/kernels.log" 2>&1
+left() { echo $(( ${BUDGET:-570} - SECONDS )); }  # every run inside the call's 10 minutes, the archive still made
+gpu=0
+for mode in ${COMPILE_MODES:-default reduce-overhead}; do
+  CUDA_VISIBLE_DEVICES=$gpu timeout 300 python3 bench/step_profile.py "${ARGS[@]}" --tag "_$mode" \
+    --set compile_mode="$mode" > "$OUT/1gpu_$mode.log" 2>&1 &
+  gpu=$(( (gpu + 1) % 2 ))
+done
 wait
-tail -n 3 "$OUT/kernels.log"; grep -v -E "Warning|USDT" "$OUT/1gpu.log" | tail -n 2
-for graph in ${DDP_GRAPHS:-buckets whole compiled_ddp}; do
-  left=$(( ${BUDGET:-570} - SECONDS ))  # every run inside the device call's 10 minutes, the archive still made
-  [ "$left" -gt 60 ] || { echo "skip ddp_graph $graph: ${left}s left"; continue; }
-  NCCL_DEBUG=INFO timeout "$left" torchrun --standalone --nproc_per_node=2 bench/step_profile.py "${ARGS[@]}" \
+for f in "$OUT"/1gpu_*.log; do echo "$f"; grep -v -E "Warning|USDT|warn" "$f" | tail -n 2; done
+for graph in ${DDP_GRAPHS:-buckets whole}; do
+  [ "$(left)" -gt 60 ] || { echo "skip ddp_graph $graph: $(left)s left"; continue; }
+  NCCL_DEBUG=INFO timeout "$(left)" torchrun --standalone --nproc_per_node=2 bench/step_profile.py "${ARGS[@]}" \
     --tag "_$graph" --set ddp_graph="$graph" > "$OUT/2gpu_$graph.log" 2>&1
   grep -E "NCCL INFO Channel 00/0 " "$OUT/2gpu_$graph.log" | sort -u | head -n 1
-  grep -v -E "Warning|USDT|NCCL" "$OUT/2gpu_$graph.log" | tail -n 2
+  grep -v -E "Warning|USDT|NCCL|warn" "$OUT/2gpu_$graph.log" | tail -n 2
 done
 cp "$W"/profile_*.json "$W"/trace_*.json.gz "$OUT/" 2>/dev/null || true
 # the device returns a few files a call: one archive, and the summaries beside it

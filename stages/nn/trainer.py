@@ -132,7 +132,10 @@ class Trainer:
                                                                                  cfg.distill_alpha)
         compiling = self.cuda and cfg.compile
         outer = d.enabled and compiling and cfg.ddp_graph == "compiled_ddp"
-        compiled = torch.compile(objective, dynamic=False, fullgraph=True) if compiling and not outer else objective
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        self.cuda_graphs = compiling and cfg.compile_mode == "reduce-overhead"
+        compiled = (torch.compile(objective, dynamic=False, fullgraph=True, mode=mode) if compiling and not outer
+                    else objective)
         if d.enabled and compiling:  # read when Dynamo compiles (the first forward); see TrainConfig.ddp_graph
             torch._dynamo.config.optimize_ddp = cfg.ddp_graph != "whole"
         # fa4: each batch's document segments are planned on the host (pgolf.nn.attention)
@@ -144,7 +147,7 @@ class Trainer:
                            broadcast_buffers=False) if d.enabled else compiled
         self.no_sync = self.forward.no_sync if d.enabled else contextlib.nullcontext
         if outer:
-            self.forward = torch.compile(self.forward, dynamic=False)
+            self.forward = torch.compile(self.forward, dynamic=False, mode=mode)
         self.optimizers, self.matrix_opt = build_optimizers(self.model, cfg, torch.bfloat16 if self.cuda else torch.float32)
         self.schedule = Schedule(cfg)
         self.delayed_loops = self.schedule.delays_looping(model_cfg.num_loops)
@@ -174,6 +177,8 @@ class Trainer:
     def micro_loss(self, x: torch.Tensor, y: torch.Tensor, segments: tuple) -> torch.Tensor:
         """The training objective on one micro-batch (with the teacher's logits when distilling, and L1)."""
         teacher = () if self.teacher is None else (self.teacher.logits(x),)  # no_grad, frozen, eval mode
+        if self.cuda_graphs:  # each micro-batch a new replay: the last one's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast_for(self.d.device):
             loss = self.forward(x, y, *teacher, *segments)
         if self.cfg.l1_lambda:

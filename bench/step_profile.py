@@ -11,9 +11,8 @@ steps, then:
    that do not sync gradients, the last micro-batch (whose backward carries DDP's all-reduce), gradient
    clipping, each optimizer's step; ms per phase (the syncs stop overlap and pace the ranks, so the phases
    attribute time and need not add up to 1.: on pr2071's 2-GPU step they added up to less);
-3. `--profile-steps` steps under torch.profiler: per step, GPU time in NCCL kernels, in compute kernels,
-   the busy union, the share of NCCL time hidden under compute, and host-blocking CUDA calls (the Chrome
-   trace's host side, per micro-batch: bench/trace_summary.py).
+3. `--profile-steps` steps under torch.profiler: ms/step, host-blocking CUDA calls, and rank 0's Chrome trace
+   summarised by bench/trace_summary.py (host and device time per step and per micro-batch).
 Writes DIR/profile_<world>gpu<TAG>.json (rank 0) and rank 0's Chrome trace DIR/trace_<world>gpu<TAG>.json.gz.
 """
 
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 from step_trace import SYNC_CALLS, synthetic_shards  # bench/, beside this script
+from trace_summary import summarize
 
 from pgolf.config.resolve import resolve
 from pgolf.formats.shards import DistributedTokenLoader
@@ -73,30 +73,9 @@ def phase_times(trainer: Trainer, loader, steps: int) -> dict:
     return {k: round(v, 2) for k, v in acc.items()}
 
 
-def intervals_union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
-    for a, b in sorted(spans):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
-def overlap(spans: list[tuple[float, float]], cover: list[tuple[float, float]]) -> float:
-    """Total length of `spans` (a union) that lies inside `cover` (a union)."""
-    total, j = 0.0, 0
-    for a, b in spans:
-        while j < len(cover) and cover[j][1] <= a:
-            j += 1
-        k = j
-        while k < len(cover) and cover[k][0] < b:
-            total += max(0.0, min(b, cover[k][1]) - max(a, cover[k][0]))
-            k += 1
-    return total
-
-
 def profiled(trainer: Trainer, loader, steps: int, trace: Path | None) -> dict:
+    """`steps` steps under torch.profiler: ms/step, the host-blocking CUDA calls, and (rank 0, which writes the
+    Chrome trace) bench/trace_summary.py's host and device figures from that trace."""
     from torch.profiler import ProfilerActivity, profile
 
     d = trainer.d
@@ -107,40 +86,21 @@ def profiled(trainer: Trainer, loader, steps: int, trace: Path | None) -> dict:
             trainer.train_step(loader)
         sync(d)
         wall = time.perf_counter() - t0
+    blocking: dict[str, dict] = {}
+    for e in prof.events():
+        if e.name in SYNC_CALLS:
+            b = blocking.setdefault(e.name, {"calls": 0, "ms": 0.0})
+            b["calls"] += 1
+            b["ms"] = round(b["ms"] + e.cpu_time_total / 1000, 2)
+    out = {"ms_per_step": round(1000 * wall / steps, 2), "host_blocking_calls": blocking}
     if trace is not None:
         raw = trace.with_suffix("")
         prof.export_chrome_trace(str(raw))
         with open(raw, "rb") as f, gzip.open(trace, "wb") as g:
             shutil.copyfileobj(f, g)
         raw.unlink()
-    events = prof.events()
-    # device-side events are the kernels, copies and memsets, and (not work) the record_function labels' GPU spans
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
-    comm = intervals_union([(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()])
-    compute = intervals_union([(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()])
-    busy = intervals_union(comm + compute)
-    span = (busy[-1][1] - busy[0][0]) if busy else 0.0
-    blocking: dict[str, dict] = {}
-    for e in events:
-        if e.name in SYNC_CALLS:
-            b = blocking.setdefault(e.name, {"calls": 0, "ms": 0.0})
-            b["calls"] += 1
-            b["ms"] = round(b["ms"] + e.cpu_time_total / 1000, 2)
-    per = 1000 * steps  # µs over steps → ms per step
-    comm_us, compute_us = sum(b - a for a, b in comm), sum(b - a for a, b in compute)
-    top: dict[str, float] = {}
-    for e in kernels:
-        top[e.name[:80]] = top.get(e.name[:80], 0.0) + (e.time_range.end - e.time_range.start)
-    return {
-        "ms_per_step": round(1000 * wall / steps, 2),
-        "gpu_compute_ms_per_step": round(compute_us / per, 2),
-        "gpu_nccl_ms_per_step": round(comm_us / per, 2),
-        "nccl_hidden_under_compute": round(overlap(comm, compute) / comm_us, 3) if comm_us else None,
-        "gpu_busy_ms_per_step": round(sum(b - a for a, b in busy) / per, 2),
-        "gpu_busy_fraction_of_span": round(sum(b - a for a, b in busy) / span, 3) if span else None,
-        "host_blocking_calls": blocking,
-        "top_kernels_ms_per_step": {k: round(v / per, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
-    }
+        out["trace"] = summarize(trace, steps)
+    return out
 
 
 def main() -> None:

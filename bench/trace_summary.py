@@ -4,8 +4,9 @@
 
 Per trace, per optimizer step: the span of device work, the busy union of kernels (the record_function labels'
 device spans are not work and are left out), its NCCL part, device idle time and the largest gaps; and per
-micro-batch the host time of the `pgolf.micro_batch` label beside the compiled graphs it ran (AOT
-`CompiledFunction` calls) and the kernels it launched. A step whose host time per micro-batch exceeds the
+micro-batch the host time of the `pgolf.micro_batch` label and of its compiled forward and backward (AOT
+`CompiledFunction` / `CompiledFunctionBackward` calls, summed over the graphs it ran) beside the device time
+of its compute kernels (NCCL left out) and the step's kernels over its micro-batches. A step whose host time per micro-batch exceeds the
 device's is bound by the host: the GPU waits for launches.
 """
 
@@ -32,24 +33,28 @@ def summarize(path: Path, steps: int) -> dict:
     kernels = [e for e in events if e.get("cat") == "kernel"]
     busy = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     nccl = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" in e["name"].lower()])
+    compute = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower()])
     gaps = sorted((busy[i + 1][0] - busy[i][1] for i in range(len(busy) - 1)), reverse=True)
     host = [e for e in events if e.get("cat") == "user_annotation"]
     micro = [e["dur"] for e in host if e["name"] == "pgolf.micro_batch"]
     optimizer = [e["dur"] for e in host if e["name"] == "pgolf.optimizer_step"]
-    graphs = sum(1 for e in events if e.get("cat") == "cpu_op" and e["name"] == "CompiledFunction")
+    graphs = [e["dur"] for e in events if e.get("cat") == "cpu_op" and e["name"] == "CompiledFunction"]
+    backward = [e["dur"] for e in events if e.get("cat") == "cpu_op" and e["name"] == "CompiledFunctionBackward"]
     ms = 1000.0
     n_micro = max(1, len(micro))
     return {
         "trace": path.name,
-        "device_span_ms_per_step": round((busy[-1][1] - busy[0][0]) / steps / ms, 1),
+        "device_span_ms_per_step": round((busy[-1][1] - busy[0][0]) / steps / ms, 1) if busy else 0.0,  # CPU: none
         "kernels_busy_ms_per_step": round(sum(b - a for a, b in busy) / steps / ms, 1),
         "nccl_busy_ms_per_step": round(sum(b - a for a, b in nccl) / steps / ms, 1),
         "device_idle_ms_per_step": round(sum(gaps) / steps / ms, 1),
         "largest_gaps_ms": [round(g / ms, 1) for g in gaps[:5]],
         "micro_batches_per_step": round(len(micro) / steps, 1),
         "host_ms_per_micro_batch": round(sum(micro) / n_micro / ms, 1),
-        "kernels_busy_ms_per_micro_batch": round(sum(b - a for a, b in busy) / n_micro / ms, 1),
-        "compiled_graphs_per_micro_batch": round(graphs / n_micro, 1),
+        "compute_kernels_ms_per_micro_batch": round(sum(b - a for a, b in compute) / n_micro / ms, 1),
+        "compiled_graphs_per_micro_batch": round(len(graphs) / n_micro, 1),
+        "host_ms_compiled_forward_per_micro_batch": round(sum(graphs) / n_micro / ms, 1),
+        "host_ms_compiled_backward_per_micro_batch": round(sum(backward) / n_micro / ms, 1),
         "kernels_per_micro_batch": round(len(kernels) / n_micro),
         "host_ms_optimizer_step": round(sum(optimizer) / max(1, len(optimizer)) / ms, 1),
     }

@@ -79,6 +79,8 @@ def test_the_ablation_summary_measures_each_row_against_its_own_base():
 
 
 def test_the_trace_summary_counts_kernels_not_labels_and_host_time_per_micro_batch(tmp_path):
+    """Two micro-batches: their labels' host time, their compiled forward and backward, and the device's kernels
+    (overlapping ones counted once, a label's device span not at all, NCCL apart from compute)."""
     trace = bench_module("trace_summary")
 
     def x(cat, name, ts, dur):
@@ -87,6 +89,7 @@ def test_the_trace_summary_counts_kernels_not_labels_and_host_time_per_micro_bat
         x("user_annotation", "pgolf.micro_batch", 0, 3000), x("user_annotation", "pgolf.micro_batch", 3000, 5000),
         x("gpu_user_annotation", "pgolf.micro_batch", 0, 8000),  # a label's device span: not work
         x("cpu_op", "CompiledFunction", 10, 100), x("cpu_op", "CompiledFunction", 3010, 100),
+        x("cpu_op", "CompiledFunctionBackward", 200, 400), x("cpu_op", "CompiledFunctionBackward", 3200, 400),
         x("kernel", "gemm", 1000, 1000), x("kernel", "gemm", 1500, 1000),  # overlapping: 1.5 ms busy
         x("kernel", "ncclDevKernel_AllReduce", 6000, 500), x("kernel", "rmsnorm", 7000, 1000),
     ]
@@ -98,3 +101,5 @@ def test_the_trace_summary_counts_kernels_not_labels_and_host_time_per_micro_bat
     assert s["device_span_ms_per_step"] == 7.0 and s["device_idle_ms_per_step"] == 4.0
     assert s["largest_gaps_ms"] == [3.5, 0.5]
     assert s["host_ms_per_micro_batch"] == 4.0 and s["compiled_graphs_per_micro_batch"] == 1.0
+    assert s["host_ms_compiled_forward_per_micro_batch"] == 0.1 and s["host_ms_compiled_backward_per_micro_batch"] == 0.4
+    assert s["compute_kernels_ms_per_micro_batch"] == pytest.approx(1.25, abs=0.06)  # the NCCL kernel left out

@@ -339,8 +339,8 @@ class TrainConfig(Section):
                                 "source run); schedule_scale: auto divides by it", ge=0)
     device: str = param("auto", "auto | cpu | cuda[:N]", pattern=DEVICE_PATTERN)
     compile: bool = param(True, "torch.compile on CUDA (never on CPU)")
-    # Issue 16's trace: on pr2071's 12-sequence micro-batches the host spends 40 ms launching 1,312 kernels that
-    # run in 37 ms, so the GPU waits on Python. CUDA graphs (reduce-overhead) replay a micro-batch in one launch.
+    # Issue 16's trace: on pr2071's 12-sequence micro-batches the host spends 40 ms launching ~1,300 kernels that
+    # run in 37 ms: the launches only just keep up. CUDA graphs (reduce-overhead) replay a micro-batch in one launch.
     compile_mode: str = param("default", "torch.compile's mode for the training step: default | reduce-overhead "
                               "(CUDA graphs: a micro-batch's kernels replayed in one launch, at the cost of memory "
                               "pools) | max-autotune-no-cudagraphs", choices=("default", "reduce-overhead",

@@ -2,10 +2,12 @@
 
     python bench/seed_studies_summary.py RESULTS.json [MORE.json ...] --out TABLE.json [--markdown]
 
-The results of several device calls are merged (a later file wins a key). A row's BPB is its quantized blob's
-over all validation docs (train and quantize rows) or, for an eval row, its score and the base blob's on the
-same first EVAL_TOKENS tokens; bytes are the packed blob's; ms/step is train's. Δ is against the base row of
-the same preset in the same files. The study's own claim is quoted from bench/seed_studies.tsv.
+Each RESULTS file is one group: the calls of one held machine, whose rows share one training of each base
+(a machine given back means new base runs, hence a new file). A row's BPB is its quantized blob's over all
+validation docs (train and quantize rows) or, for an eval row, its score and the base blob's on the same first
+EVAL_TOKENS tokens; bytes are the packed blob's; ms/step is train's. Δ is against the base row of the same
+preset in the same group, never against another group's base run; a row measured in several groups is taken
+from the last. The study's own claim is quoted from bench/seed_studies.tsv.
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ def measured(row: dict, r: dict) -> dict | None:
     return out
 
 
-def table(results: dict) -> list[dict]:
+def table(results: dict, group: str | None = None) -> list[dict]:
+    """The rows of one group's merged metrics, with their deltas against that group's base rows."""
     out, base = [], {}
     for row in rows():
         m = measured(row, results)
         entry = {k: row[k] for k in ("row", "study", "base", "stage", "overrides", "claim")}
         entry["measured"] = m
+        if m and group:
+            entry["group"] = group
         if row["row"].endswith("_base") and m:
             base[row["base"]] = m
         out.append(entry)
@@ -66,9 +71,22 @@ def table(results: dict) -> list[dict]:
     return out
 
 
+def grouped_table(groups: list[tuple[str, dict]]) -> list[dict]:
+    """One table from several groups, in order: every group's base rows (each the reference of its group's
+    rows), then each other row as the last group that measured it has it; a row no group measured stays
+    unmeasured."""
+    tables = [table(results, name) for name, results in groups] or [table({})]
+    bases = [e for t in tables for e in t if e["row"].endswith("_base") and e["measured"]]
+    rows = tables[0]
+    for later in tables[1:]:
+        rows = [new if new["measured"] else old for old, new in zip(rows, later)]
+    return bases + [e for e in rows if not (e["row"].endswith("_base") and e["measured"])]
+
+
 def markdown(entries: list[dict]) -> str:
-    lines = ["| row | study | base | change | BPB | Δ BPB | bytes | Δ bytes | steps | ms/step | study's claim |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    grouped = any(e.get("group") for e in entries)
+    lines = ["| row | study | base | change | BPB | Δ BPB | bytes | Δ bytes | steps | ms/step | study's claim |"
+             + (" run |" if grouped else ""), "|---" * (12 if grouped else 11) + "|"]
     for e in entries:
         m = e["measured"]
         if not m:
@@ -80,6 +98,8 @@ def markdown(entries: list[dict]) -> str:
         cells = [e["row"], e["study"], e["base"], change, bpb, f"{e.get('delta_bpb', 0):+.4f}" if "delta_bpb" in e else "",
                  f"{m['bytes']:,}" if m.get("bytes") else "", f"{e['delta_bytes']:+,}" if "delta_bytes" in e else "",
                  str(m.get("steps") or ""), f"{m['ms_per_step']:.1f}" if m.get("ms_per_step") else "", e["claim"]]
+        if grouped:
+            cells.append(e.get("group", ""))
         lines.append("| " + " | ".join(cells) + " |")
     missing = [e["row"] for e in entries if not e["measured"]]
     if missing:
@@ -89,16 +109,14 @@ def markdown(entries: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("results", type=Path, nargs="+")
+    ap.add_argument("results", type=Path, nargs="+", help="one file per group (held machine), oldest first")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     args = ap.parse_args()
-    merged: dict = {}
-    for path in args.results:
-        merged.update(json.loads(path.read_text()))
-    entries = table(merged)
-    args.out.write_text(json.dumps({"rows": entries, "env": merged.get("env"), "stage_ms": merged.get("stage_ms")},
-                                   indent=1))
+    groups = [(path.name, json.loads(path.read_text())) for path in args.results]
+    entries = grouped_table(groups)
+    args.out.write_text(json.dumps({"rows": entries, "groups": {name: {"env": r.get("env"), "notes": r.get("notes")}
+                                                                for name, r in groups}}, indent=1))
     if args.markdown:
         print(markdown(entries))
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Issue 16's profile of pr2071's step on one and on two GPUs, one device call on nvidia-h200-x2 (carry .whl):
-# bench/step_profile.py on one GPU for two torch.compile modes at once (COMPILE_MODES, default "default
-# reduce-overhead": GPU 0 and GPU 1), then under torchrun on both GPUs once per train.ddp_graph in DDP_GRAPHS
-# (default "buckets whole"; compiled_ddp was measured on 2026-11-30). STEPS timed steps (default 8). NCCL's
-# transport between the GPUs is read from NCCL_DEBUG=INFO. Every run stops inside BUDGET (570 s).
-# Results in $OUT: profile_*.json beside step_profile.tgz (the logs and rank 0's Chrome traces).
+# bench/step_profile.py on GPU 0 once per torch.compile mode in COMPILE_MODES (default "default"), one after
+# another, then under torchrun on both GPUs once per train.ddp_graph in DDP_GRAPHS (default "buckets whole").
+# The runs never overlap: pr2071's step is bound by the host's launches, and on 2026-11-30 a 1-GPU run beside a
+# second, compiling one measured 417 ms/step against 311.8 alone. A run takes about 150 s on one GPU and 220 s on
+# two (compile included), so one call holds about three: e.g. COMPILE_MODES="default reduce-overhead"
+# DDP_GRAPHS="" in one call, the defaults in the next (each call its own 1-GPU reference). STEPS timed steps
+# (default 8). NCCL's transport between the GPUs is read from NCCL_DEBUG=INFO. Every run stops inside BUDGET
+# (570 s). Results in $OUT: profile_*.json beside step_profile.tgz (the logs and rank 0's Chrome traces).
 set -uo pipefail
 source bench/common.sh
 OUT=${OUT:-/tmp/pgolf-profile-out}
@@ -14,15 +17,13 @@ machine_env > "$OUT/env.txt"
 export TORCHINDUCTOR_CACHE_DIR=$W/inductor TRITON_CACHE_DIR=$W/triton
 ARGS=(--preset pr2071 --out "$W" --steps "${STEPS:-8}" --profile-steps 3)
 left() { echo $(( ${BUDGET:-570} - SECONDS )); }  # every run inside the call's 10 minutes, the archive still made
-gpu=0
-for mode in ${COMPILE_MODES:-default reduce-overhead}; do
-  CUDA_VISIBLE_DEVICES=$gpu timeout 300 python3 bench/step_profile.py "${ARGS[@]}" --tag "_$mode" \
-    --set compile_mode="$mode" > "$OUT/1gpu_$mode.log" 2>&1 &
-  gpu=$(( (gpu + 1) % 2 ))
+for mode in ${COMPILE_MODES:-default}; do
+  [ "$(left)" -gt 60 ] || { echo "skip compile_mode $mode: $(left)s left"; continue; }
+  CUDA_VISIBLE_DEVICES=0 timeout "$(left)" python3 bench/step_profile.py "${ARGS[@]}" --tag "_$mode" \
+    --set compile_mode="$mode" > "$OUT/1gpu_$mode.log" 2>&1
+  grep -v -E "Warning|USDT|warn" "$OUT/1gpu_$mode.log" | tail -n 2
 done
-wait
-for f in "$OUT"/1gpu_*.log; do echo "$f"; grep -v -E "Warning|USDT|warn" "$f" | tail -n 2; done
-for graph in ${DDP_GRAPHS:-buckets whole}; do
+for graph in ${DDP_GRAPHS-buckets whole}; do
   [ "$(left)" -gt 60 ] || { echo "skip ddp_graph $graph: $(left)s left"; continue; }
   NCCL_DEBUG=INFO timeout "$(left)" torchrun --standalone --nproc_per_node=2 bench/step_profile.py "${ARGS[@]}" \
     --tag "_$graph" --set ddp_graph="$graph" > "$OUT/2gpu_$graph.log" 2>&1

@@ -103,3 +103,23 @@ def test_the_trace_summary_counts_kernels_not_labels_and_host_time_per_micro_bat
     assert s["host_ms_per_micro_batch"] == 4.0 and s["compiled_graphs_per_micro_batch"] == 1.0
     assert s["host_ms_compiled_forward_per_micro_batch"] == 0.1 and s["host_ms_compiled_backward_per_micro_batch"] == 0.4
     assert s["compute_kernels_ms_per_micro_batch"] == pytest.approx(1.25, abs=0.06)  # the NCCL kernel left out
+
+
+def test_rows_of_several_groups_are_measured_against_their_own_groups_base():
+    """Each held machine trains its own base runs: a row's delta is against its group's base, never another's."""
+    def group(base_bpb: float, base_bytes: int, **rows: tuple[float, int]) -> dict:
+        out = {"pr2071_base_eval_metrics": {"val_bpb": base_bpb}, "pr2071_base_pack_metrics": {"bytes": base_bytes}}
+        for name, (bpb, size) in rows.items():
+            out |= {f"{name}_eval_metrics": {"val_bpb": bpb}, f"{name}_pack_metrics": {"bytes": size}}
+        return out
+
+    first = group(1.20, 16_000_000, kmeans=(1.19, 20_000_000), prune5=(1.25, 15_000_000))
+    second = group(1.30, 17_000_000, prune5=(1.31, 16_900_000))
+    entries = studies.grouped_table([("first", first), ("second", second)])
+    bases = [(e["group"], e["measured"]["val_bpb"]) for e in entries if e["row"] == "pr2071_base"]
+    assert bases == [("first", 1.20), ("second", 1.30)]
+    table = {e["row"]: e for e in entries if e["row"] != "pr2071_base"}
+    assert table["kmeans"]["group"] == "first" and table["kmeans"]["delta_bpb"] == pytest.approx(-0.01)
+    assert table["prune5"]["group"] == "second" and table["prune5"]["delta_bpb"] == pytest.approx(0.01)
+    assert table["prune5"]["delta_bytes"] == -100_000 and table["mtp2"]["measured"] is None
+    assert "| kmeans | PR #212 | pr2071 |" in studies.markdown(entries)

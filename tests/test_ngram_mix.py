@@ -94,6 +94,45 @@ def test_the_ledger_records_minus_log_of_the_mixed_row_at_the_target(name):
     assert np.allclose(ledger.losses[1:], expected.numpy(), rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", MIXERS)
+def test_scoring_from_the_targets_alone_gives_the_mixed_rows_entries(name):
+    """window_nll takes each target's probability alone (O(order), not O(order·V)): over several windows its
+    losses are −ln of mix_window's rows at the targets, and the n-gram model's entry is predict's to the bit."""
+    tokens, lm = repetitive(400), lm_rows(399)
+    rows = mixed_rows(mixer(name), tokens, lm)
+    fast, losses = mixer(name), []
+    for start in range(0, tokens.size - 1, 64):
+        end = min(start + 64, tokens.size - 1)
+        losses.append(fast.window_nll(lm[start:end], tokens[start:end], 0, tokens[start + 1:end + 1]))
+    expected = -rows.gather(1, torch.from_numpy(tokens[1:])[:, None]).squeeze(1).log()
+    torch.testing.assert_close(torch.cat(losses), expected, rtol=1e-12, atol=0)
+    model = NgramModel(V, 6, 0.5)
+    for t in range(1, 300):
+        context = model.context(tokens[:t])
+        assert model.predict_at(context, int(tokens[t])) == (float(model.predict(context)[0][tokens[t]]),
+                                                              model.predict(context)[1])
+        model.update(context, int(tokens[t]))
+
+
+class CountRatio(NgramModel):
+    """Planted cheat: the target's probability from its count ratio alone (the closed n-gram-cache PRs': summed
+    over the vocabulary it is no distribution), while the dense rows stay proper."""
+
+    def predict_at(self, context, token):
+        p, depth = super().predict_at(context, token)
+        node = self.contexts.get(next(self._keys(context), None)) if context else None
+        return (node[1].get(token, 0) / node[0] if node and node[1].get(token) else p), depth
+
+
+def test_scoring_checks_each_windows_first_row_against_the_target_only_value():
+    m = mixer("ctw")
+    m.model.__class__ = CountRatio
+    tokens = repetitive(300)
+    with pytest.raises(ComplianceError, match="not the one scored"):
+        for start in range(0, 256, 64):
+            m.window_nll(lm_rows(64), tokens[start:start + 64], 0, tokens[start + 1:start + 65])
+
+
 # ---- causal: a row depends on earlier targets only
 
 def future_leak(make, k: int = 200, seed: int = 0) -> float:
@@ -123,13 +162,15 @@ def test_a_row_never_depends_on_its_target_or_later_tokens(name, k):
 class CountsFirst(NgramMixer):
     """Planted cheat: each target is counted before its own row is built (the closed n-gram-cache PRs' bug)."""
 
-    def _ngram_rows(self, inputs, first, targets):
-        rows, depths = np.empty((targets.size, self.model.vocab)), np.empty(targets.size, dtype=np.int64)
+    def _ngram_predictions(self, inputs, first, targets, dense):
+        at, depths = np.empty(targets.size), np.empty(targets.size, dtype=np.int64)
+        rows = np.empty((targets.size, self.model.vocab))
         for j, target in enumerate(targets.tolist()):
             context = self.model.context(inputs[:first + j + 1])
             self.model.update(context, target)
             rows[j], depths[j] = self.model.predict(context)
-        return rows, depths
+            at[j] = rows[j, target]
+        return at, depths, rows if dense else None
 
 
 class PosteriorWithTarget(NgramMixer):

@@ -226,6 +226,8 @@ def test_gradient_guided_bits_give_the_most_sensitive_tensors_the_most_bits(cali
     lookup = order[0]
     without = gradient_guided_bits(state, cfg, {k: v for k, v in h.items() if k != lookup}, g)
     assert lookup not in without and len(without) == n - 1
+    with pytest.raises(PgolfError, match="no tensor to rank"):  # only lookup tables: nothing to rank, said so
+        gradient_guided_bits(state, cfg, {"not.a.candidate": h[lookup]}, g)
 
 
 def test_schedule_scale_multiplies_every_step_counted_length():

@@ -102,6 +102,15 @@ def l1_penalty(matrix_opt: torch.optim.Optimizer, lam: float) -> torch.Tensor:
     return lam * sum(p.abs().sum() for g in matrix_opt.param_groups for p in g["params"])
 
 
+def own_gradients(model: torch.nn.Module) -> None:
+    """Under CUDA graphs (compile_mode reduce-overhead) the first backward's gradients become the parameters'
+    .grad as they are, buffers the backward graph owns; its next replay overwrites them, and accumulating into
+    them then reads overwritten memory (pytorch/pytorch#169545). A copy per step makes them ours."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.clone()
+
+
 class Trainer:
     """One rank's run: the model (compiled, DDP-wrapped), its optimizers, schedule, weight average and checkpointer."""
 
@@ -197,6 +206,8 @@ class Trainer:
                     loss = self.micro_loss(x, y, segments)
                     total += loss.detach()
                     (loss / self.accum).backward()
+                if self.cuda_graphs and micro == 0 and self.accum > 1:
+                    own_gradients(self.model)
         with record_function("pgolf.optimizer_step"):
             if cfg.grad_clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)

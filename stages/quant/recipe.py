@@ -63,6 +63,9 @@ def gradient_guided_bits(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfi
     # a lookup table (PR #398's bigram hash embedding) is no matmul's weight, so calibrate has no H for it: it
     # keeps quantize.bits, unranked
     ranked = [n for n in candidates if n in hessians]
+    if hessians and candidates and not ranked:
+        raise PgolfError(f"quantize.gradient_bits has no tensor to rank: the quantized matrices {candidates[:3]} "
+                         "are lookup tables, which calibrate gives no Hessian; leave gradient_bits off for this model")
     missing = [n for n in ranked if n not in out_grads] if ranked else candidates
     if missing:
         raise PgolfError(f"quantize.gradient_bits ranks tensors by calibrate's statistics, which lack {missing[:3]}; "

@@ -120,6 +120,20 @@ def test_ans_size_is_within_one_percent_of_its_models_cross_entropy():
         assert codecs.decompress("ans", ans.compress(data), n) == data
 
 
+def test_ans_stores_a_block_of_one_repeated_byte_as_its_table_alone():
+    """A tensor whose codes are all one value (a zero-initialised matrix never trained, a constant scale row)
+    makes a one-symbol block: no code words, and it decodes, alone or among other blocks."""
+    same = bytes([7]) * 10_000
+    packed = ans.compress(same)
+    assert len(packed) == ans.HEAD.size + 5 and codecs.decompress("ans", packed, len(same)) == same
+    mixed = same + bytes(range(200)) * 10
+    assert codecs.decompress("ans", ans.compress(mixed, [len(same), 2_000]), len(mixed)) == mixed
+    forged = bytearray(packed)
+    forged[ans.HEAD.size + 1] = 6  # its table's count now 9,990, not the 10,000 declared
+    with pytest.raises(PgolfError, match="ans data is corrupt"):
+        codecs.decompress("ans", bytes(forged), len(same))
+
+
 def test_ans_refuses_truncated_corrupt_and_oversized_data():
     data = bytes(np.random.default_rng(0).integers(0, 9, 50_000, dtype=np.uint8))
     packed = ans.compress(data)

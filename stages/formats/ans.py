@@ -42,7 +42,7 @@ def _block(data: bytes) -> bytes:
     counts = np.bincount(symbols, minlength=256)
     present = np.flatnonzero(counts)
     words = np.zeros(0, dtype="<u4")
-    if len(symbols):
+    if len(present) > 1:  # one symbol alone needs no code: the table says it all
         index = np.zeros(256, dtype=np.int32)
         index[present] = np.arange(len(present), dtype=np.int32)
         encoder = constriction.stream.queue.RangeEncoder()
@@ -102,8 +102,13 @@ def _decode(data: bytes, at: int, n: int) -> Iterator[bytes]:
                          "the declared size)")
     if not n:
         return
-    words = np.frombuffer(data, dtype="<u4", count=n_words, offset=at + HEAD.size + 5 * k).astype(np.uint32)
-    out = symbols[constriction.stream.queue.RangeDecoder(words).decode(_model(counts), n)].tobytes()
+    if k == 1:  # a block of one repeated byte (e.g. an all-zero tensor) carries no code words
+        if n_words:
+            raise PgolfError("ans data is corrupt (a block of one symbol with code words)")
+        out = symbols.tobytes() * n
+    else:
+        words = np.frombuffer(data, dtype="<u4", count=n_words, offset=at + HEAD.size + 5 * k).astype(np.uint32)
+        out = symbols[constriction.stream.queue.RangeDecoder(words).decode(_model(counts), n)].tobytes()
     if zlib.crc32(out) != crc:
         raise PgolfError("ans data is corrupt (the decoded bytes fail its CRC-32)")
     for start in range(0, n, 1 << 20):

@@ -13,9 +13,9 @@
 # - eval rows: the base row's blob scored with the overrides, and with them but ngram_mix none, on the first
 #   EVAL_TOKENS val tokens.
 # quantize and eval rows need their base's train row earlier in this call or in an earlier call on the same
-# held machine (its files stay in /tmp/pgolf-studies). A pr2071 train row does not finish in one call (measured
-# 2026-11-30: training with its compile and closing validation 360 s, calibrate 65, quantize 30, pack 88, eval
-# 27 s): with RESUME=1 a train row whose checkpoint an earlier call on this machine wrote is not retrained, its
+# held machine (its files stay in /tmp/pgolf-studies). A pr2071 train row does not finish in one call (2026-11-30:
+# `pgolf train` about 480 s, 240 of them training, the rest compiling, validating, saving; then calibrate 65,
+# quantize 30, pack 88, eval 27 s): with RESUME=1 a train row whose checkpoint an earlier call on this machine wrote is not retrained, its
 # quantization and scoring run (a row needs 240 s then), so the next call finishes it. Protocol as
 # bench/gpu_stack.sh: ../shared/corpus carried as .corpus, 600 validation docs, SP1024 for pr398 and SP8192
 # CaseOps for pr2071, 3 compile-priming steps. Train's own closing validation reads 262,144 tokens only; a row's

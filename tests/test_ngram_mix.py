@@ -264,8 +264,12 @@ def test_score_first_ttt_scores_the_mixture_too():
         info = score_first(filled_gpt(PLAIN), ledger, cfg, torch.device("cpu"), None)
         results[name] = ledger.result(info["expected_targets"])
         assert info["steps"] > 0
-    assert m.report()["targets"] == results["ctw"]["tokens_scored"] == tokens.size - 1
+    report = m.report()
+    assert report["targets"] == results["ctw"]["tokens_scored"] == tokens.size - 1
     assert results["ctw"]["val_loss"] < 0.8 * results["none"]["val_loss"]
+    # the mixing's own time, measured in scoring, and the rate it gives
+    assert report["mixing_seconds"] > 0
+    assert report["mixed_targets_per_second"] == pytest.approx(report["targets"] / report["mixing_seconds"], rel=0.01)
 
 
 def test_with_no_ngram_weight_the_mixture_is_plain_scoring():

@@ -30,6 +30,8 @@ of a 2-core EPYC), so 150k targets take seconds, but the challenge's 62M-token v
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -128,6 +130,7 @@ class NgramMixer:
         self.log_lik = torch.zeros(order, weights, dtype=torch.float64)  # per class: ln P_λk(its targets so far)
         self.scored, self.ngram_weight_sum = 0, 0.0
         self.lm_nats = self.ngram_nats = 0.0  # each model's own loss on the targets scored, for the report
+        self.seconds = 0.0  # spent mixing in scoring (window_nll): the n-gram side's cost, which the report gives
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int) -> "NgramMixer | None":
@@ -227,19 +230,24 @@ class NgramMixer:
         """−ln p_mix(target) of each scored target of one window (float64, CPU): mix_window's entries at the
         targets, computed from the targets' probabilities alone (each window's first row built whole and
         checked, _ngram_predictions)."""
+        started = time.perf_counter()
         targets = np.asarray(targets, dtype=np.int64)
         lm_at, entropy = self._lm_side(lm_log_probs, targets)
         ngram_p, depths, _ = self._ngram_predictions(np.asarray(inputs), first, targets, dense=False)
         ngram_p = torch.from_numpy(ngram_p)
         lm_weight = self._lm_weights(lm_at, ngram_p.log(), depths, entropy)
-        return -(lm_weight * lm_at.exp() + (1 - lm_weight) * ngram_p).log()
+        nll = -(lm_weight * lm_at.exp() + (1 - lm_weight) * ngram_p).log()
+        self.seconds += time.perf_counter() - started
+        return nll
 
     def report(self) -> dict:
-        """What ran, for the metrics report: the settings, the mean n-gram weight, each model's own loss."""
+        """What ran, for the metrics report: the settings, the mean n-gram weight, each model's own loss, and
+        the seconds the mixing took in scoring (with its rate, to judge a full validation set by)."""
         n = max(self.scored, 1)
         out = {**self.settings, "targets": self.scored, "contexts": len(self.model.contexts),
                "mean_ngram_weight": self.ngram_weight_sum / n, "lm_alone_loss": self.lm_nats / n,
-               "ngram_alone_loss": self.ngram_nats / n}
+               "ngram_alone_loss": self.ngram_nats / n, "mixing_seconds": round(self.seconds, 6),
+               "mixed_targets_per_second": round(self.scored / self.seconds) if self.seconds else None}
         if self.mixer == "ctw":  # where the posteriors ended, by context length
             out["ngram_weight_by_context"] = (1 - torch.softmax(self.log_lik, dim=1) @ self.lambdas).tolist()
         return out

@@ -27,10 +27,11 @@ timed() {  # timed NAME CMD...: run it, append "NAME milliseconds" to $R/times.t
   echo "$name $(( ($(date +%s%N) - t0) / 1000000 ))" | tee -a "$R/times.txt"
 }
 
-machine_env() {  # the date, GPUs and torch/triton versions, for a run's env.txt
+machine_env() {  # the date, GPUs and torch/triton versions, then the host (CPU, cores, load), for a run's env.txt
   date -u +%Y-%m-%dT%H:%M:%SZ
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' || true
+  echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
 tokenize_corpus() {  # tokenize_corpus OUT ARGS...: the protocol's split of the carried corpus (VAL_DOCS, 600)

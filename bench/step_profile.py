@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -131,11 +132,13 @@ def main() -> None:
     loader = DistributedTokenLoader(data, d.rank, d.world, d.device)
     trainer.train_step(loader)
     sync(d)
-    t0 = time.perf_counter()
+    t0, load_before = time.perf_counter(), os.getloadavg()[0]
     for _ in range(args.steps):
         trainer.train_step(loader)
     sync(d)
     result["ms_per_step"] = round(1000 * (time.perf_counter() - t0) / args.steps, 2)
+    # the step is bound by the host: its CPU count and load (1-minute averages) say whether it was shared
+    result["host"] = {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()[0]}
     result["phases_ms_synced"] = phase_times(trainer, loader, max(2, args.steps // 2))
     result["profile"] = profiled(trainer, loader, args.profile_steps,
                                  args.out / f"trace_{world}.json.gz" if d.main else None)

@@ -48,6 +48,7 @@ def sync(d: Dist) -> None:
 def phase_times(trainer: Trainer, loader, steps: int) -> dict:
     """ms per phase, with a sync between phases (so overlap is removed: these attribute, they do not add up)."""
     d, cfg, acc = trainer.d, trainer.cfg, {}
+    losses = torch.zeros((), device=d.device)
 
     def timed(name, fn):
         sync(d)
@@ -60,12 +61,8 @@ def phase_times(trainer: Trainer, loader, steps: int) -> dict:
     for _ in range(steps):
         for micro in range(trainer.accum):
             last = micro == trainer.accum - 1
-
-            def micro_batch(last=last):
-                x, y, segments = trainer.next_micro_batch(loader)
-                with trainer.no_sync() if not last else torch.enable_grad():
-                    (trainer.micro_loss(x, y, segments) / trainer.accum).backward()
-            timed("last_micro_batch_with_grad_sync" if last else "micro_batches_without_sync", micro_batch)
+            timed("last_micro_batch_with_grad_sync" if last else "micro_batches_without_sync",
+                  lambda micro=micro: trainer.micro_step(loader, micro, losses))
         if cfg.grad_clip_norm > 0:
             timed("clip", lambda: torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.grad_clip_norm))
         for opt in trainer.optimizers:

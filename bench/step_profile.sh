@@ -4,10 +4,11 @@
 # another, then under torchrun on both GPUs once per train.ddp_graph in DDP_GRAPHS (default "buckets whole").
 # The runs never overlap: pr2071's step is bound by the host's launches, and on 2026-11-30 a 1-GPU run beside a
 # second, compiling one measured 417 ms/step against 311.8 in an earlier call. A run takes about 150 s on one
-# GPU and 220 s on two (compile included), so one call holds about three: e.g. COMPILE_MODES="default
-# reduce-overhead" DDP_GRAPHS="" in one call, the defaults in the next (each call its own 1-GPU reference). STEPS
-# timed steps (default 8). NCCL's transport between the GPUs is read from NCCL_DEBUG=INFO. Every run stops inside
-# BUDGET (570 s). Results in $OUT: profile_*.json beside step_profile.tgz (the logs and rank 0's Chrome traces).
+# GPU and 220 s on two (compile included; from that call's log times), so one call holds about three: e.g.
+# COMPILE_MODES="default reduce-overhead" DDP_GRAPHS="" in one call, the defaults in the next (each call its own
+# 1-GPU reference). STEPS timed steps (default 8). NCCL's transport between the GPUs is read from NCCL_DEBUG=INFO.
+# Every run stops inside BUDGET (570 s). Results in $OUT: profile_*.json beside step_profile.tgz (the logs and
+# rank 0's Chrome traces).
 set -uo pipefail
 source bench/common.sh
 OUT=${OUT:-/tmp/pgolf-profile-out}

@@ -194,20 +194,24 @@ class Trainer:
             loss = loss + l1_penalty(self.matrix_opt, self.cfg.l1_lambda)
         return loss
 
+    def micro_step(self, loader: DistributedTokenLoader, micro: int, total: torch.Tensor) -> None:
+        """Micro-batch `micro` of a step: forward and backward, its gradients accumulated (DDP syncs on the
+        last micro-batch); its loss added to `total`."""
+        with record_function("pgolf.micro_batch"):  # the labels are what a profiler trace shows
+            x, y, segments = self.next_micro_batch(loader)
+            with contextlib.nullcontext() if micro == self.accum - 1 else self.no_sync():
+                loss = self.micro_loss(x, y, segments)
+                total += loss.detach()
+                (loss / self.accum).backward()
+            if self.cuda_graphs and micro == 0 and self.accum > 1:
+                own_gradients(self.model)
+
     def train_step(self, loader: DistributedTokenLoader) -> torch.Tensor:
-        """Accumulate `accum` micro-batches (DDP syncs on the last), clip, step every optimizer; mean loss."""
+        """Accumulate `accum` micro-batches, clip, step every optimizer; mean loss."""
         cfg = self.cfg
         total = torch.zeros((), device=self.d.device)
         for micro in range(self.accum):
-            with record_function("pgolf.micro_batch"):  # the labels are what a profiler trace shows
-                x, y, segments = self.next_micro_batch(loader)
-                last = micro == self.accum - 1
-                with contextlib.nullcontext() if last else self.no_sync():
-                    loss = self.micro_loss(x, y, segments)
-                    total += loss.detach()
-                    (loss / self.accum).backward()
-                if self.cuda_graphs and micro == 0 and self.accum > 1:
-                    own_gradients(self.model)
+            self.micro_step(loader, micro, total)
         with record_function("pgolf.optimizer_step"):
             if cfg.grad_clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)

@@ -63,13 +63,13 @@ def gradient_guided_bits(state_dict: dict[str, torch.Tensor], cfg: QuantizeConfi
     # a lookup table (PR #398's bigram hash embedding) is no matmul's weight, so calibrate has no H for it: it
     # keeps quantize.bits, unranked
     ranked = [n for n in candidates if n in hessians]
-    if hessians and candidates and not ranked:
-        raise PgolfError(f"quantize.gradient_bits has no tensor to rank: the quantized matrices {candidates[:3]} "
-                         "are lookup tables, which calibrate gives no Hessian; leave gradient_bits off for this model")
-    missing = [n for n in ranked if n not in out_grads] if ranked else candidates
+    missing = [n for n in ranked if n not in out_grads] if hessians else candidates
     if missing:
         raise PgolfError(f"quantize.gradient_bits ranks tensors by calibrate's statistics, which lack {missing[:3]}; "
                          "give --hessians from `pgolf calibrate` (with output_grads on)")
+    if candidates and not ranked:
+        raise PgolfError(f"quantize.gradient_bits has no tensor to rank: the quantized matrices {candidates[:3]} "
+                         "are lookup tables, which calibrate gives no Hessian; leave gradient_bits off for this model")
     score = {n: float(out_grads[n].double().sum() * torch.trace(hessians[n].double())) for n in ranked}
     ranked.sort(key=lambda n: -score[n])
     bits, at = {}, 0

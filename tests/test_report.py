@@ -33,6 +33,42 @@ def test_training_without_a_terminal_prints_plain_progress_lines(tokenized_dir, 
     assert any(re.fullmatch(r"train: done, 6/6 steps in \d:\d\d:\d\d", line) for line in lines), out
 
 
+def test_a_bar_told_the_fraction_done_follows_it_and_not_its_count(monkeypatch):
+    """A 240 s capped run of a preset with 20,000 iterations once printed `218/20,000 steps (1%) … ~3:13:36
+    left` two minutes into its four. Told the fraction done, the bar shows it and the time left from it (from the
+    fraction at its start: a resumed run starts part-way), and drops the count's total."""
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 3600.0)  # no ticker lines: the test reads _line itself
+    with progress.Bar("train", 20_000, "steps", file=out) as bar:
+        bar.update(1, "loss 6.9", done=0.30)  # resumed at 30 %
+        bar.update(218, "loss 2.6", done=0.55)
+        assert bar._line(bar.t0 + 60.0) == "train: 218 steps (55%), loss 2.6, 0:01:00, ~0:01:48 left"
+        bar.update(409, done=1.2)  # the last step runs past the cap: at most 100 %
+        assert bar._line(bar.t0 + 120.0) == "train: 409 steps (100%), loss 2.6, 0:02:00"
+        bar.lines = 1  # as if it had printed: its closing line is then written
+    assert out.getvalue() == "train: done, 409 steps in 0:00:00\n"
+    with progress.Bar("plain", 200, "steps", file=out) as bar:  # without a fraction: the count as before
+        bar.update(50)
+        assert bar._line(bar.t0 + 10.0) == "plain: 50/200 steps (25%), 0:00:10, ~0:00:30 left"
+
+
+def test_capped_training_shows_the_clock_not_the_iterations(tokenized_dir, tmp_path, capsys, monkeypatch):
+    """A run capped at 2 s with 100,000 iterations: its lines carry no step total, and its percentage grows
+    with the clock to the end."""
+    from dataclasses import replace
+
+    from pgolf import train
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
+    capped = replace(TRAIN, iterations=100_000, max_wallclock_seconds=2.0)
+    train.run(tokenized_dir, tmp_path / "ckpt.safetensors", MODEL, capped, tmp_path / "m.json", tmp_path / "log.csv")
+    lines = capsys.readouterr().out.splitlines()
+    shown = [int(m.group(1)) for m in (re.match(r"train: [\d,]+ steps \((\d+)%\)", line) for line in lines) if m]
+    assert shown and shown == sorted(shown) and shown[-1] >= 90, lines
+    assert not any("/100,000 steps" in line for line in lines), [l for l in lines if "/100,000" in l]
+    assert any(re.fullmatch(r"train: done, [\d,]+ steps in \d:\d\d:\d\d", line) for line in lines), lines
+
+
 def test_work_that_cannot_count_is_still_seen_to_be_alive(monkeypatch):
     """A single long call (a codec compressing) gets time lines from the ticker; quick work prints nothing."""
     out = io.StringIO()

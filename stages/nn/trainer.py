@@ -337,8 +337,12 @@ class Trainer:
         stop_after, last_loss, final_val, live_val = None, float("nan"), {}, {}
         loss_read_at = 0.0
         clock = Clock(self.cuda, p.train_ms)
+        # under a wall-clock cap the run ends at the cap, not at `iterations`: the bar follows the clock
+        def done(elapsed_ms: float) -> float | None:
+            return self.schedule.progress(p.step, elapsed_ms) if cfg.max_wallclock_seconds > 0 else None
+
         with bar:
-            bar.update(p.step)
+            bar.update(p.step, done=done(p.train_ms))
             while True:
                 last_step = p.step == cfg.iterations or (stop_after is not None and p.step >= stop_after)
                 if last_step or (cfg.val_loss_every > 0 and p.step % cfg.val_loss_every == 0 and p.step > 0):
@@ -372,7 +376,7 @@ class Trainer:
                 if logged and not math.isfinite(last_loss):
                     raise PgolfError(f"training diverged at step {p.step} (loss {last_loss}); lower the learning rates")
                 tokens_per_s = p.step * cfg.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
-                bar.update(p.step, f"loss {last_loss:.4f}, {tokens_per_s:,.0f} tokens/s")
+                bar.update(p.step, f"loss {last_loss:.4f}, {tokens_per_s:,.0f} tokens/s", done=done(elapsed_ms))
                 if logged:
                     p.loss_rows.append((p.step, last_loss, scale, round(elapsed_ms, 1), p.step * cfg.train_batch_tokens))
                     if p.step % cfg.log_every == 0 or p.step == 1:

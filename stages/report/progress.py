@@ -23,7 +23,7 @@ _shared: dict[str, Any] = {"live": None, "open": 0}  # the rich display the open
 
 
 def _clock(seconds: float) -> str:
-    s = int(seconds)
+    s = round(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
@@ -44,12 +44,16 @@ class Bar:
     """One task's progress; `with Bar(...) as bar:` then `advance`/`update`, and `print` for lines that stay.
 
     total None: a count with no end (a spinner on a terminal). enabled False (other ranks): nothing at all.
+    `update(..., done=f)` says the fraction done where the count does not (training under a wall-clock cap
+    ends at the cap, long before its step count): the percentage and the time left then follow f.
     """
 
     def __init__(self, label: str, total: int | None, unit: str = "", enabled: bool = True,
                  file: TextIO | None = None):
         self.label, self.total, self.unit, self.enabled, self.file = label, total, unit, enabled, file
         self.completed, self.status = 0, ""
+        self.done: float | None = None  # the fraction done, when the count is not the measure
+        self.done_at_start: float | None = None  # the first such fraction (a resumed run starts part-way)
         self.live = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -83,7 +87,8 @@ class Bar:
         self._ticker.join()
         if self.lines and exc_type is None:
             count, took = self._count(), _clock(time.monotonic() - self.t0)
-            ended = "done" if self.total is None or self.completed >= self.total else "stopped"  # e.g. suspended
+            finished = self.done >= 1.0 if self.done is not None else self.total is None or self.completed >= self.total
+            ended = "done" if finished else "stopped"  # e.g. suspended
             self._write(f"{self.label}: {ended}{', ' + count if count else ''} in {took}")
 
     def _open_live(self, console) -> None:
@@ -99,16 +104,22 @@ class Bar:
         self.live = _shared["live"]
         self.task = self.live.add_task("", total=self.total, label=self.label, count=self._count(), status="")
 
-    def update(self, completed: int, status: str | None = None) -> None:
-        """Set how much is done (and the status text shown after it)."""
+    def update(self, completed: int, status: str | None = None, done: float | None = None) -> None:
+        """Set how much is done (and the status text shown after it; `done`: the fraction of the work done,
+        where `completed` of `total` is not it)."""
         if not self.enabled:
             return
         with self._lock:
             self.completed = completed
             if status is not None:
                 self.status = status
+            if done is not None:
+                self.done = min(max(done, 0.0), 1.0)
+                if self.done_at_start is None:
+                    self.done_at_start = self.done
         if self.live is not None:
-            self.live.update(self.task, completed=completed, count=self._count(), status=self.status)
+            position = {"total": 1.0, "completed": self.done} if self.done is not None else {"completed": completed}
+            self.live.update(self.task, **position, count=self._count(), status=self.status)
         else:
             self._maybe_line()
 
@@ -134,18 +145,25 @@ class Bar:
 
     def _count(self) -> str:
         unit = f" {self.unit}" if self.unit else ""
-        if self.total is None:
-            return f"{self.completed:,}{unit}" if unit else ""  # one call with nothing to count: time alone
+        if self.total is None or self.done is not None:  # no end, or an end the count does not say
+            return f"{self.completed:,}{unit}" if unit or self.done is not None else ""  # else time alone
         return f"{self.completed:,}/{self.total:,}{unit}"
 
     def _line(self, now: float) -> str:
         elapsed = now - self.t0
-        parts = [self._count() + (f" ({100 * self.completed / self.total:.0f}%)" if self.total else "")]
+        if self.done is not None:
+            fraction, since_start = self.done, self.done - self.done_at_start
+            left = elapsed / since_start * (1.0 - self.done) if since_start > 0 and self.done < 1.0 else None
+        else:
+            fraction = self.completed / self.total if self.total else None
+            left = elapsed / self.completed * (self.total - self.completed) \
+                if self.total and 0 < self.completed < self.total else None
+        parts = [self._count() + (f" ({100 * fraction:.0f}%)" if fraction is not None else "")]
         if self.status:
             parts.append(self.status)
         parts.append(_clock(elapsed))
-        if self.total and 0 < self.completed < self.total:
-            parts.append(f"~{_clock(elapsed / self.completed * (self.total - self.completed))} left")
+        if left is not None:
+            parts.append(f"~{_clock(left)} left")
         return f"{self.label}: " + ", ".join(p for p in parts if p)
 
     def _maybe_line(self) -> None:

@@ -41,8 +41,21 @@ def measured(row: dict, r: dict) -> dict | None:
     train = r.get(f"{name}_train_report")  # the report holds steps, ms/step and peak memory
     if train:
         out.update(steps=train.get("steps"), ms_per_step=train.get("ms_per_step"),
-                   peak_gib=round(train["peak_memory_bytes"] / 2**30, 1) if train.get("peak_memory_bytes") else None)
+                   peak_gib=round(train["peak_memory_bytes"] / 2**30, 1) if train.get("peak_memory_bytes") else None,
+                   schedule_factor=(train.get("schedule") or {}).get("factor"))
     return out
+
+
+def not_comparable(m: dict, base: dict) -> str | None:
+    """Why a train row cannot be read against its base run, or None. A row must train on its base's schedule:
+    pr398's base rescales its 3,000-step warmdown to a 240 s run, and on 2026-11-30 three rows that trained
+    without it scored 1.82-1.88 BPB against the base's 1.29."""
+    if "schedule_factor" not in m or "schedule_factor" not in base:
+        return None
+    if (m["schedule_factor"] is None) != (base["schedule_factor"] is None):
+        return "its schedule was scaled and its base's not" if base["schedule_factor"] is None else \
+            "trained without its base's schedule_scale"
+    return None
 
 
 def table(results: dict, group: str | None = None) -> list[dict]:
@@ -60,6 +73,10 @@ def table(results: dict, group: str | None = None) -> list[dict]:
     for entry in out:
         m, b = entry["measured"], base.get(entry["base"])
         if not m or entry["row"].endswith("_base"):
+            continue
+        why = not_comparable(m, b) if b and entry["stage"] == "train" else None
+        if why:  # kept, for the record, but never measured against the base
+            entry.update(measured=None, not_comparable=why, measured_not_comparable=m)
             continue
         if entry["stage"] == "eval":
             entry["delta_bpb"] = round(m["val_bpb"] - m["base_val_bpb_same_tokens"], 4)
@@ -79,7 +96,8 @@ def grouped_table(groups: list[tuple[str, dict]]) -> list[dict]:
     bases = [e for t in tables for e in t if e["row"].endswith("_base") and e["measured"]]
     rows = tables[0]
     for later in tables[1:]:
-        rows = [new if new["measured"] else old for old, new in zip(rows, later)]
+        rows = [new if new["measured"] or not (old["measured"] or old.get("not_comparable")) else old
+                for old, new in zip(rows, later)]
     return bases + [e for e in rows if not (e["row"].endswith("_base") and e["measured"])]
 
 
@@ -101,9 +119,13 @@ def markdown(entries: list[dict]) -> str:
         if grouped:
             cells.append(e.get("group", ""))
         lines.append("| " + " | ".join(cells) + " |")
-    missing = [e["row"] for e in entries if not e["measured"]]
+    missing = [e["row"] for e in entries if not e["measured"] and not e.get("not_comparable")]
     if missing:
         lines.append(f"\nNot run yet: {', '.join(missing)}.")
+    excluded = [f"{e['row']} ({e['not_comparable']}, {e['measured_not_comparable']['val_bpb']:.4f})"
+                for e in entries if e.get("not_comparable")]
+    if excluded:
+        lines.append(f"\nRan, but not comparable with their base: {'; '.join(excluded)}.")
     return "\n".join(lines)
 
 

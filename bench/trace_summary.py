@@ -7,7 +7,9 @@ device spans are not work and are left out), its NCCL part, device idle time and
 micro-batch the host time of the `pgolf.micro_batch` label and of its compiled forward and backward (AOT
 `CompiledFunction` / `CompiledFunctionBackward` calls, summed over the graphs it ran) beside the device time
 of its compute kernels (NCCL left out) and the step's kernels over its micro-batches. A step whose host time per micro-batch exceeds the
-device's is bound by the host: the GPU waits for launches.
+device's is bound by the host: the GPU waits for launches. A step whose device is busy is bound by its kernels:
+`kernel_ms_per_step_by_kind` says which (attention, matmuls, the compiled elementwise kernels, ...), summed
+durations, so kernels that overlap count twice.
 """
 
 from __future__ import annotations
@@ -26,6 +28,28 @@ def union(spans):
         else:
             out.append([a, b])
     return out
+
+
+# a kernel's kind by its name, first match wins: flex_attention's kernels are Triton templates, so attention
+# is asked before Triton; cuBLAS's Hopper kernels are named nvjet_* and split-K GEMMs add a reduce kernel
+KINDS = (("attention", ("flex_attention", "flash", "fmha", "attention")),
+         ("matmul", ("nvjet", "gemm", "cutlass", "splitkreduce", "xmma")),
+         ("nccl", ("nccl",)),
+         ("cross_entropy", ("_ce_",)),
+         ("compiled_elementwise", ("triton_",)))
+
+
+def kind(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    return next((k for k, marks in KINDS if any(m in name for m in marks)), "other")
+
+
+def by_kind(kernels: list[dict], steps: int) -> dict:
+    """ms a step of each kind of kernel (summed durations), largest first."""
+    out: dict[str, float] = {}
+    for e in kernels:
+        out[kind(e["name"])] = out.get(kind(e["name"]), 0.0) + e["dur"] / 1000.0 / steps
+    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def summarize(path: Path, steps: int) -> dict:
@@ -57,6 +81,7 @@ def summarize(path: Path, steps: int) -> dict:
         "host_ms_compiled_backward_per_micro_batch": round(sum(backward) / n_micro / ms, 1),
         "kernels_per_micro_batch": round(len(kernels) / n_micro),
         "host_ms_optimizer_step": round(sum(optimizer) / max(1, len(optimizer)) / ms, 1),
+        "kernel_ms_per_step_by_kind": by_kind(kernels, steps),
     }
 
 

@@ -39,7 +39,9 @@ def test_every_seed_study_row_is_a_valid_configuration(row):
     """What bench/seed_studies.sh passes with --set resolves for the stage it goes to (a refused combination,
     such as S4D layers under XSA, fails here and not after a device call's training)."""
     assert row["stage"] in STAGE_OF_ROW and row["base"] in ("pr2071", "pr398") and row["claim"]
-    sets = {"preset": row["base"], **({"ttt": "none"} if row["stage"] == "eval" else {}), **overrides(row)}
+    base_row = {r["row"]: r for r in studies.rows()}[f"{row['base']}_base"]
+    inherited = overrides(base_row) if row["stage"] == "train" else {}  # a train row runs on its base's settings
+    sets = {"preset": row["base"], **({"ttt": "none"} if row["stage"] == "eval" else {}), **inherited, **overrides(row)}
     params = resolve(STAGE_OF_ROW[row["stage"]], None, sets)
     if row["stage"] == "train" and not row["row"].endswith("_base"):
         base = resolve("train", None, {"preset": row["base"]})
@@ -103,6 +105,11 @@ def test_the_trace_summary_counts_kernels_not_labels_and_host_time_per_micro_bat
     assert s["host_ms_per_micro_batch"] == 4.0 and s["compiled_graphs_per_micro_batch"] == 1.0
     assert s["host_ms_compiled_forward_per_micro_batch"] == 0.1 and s["host_ms_compiled_backward_per_micro_batch"] == 0.4
     assert s["compute_kernels_ms_per_micro_batch"] == pytest.approx(1.25, abs=0.06)  # the NCCL kernel left out
+    assert s["kernel_ms_per_step_by_kind"] == {"matmul": 2.0, "other": 1.0, "nccl": 0.5}  # summed, not a union
+    assert [trace.kind(n) for n in ("triton_tem_fused_flex_attention_backward_10", "triton_poi_fused_leaky_relu_7",
+                                     "nvjet_sm90_tst_256x128", "void cublasLt::splitKreduce_kernel<32>", "_ce_fwd_kernel",
+                                     "flash_fwd_kernel")] == ["attention", "compiled_elementwise", "matmul", "matmul",
+                                                              "cross_entropy", "attention"]
 
 
 def test_rows_of_several_groups_are_measured_against_their_own_groups_base():
@@ -123,3 +130,32 @@ def test_rows_of_several_groups_are_measured_against_their_own_groups_base():
     assert table["prune5"]["group"] == "second" and table["prune5"]["delta_bpb"] == pytest.approx(0.01)
     assert table["prune5"]["delta_bytes"] == -100_000 and table["mtp2"]["measured"] is None
     assert "| kmeans | PR #212 | pr2071 |" in studies.markdown(entries)
+
+
+def test_a_train_row_on_another_schedule_than_its_base_is_kept_out_of_the_deltas():
+    """A row that trained without its base's schedule_scale (three pr398 rows on 2026-11-30) is listed as not
+    comparable, with its score, and is given no delta; a row on the base's schedule is measured as usual."""
+    scaled = {"steps": 409, "ms_per_step": 588.0, "schedule": {"factor": 0.057}}
+    results = {
+        "pr398_base_eval_metrics": {"val_bpb": 1.30}, "pr398_base_pack_metrics": {"bytes": 17_000_000},
+        "pr398_base_train_report": scaled,
+        "mtp2_eval_metrics": {"val_bpb": 1.86}, "mtp2_pack_metrics": {"bytes": 17_500_000},
+        "mtp2_train_report": {"steps": 393, "ms_per_step": 611.0, "schedule": None},
+        "canon3_eval_metrics": {"val_bpb": 1.31}, "canon3_pack_metrics": {"bytes": 17_100_000},
+        "canon3_train_report": scaled,
+    }
+    table = {e["row"]: e for e in studies.table(results)}
+    assert table["mtp2"]["measured"] is None and "delta_bpb" not in table["mtp2"]
+    assert table["mtp2"]["not_comparable"] == "trained without its base's schedule_scale"
+    assert table["canon3"]["delta_bpb"] == pytest.approx(0.01) and "not_comparable" not in table["canon3"]
+    text = studies.markdown(list(table.values()))
+    assert "mtp2 (trained without its base's schedule_scale, 1.8600)" in text
+    assert "mtp2" not in text.split("Not run yet:")[1].split("\n")[0]
+    # a later group that measured the row properly replaces the excluded run; one that did not, does not hide it
+    later = {k: v for k, v in results.items() if not k.startswith("mtp2")}
+    later |= {"mtp2_eval_metrics": {"val_bpb": 1.33}, "mtp2_pack_metrics": {"bytes": 17_200_000},
+              "mtp2_train_report": scaled}
+    merged = {e["row"]: e for e in studies.grouped_table([("a", results), ("b", later)]) if e["row"] == "mtp2"}
+    assert merged["mtp2"]["delta_bpb"] == pytest.approx(0.03)
+    merged = {e["row"]: e for e in studies.grouped_table([("a", results), ("b", {})]) if e["row"] == "mtp2"}
+    assert merged["mtp2"]["not_comparable"]

@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--prime", type=int, default=3, help="compile-priming steps per depth mode (rolled back)")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="then this many steps under torch.profiler (bench/step_profile.py's): their kernel time by "
+                         "kind beside pgolf's, and the Chrome trace as trace_record_script.json.gz beside --out")
     args = ap.parse_args()
 
     rec = load_record_module(args.script)
@@ -133,6 +136,11 @@ def main() -> None:
               "batch_tokens": h.train_batch_tokens, "seq_len": h.train_seq_len, "grad_accum_steps": h.grad_accum_steps,
               "peak_memory_bytes": torch.cuda.max_memory_allocated(), "rows": rows,
               "env": {k: os.environ.get(k) for k in ("FUSED_CE_ENABLED", "TORCH_COMPILE_DISABLE")}}
+    if args.profile_steps:  # after the timed steps, in the depth mode the run ended in, at its last LR
+        from step_profile import profiled
+
+        result["profile"] = profiled(lambda: step(loader, args.steps, lr_mul(1.0)), args.profile_steps,
+                                     args.out.with_name("trace_record_script.json.gz"))
     args.out.write_text(json.dumps(result, indent=1))
 
 

@@ -7,6 +7,10 @@
 #                                          # GPU 0: the record script's step (bench/speed_record.py), then JOBS0;
 #                                          # GPU 1: the pgolf jobs of JOBS1 — each job one `pgolf train`
 #   bash bench/speed_sidebyside.sh scale   # the same machine: pgolf under torchrun on 2 GPUs (JOBS2)
+#   bash bench/speed_sidebyside.sh profile # the same machine, after `run` (its FA4 and tokens): kernel time by
+#                                          # kind, the record script on GPU 0 and pgolf's record_fast on GPU 1 at
+#                                          # once (device time, which the shared host does not change), both
+#                                          # with depth recurrence on, PROFILE_STEPS (3) profiled steps each
 # A job is NAME:PRESET:SETS (SETS comma-separated KEY=VALUE for `pgolf train --set`); a job starts only while
 # the call has JOB_SECONDS left, so a call ends inside the device's 10 minutes with what finished.
 # STEPS timed steps (default 60, depth recurrence from half-way), 3 compile-priming steps per depth mode.
@@ -14,7 +18,7 @@ set -euo pipefail
 PHASE=$1
 STEPS=${STEPS:-60}
 source bench/common.sh
-run_folders pgolf-speed "results_$PHASE" 'speed_*.json' '*_loss.csv' 'trace_*'
+run_folders pgolf-speed "results_$PHASE" 'speed_*.json' '*_loss.csv' 'trace_*' 'profile_*.json'
 machine_env > "$R/env.txt"
 START=$(date +%s)
 BUDGET=${BUDGET:-560}  # seconds this call may use
@@ -107,7 +111,8 @@ record_job() {  # the record script's step on one GPU, its settings as its READM
     mkdir -p "$DATA_PATH" "$ARTIFACT_DIR"
     ln -sf "$TOK"/fineweb_*.bin "$DATA_PATH/"
     CUDA_VISIBLE_DEVICES=$1 timed record_script python3 bench/speed_record.py --script "$ANCHOR/train_gpt.py" \
-      --steps "$STEPS" --loop-frac 0.5 --out "$R/speed_record.json" 2>&1 | grep -v Warning | tail -n 12
+      --steps "$STEPS" --loop-frac 0.5 --profile-steps "${PROFILE_STEPS:-0}" --out "$R/speed_record.json" 2>&1 |
+      grep -v Warning | tail -n 12
   ) || echo "record job failed"
 }
 
@@ -118,6 +123,24 @@ if [ "$PHASE" = run ]; then
   run_queue 1 "${Q1[@]}" > "$R/queue1.log" 2>&1 &
   wait
   cat "$R/queue0.log" "$R/queue1.log"
+elif [ "$PHASE" = profile ]; then
+  # both sides profiled after the loop switch; the record script's trace is $R/trace_record_script.json.gz
+  export PROFILE_STEPS=${PROFILE_STEPS:-3} STEPS=${PROFILE_TIMED_STEPS:-10}
+  record_job 0 > "$R/queue0.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout $(( BUDGET - ($(date +%s) - START) )) python3 bench/step_profile.py \
+    --preset record --data "$TOK" --out "$R" --tag _record_fast --steps 5 --profile-steps "$PROFILE_STEPS" \
+    --set attn_backend=fa4 --set fused_ce=true > "$R/queue1.log" 2>&1 &
+  wait
+  grep -v Warning "$R/queue0.log" | tail -n 5; grep -v Warning "$R/queue1.log" | tail -n 2
+  python3 - "$R" <<'EOF' || true
+import json, sys
+from pathlib import Path
+r = Path(sys.argv[1])
+script = json.loads((r / "speed_record.json").read_text()).get("profile", {}).get("trace", {})
+pgolf = json.loads((r / "profile_1gpu_record_fast.json").read_text())["profile"]["trace"]
+for side, t in (("record script", script), ("pgolf record_fast", pgolf)):
+    print(side, t.get("kernels_busy_ms_per_step"), t.get("kernel_ms_per_step_by_kind"))
+EOF
 else  # scale
   read -ra Q2 <<< "${JOBS2:-record_fast_2gpu:record:attn_backend=fa4,fused_ce=true pr2071_fast_2gpu:pr2071:attn_backend=fa4,fused_ce=true}"
   run_queue 0,1 "${Q2[@]}"

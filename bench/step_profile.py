@@ -4,15 +4,16 @@
     torchrun --standalone --nproc_per_node=2 bench/step_profile.py --preset pr2071 --out DIR
 
 The preset's own model and batch geometry on synthetic shards (random tokens, a BOS every ~500, so the
-document mask has real segments), depth recurrence on from the start (the slower mode), compile-priming
-steps, then:
+document mask has real segments) or on a tokenized folder (`--data`); depth recurrence on from the start (the
+slower mode); compile-priming steps, then:
 1. `--steps` steps timed as `pgolf train` runs them (`Trainer.train_step`), ms/step;
 2. the same steps with a device sync between the phases: data + forward + backward of the micro-batches
    that do not sync gradients, the last micro-batch (whose backward carries DDP's all-reduce), gradient
    clipping, each optimizer's step; ms per phase (the syncs stop overlap and pace the ranks, so the phases
    attribute time and need not add up to 1.: on pr2071's 2-GPU step they added up to less);
 3. `--profile-steps` steps under torch.profiler: ms/step, host-blocking CUDA calls, and rank 0's Chrome trace
-   summarised by bench/trace_summary.py (host and device time per step and per micro-batch).
+   summarised by bench/trace_summary.py (host and device time per step and per micro-batch, kernel time by
+   kind).
 Writes DIR/profile_<world>gpu<TAG>.json (rank 0) and rank 0's Chrome trace DIR/trace_<world>gpu<TAG>.json.gz.
 """
 
@@ -71,18 +72,19 @@ def phase_times(trainer: Trainer, loader, steps: int) -> dict:
     return {k: round(v, 2) for k, v in acc.items()}
 
 
-def profiled(trainer: Trainer, loader, steps: int, trace: Path | None) -> dict:
-    """`steps` steps under torch.profiler: ms/step, the host-blocking CUDA calls, and (rank 0, which writes the
-    Chrome trace) bench/trace_summary.py's host and device figures from that trace."""
+def profiled(run_step, steps: int, trace: Path | None, wait=torch.cuda.synchronize) -> dict:
+    """`steps` calls of `run_step` (one training step) under torch.profiler: ms/step, the host-blocking CUDA
+    calls, and (where `trace` is given: rank 0) bench/trace_summary.py's host and device figures from the Chrome
+    trace it writes there. `wait` waits for the device (and the other ranks). bench/speed_record.py profiles the
+    record script's step with it too."""
     from torch.profiler import ProfilerActivity, profile
 
-    d = trainer.d
-    sync(d)
+    wait()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            trainer.train_step(loader)
-        sync(d)
+            run_step()
+        wait()
         wall = time.perf_counter() - t0
     blocking: dict[str, dict] = {}
     for e in prof.events():
@@ -110,13 +112,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for the train stage")
+    ap.add_argument("--data", type=Path, help="a tokenized folder to train on instead of synthetic shards (the "
+                    "side-by-side's, so that both sides' attention sees the same documents)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     p = resolve("train", None, ["preset=" + args.preset, "warmup_steps=3", "loop_enable_frac=0", *args.sets])
     d = Dist(p.train.device)
     model_cfg, cfg = replace(p.model, vocab_size=args.vocab), replace(p.train, max_wallclock_seconds=0)
     # per rank and tag: runs of one call may go at once, one a GPU
-    data = synthetic_shards(args.out / f"data_rank{d.rank}{args.tag}", model_cfg.vocab_size, 30_000_000, model_cfg.bos_id)
+    data = args.data or synthetic_shards(args.out / f"data_rank{d.rank}{args.tag}", model_cfg.vocab_size, 30_000_000,
+                                         model_cfg.bos_id)
     world = f"{d.world}gpu{args.tag}"
     trainer = Trainer(d, data, model_cfg, cfg, Checkpointer(args.out / f"ckpt{d.rank}{args.tag}", model_cfg, cfg, d.world, None))
     t0 = time.perf_counter()
@@ -137,8 +142,8 @@ def main() -> None:
     # the step is bound by the host: its CPU count and load (1-minute averages) say whether it was shared
     result["host"] = {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()[0]}
     result["phases_ms_synced"] = phase_times(trainer, loader, max(2, args.steps // 2))
-    result["profile"] = profiled(trainer, loader, args.profile_steps,
-                                 args.out / f"trace_{world}.json.gz" if d.main else None)
+    result["profile"] = profiled(lambda: trainer.train_step(loader), args.profile_steps,
+                                 args.out / f"trace_{world}.json.gz" if d.main else None, lambda: sync(d))
     if d.main:
         (args.out / f"profile_{world}.json").write_text(json.dumps(result, indent=1))
         print(json.dumps(result), flush=True)

@@ -159,3 +159,24 @@ def test_a_train_row_on_another_schedule_than_its_base_is_kept_out_of_the_deltas
     assert merged["mtp2"]["delta_bpb"] == pytest.approx(0.03)
     merged = {e["row"]: e for e in studies.grouped_table([("a", results), ("b", {})]) if e["row"] == "mtp2"}
     assert merged["mtp2"]["not_comparable"]
+
+
+def test_the_communication_volume_counts_the_real_parameters_in_their_training_dtypes():
+    """The gradient all-reduce carries every parameter (the embedding in bf16, the rest fp32 masters), Muon's
+    all-reduce the block matrices in bf16; a ring moves 2(N−1)/N of a payload, nothing on one GPU."""
+    comm = bench_module("comm_volume")
+    from pgolf.nn.model import GPT
+    from pgolf.nn.optim import grouped_parameters
+
+    p = resolve("train", None, {"preset": "tiny"})
+    model = GPT(type(p.model)(**{**p.model.__dict__, "vocab_size": 1024}))
+    embed = model.tok_emb.weight.numel()
+    matrices = sum(t.numel() for t in grouped_parameters(model)["matrix"])
+    b = comm.step_bytes("tiny", vocab=1024)
+    assert b["params"] == sum(t.numel() for t in model.parameters())
+    assert b["gradient_allreduce_bytes"] == 4 * b["params"] - 2 * embed
+    assert b["muon_update_allreduce_bytes"] == 2 * matrices > 0
+    assert comm.ring_ms(10**9, 1, 100.0) == 0.0
+    assert comm.ring_ms(10**9, 2, 100.0) == pytest.approx(10.0) and comm.ring_ms(10**9, 8, 100.0) == pytest.approx(17.5)
+    row = comm.projection("tiny", [8], 100.0, one_gpu_ms=800.0)["worlds"][8]
+    assert row["projected_ms_per_step"] == pytest.approx(100.0 + row["exposed_ms"], abs=0.05)

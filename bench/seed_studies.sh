@@ -105,7 +105,7 @@ run_row() {
   mapfile -t S < <(sets "$over")
   # a train row is its base's run plus the row's change: the base row's overrides (pr398's schedule_scale=auto)
   # come first. On 2026-11-30 three pr398 rows trained without them, 3,000-step warmdown and all, and scored
-  # 1.82-1.88 BPB against the base's 1.29.
+  # 1.85-1.88 BPB against the base's 1.29.
   if [ "$stage" = train ] && [ "$ROW" != "${BASE}_base" ]; then
     mapfile -t S < <(sets "$(field "${BASE}_base" overrides)"; sets "$over")
   fi

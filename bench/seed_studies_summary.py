@@ -49,7 +49,7 @@ def measured(row: dict, r: dict) -> dict | None:
 def not_comparable(m: dict, base: dict) -> str | None:
     """Why a train row cannot be read against its base run, or None. A row must train on its base's schedule:
     pr398's base rescales its 3,000-step warmdown to a 240 s run, and on 2026-11-30 three rows that trained
-    without it scored 1.82-1.88 BPB against the base's 1.29."""
+    without it scored 1.85-1.88 BPB against the base's 1.29."""
     if "schedule_factor" not in m or "schedule_factor" not in base:
         return None
     if (m["schedule_factor"] is None) != (base["schedule_factor"] is None):

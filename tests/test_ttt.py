@@ -269,3 +269,27 @@ def test_phased_lora_trains_the_base_model_on_documents_already_scored(monkeypat
     monkeypatch.undo()
     _, lora, _ = run(MODES["lora"], tokens, sidecar, cfg_for("lora"))
     assert result["val_bpb"] != lora["val_bpb"]  # the pauses changed the model
+
+
+@pytest.mark.parametrize("name", ["none", "score_first"])
+def test_scoring_and_ttt_give_the_same_losses_on_the_fa4_backend(name, monkeypatch):
+    """A checkpoint trained with attn_backend fa4 is scored, and adapted by score_first TTT, through the varlen
+    op too (pgolf.nn.attention.mask_for follows the model's backend; on CPU the op's float32 reference runs).
+    It is the same function as the dense document mask: every target's loss agrees, through the TTT updates.
+    (The per-document LoRA modes run plain causal attention whatever the backend: a window holds one document.)"""
+    import pgolf.nn.attention as attention
+
+    varlen_calls = []
+    varlen = attention.varlen_bhtd
+    monkeypatch.setattr(attention, "varlen_bhtd", lambda *a: varlen_calls.append(1) or varlen(*a))
+    masked = replace(PLAIN, doc_mask=True, bos_id=BOS)
+    tokens, sidecar = stream(seed=3)
+    cfg = BASE if name == "none" else cfg_for(name)
+    mode = ALL_MODES[name]
+    dense, dense_result, _ = run(mode, tokens, sidecar, cfg, replace(masked, attn_backend="sdpa"))
+    assert not varlen_calls
+    fa4, fa4_result, _ = run(mode, tokens, sidecar, cfg, replace(masked, attn_backend="fa4"))
+    assert varlen_calls  # the fa4 run went through the varlen op
+    assert np.isfinite(dense.losses[1:]).all()
+    np.testing.assert_allclose(fa4.losses, dense.losses, atol=2e-4, rtol=0)
+    assert fa4_result["val_bpb"] == pytest.approx(dense_result["val_bpb"], abs=1e-5)

@@ -50,6 +50,11 @@ def test_a_bar_told_the_fraction_done_follows_it_and_not_its_count(monkeypatch):
     with progress.Bar("plain", 200, "steps", file=out) as bar:  # without a fraction: the count as before
         bar.update(50)
         assert bar._line(bar.t0 + 10.0) == "plain: 50/200 steps (25%), 0:00:10, ~0:00:30 left"
+    out = io.StringIO()
+    with progress.Bar("train", 6, "steps", file=out) as bar:  # a capped run that reaches its steps first
+        bar.update(6, done=0.4)
+        bar.lines = 1
+    assert out.getvalue() == "train: done, 6 steps in 0:00:00\n"
 
 
 def test_capped_training_shows_the_clock_not_the_iterations(tokenized_dir, tmp_path, capsys, monkeypatch):

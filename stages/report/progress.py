@@ -87,7 +87,8 @@ class Bar:
         self._ticker.join()
         if self.lines and exc_type is None:
             count, took = self._count(), _clock(time.monotonic() - self.t0)
-            finished = self.done >= 1.0 if self.done is not None else self.total is None or self.completed >= self.total
+            # done: the count reached its total, or (a capped run) the time ran out first
+            finished = self.total is None or self.completed >= self.total or (self.done or 0.0) >= 1.0
             ended = "done" if finished else "stopped"  # e.g. suspended
             self._write(f"{self.label}: {ended}{', ' + count if count else ''} in {took}")
 

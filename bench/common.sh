@@ -10,14 +10,29 @@ PG="python3 -m pgolf.cli"
 
 run_folders() {  # run_folders NAME [RESULTS] [FILE...]: the work folder W=/tmp/NAME, the metrics folder
   # R=$W/RESULTS (default: results) and OUT (default /tmp/NAME-out); when the script exits, R's metrics are
-  # merged into $OUT/results.json and the FILEs (names in R, globs allowed) copied to OUT where they exist
+  # merged into $OUT/results.json and the FILEs (names in R, globs allowed) that exist go into one archive,
+  # $OUT/files.tgz: the device returns at most 8 files a call, and a held machine's R gathers every call's
+  # files (on 2026-11-30 a seed-study call's ninth file, its results.json, did not come back)
   W=/tmp/$1
   R=$W/${2:-results}
   OUT=${OUT:-/tmp/$1-out}
   RUN_KEEP=("${@:3}")
   mkdir -p "$OUT" "$W" "$R"
-  trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"
-        for f in "${RUN_KEEP[@]}"; do cp $R/$f "$OUT/" 2>/dev/null || true; done' EXIT
+  trap 'python3 bench/merge_results.py "$R" "$OUT/results.json"; keep_files' EXIT
+}
+
+keep_files() {  # run_folders' FILEs, as $OUT/files.tgz (loose where that would pass the device's 16 MiB a file)
+  local names=() pattern f
+  for pattern in "${RUN_KEEP[@]}"; do
+    for f in $R/$pattern; do [ -f "$f" ] && names+=("$(basename "$f")"); done
+  done
+  [ ${#names[@]} -gt 0 ] || return 0
+  tar -czf "$OUT/files.tgz" -C "$R" "${names[@]}"
+  if [ "$(stat -c %s "$OUT/files.tgz")" -gt $(( 15 * 2**20 )) ]; then
+    rm "$OUT/files.tgz"
+    for f in "${names[@]}"; do cp "$R/$f" "$OUT/"; done
+  fi
+  echo "kept ${#names[@]} files in $OUT"
 }
 
 timed() {  # timed NAME CMD...: run it, append "NAME milliseconds" to $R/times.txt

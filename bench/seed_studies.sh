@@ -20,7 +20,7 @@
 # bench/gpu_stack.sh: ../shared/corpus carried as .corpus, 600 validation docs, SP1024 for pr398 and SP8192
 # CaseOps for pr2071, 3 compile-priming steps. Train's own closing validation reads 262,144 tokens only; a row's
 # BPB is its quantized blob's.
-# Results: $OUT/results.json (every metrics file, keyed ROW_STAGE_metrics) and the rows' loss logs;
+# Results: $OUT/results.json (every metrics file, keyed ROW_STAGE_metrics) and $OUT/files.tgz (the rows' logs);
 # bench/seed_studies_summary.py turns them into the table.
 set -uo pipefail
 source bench/common.sh

@@ -18,7 +18,7 @@ set -euo pipefail
 PHASE=$1
 STEPS=${STEPS:-60}
 source bench/common.sh
-run_folders pgolf-speed "results_$PHASE" 'speed_*.json' '*_loss.csv' 'trace_*' 'profile_*.json'
+run_folders pgolf-speed "results_$PHASE" 'speed_*.json' '*_loss.csv' 'trace_*' 'profile_*.json' '*.log'
 machine_env > "$R/env.txt"
 START=$(date +%s)
 BUDGET=${BUDGET:-560}  # seconds this call may use
@@ -146,4 +146,3 @@ else  # scale
   run_queue 0,1 "${Q2[@]}"
 fi
 python3 bench/speed_summary.py "$R" --out "$R/speed_summary.json" || true
-cp "$R"/*.log "$OUT/" 2>/dev/null || true

@@ -14,22 +14,27 @@ source bench/common.sh
 OUT=${OUT:-/tmp/pgolf-profile-out}
 W=/tmp/pgolf-profile
 mkdir -p "$OUT" "$W"
+rm -f "$W"/profile_*.json "$W"/trace_*.json.gz  # an earlier call's, already returned: only this call's go back
 machine_env > "$OUT/env.txt"
 export TORCHINDUCTOR_CACHE_DIR=$W/inductor TRITON_CACHE_DIR=$W/triton
 ARGS=(--preset pr2071 --out "$W" --steps "${STEPS:-8}" --profile-steps 3)
+# SETS: train settings for every run, space-separated KEY=VALUE, and TAG a suffix for their files (e.g.
+# SETS="compile_mode=reduce-overhead" TAG=_graphs DDP_GRAPHS=whole COMPILE_MODES=" ": CUDA graphs under DDP
+# with one graph a micro-batch); a run's own compile_mode / ddp_graph comes after them and wins
+for kv in ${SETS:-}; do ARGS+=(--set "$kv"); done
 left() { echo $(( ${BUDGET:-570} - SECONDS )); }  # every run inside the call's 10 minutes, the archive still made
 for mode in ${COMPILE_MODES:-default}; do
   [ "$(left)" -gt 60 ] || { echo "skip compile_mode $mode: $(left)s left"; continue; }
-  CUDA_VISIBLE_DEVICES=0 timeout "$(left)" python3 bench/step_profile.py "${ARGS[@]}" --tag "_$mode" \
-    --set compile_mode="$mode" > "$OUT/1gpu_$mode.log" 2>&1
-  grep -v -E "Warning|USDT|warn" "$OUT/1gpu_$mode.log" | tail -n 2
+  CUDA_VISIBLE_DEVICES=0 timeout "$(left)" python3 bench/step_profile.py "${ARGS[@]}" --tag "_$mode${TAG:-}" \
+    --set compile_mode="$mode" > "$OUT/1gpu_$mode${TAG:-}.log" 2>&1
+  grep -v -E "Warning|USDT|warn" "$OUT/1gpu_$mode${TAG:-}.log" | tail -n 2
 done
 for graph in ${DDP_GRAPHS-buckets whole}; do
   [ "$(left)" -gt 60 ] || { echo "skip ddp_graph $graph: $(left)s left"; continue; }
   NCCL_DEBUG=INFO timeout "$(left)" torchrun --standalone --nproc_per_node=2 bench/step_profile.py "${ARGS[@]}" \
-    --tag "_$graph" --set ddp_graph="$graph" > "$OUT/2gpu_$graph.log" 2>&1
-  grep -E "NCCL INFO Channel 00/0 " "$OUT/2gpu_$graph.log" | sort -u | head -n 1
-  grep -v -E "Warning|USDT|NCCL|warn" "$OUT/2gpu_$graph.log" | tail -n 2
+    --tag "_$graph${TAG:-}" --set ddp_graph="$graph" > "$OUT/2gpu_$graph${TAG:-}.log" 2>&1
+  grep -E "NCCL INFO Channel 00/0 " "$OUT/2gpu_$graph${TAG:-}.log" | sort -u | head -n 1
+  grep -v -E "Warning|USDT|NCCL|warn" "$OUT/2gpu_$graph${TAG:-}.log" | tail -n 2
 done
 cp "$W"/profile_*.json "$W"/trace_*.json.gz "$OUT/" 2>/dev/null || true
 # the device returns a few files a call: one archive, and the summaries beside it

@@ -11,9 +11,9 @@ the embedding bf16, every other parameter an fp32 master):
 - Muon's all-reduce of the orthogonalised updates (pgolf.nn.muon: each rank orthogonalises every world-th
   matrix and the bf16 update vector is summed across ranks), exposed: the updates wait for it.
 A ring all-reduce of S bytes sends and receives 2(N − 1)/N · S bytes a rank and takes that ÷ the bus bandwidth
-(nccl-tests' "busbw"). The bandwidth is an assumption (`--bus-gbps`), not a measurement: NVLink 4 through
-NVSwitch on 8×H100 SXM reaches about 400–450 GB/s of busbw on large all-reduces in NVIDIA's published
-nccl-tests figures. The projection: the 1-GPU step ÷ N (compute, Muon's share included, scales perfectly) plus
+(nccl-tests' "busbw"). The bandwidth is an assumption (`--bus-gbps`, 400 GB/s by default for NVLink 4
+through NVSwitch), neither measured here nor checked: the 2-GPU profiles' NCCL kernel time includes the ranks
+waiting for each other, so it does not give the bandwidth. The projection: the 1-GPU step ÷ N (compute, Muon's share included, scales perfectly) plus
 the exposed communication. The 1- and 2-GPU steps are read from the side-by-side's results. It leaves out the host's launch overhead, which the 2-GPU profiles found to matter for
 pr2071's 12-sequence micro-batches; compare it with the measured 2-GPU step where there is one.
 """
@@ -46,10 +46,9 @@ def step_bytes(preset: str, vocab: int = 8192) -> dict:
     p = resolve("train", None, {"preset": preset})
     with torch.device("meta"):
         model = GPT(type(p.model)(**{**p.model.__dict__, "vocab_size": vocab}))
-    groups = grouped_parameters(model)
-    embed_ids = {id(t) for t in groups["embed"] if t is model.tok_emb.weight}
-    gradient = sum(t.numel() * (2 if id(t) in embed_ids else 4) for t in model.parameters() if t.requires_grad)
-    muon = sum(t.numel() for t in groups["matrix"]) * 2 if p.train.matrix_optimizer == "muon" else 0
+    embed = model.tok_emb.weight  # bf16 on CUDA; every other parameter an fp32 master
+    gradient = sum(t.numel() * (2 if t is embed else 4) for t in model.parameters() if t.requires_grad)
+    muon = sum(t.numel() for t in grouped_parameters(model)["matrix"]) * 2 if p.train.matrix_optimizer == "muon" else 0
     return {"params": sum(t.numel() for t in model.parameters()), "gradient_allreduce_bytes": gradient,
             "muon_update_allreduce_bytes": muon, "ddp_graph": p.train.ddp_graph}
 

@@ -102,13 +102,12 @@ run_row() {
   TOK=$(tokenized "$BASE")
   printf 'preset: %s\nttt_eval: {ttt: none}\n' "$BASE" > "$W/params_$BASE.yaml"
   NP=(--params "$W/params_$BASE.yaml")
-  mapfile -t S < <(sets "$over")
   # a train row is its base's run plus the row's change: the base row's overrides (pr398's schedule_scale=auto)
   # come first. On 2026-11-30 three pr398 rows trained without them, 3,000-step warmdown and all, and scored
   # 1.85-1.88 BPB against the base's 1.29.
-  if [ "$stage" = train ] && [ "$ROW" != "${BASE}_base" ]; then
-    mapfile -t S < <(sets "$(field "${BASE}_base" overrides)"; sets "$over")
-  fi
+  local inherited=-
+  [ "$stage" = train ] && [ "$ROW" != "${BASE}_base" ] && inherited=$(field "${BASE}_base" overrides)
+  mapfile -t S < <(sets "$inherited"; sets "$over")
   case $stage in
     train)
       local ckpt=$W/$ROW.safetensors

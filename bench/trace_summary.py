@@ -48,7 +48,8 @@ def by_kind(kernels: list[dict], steps: int) -> dict:
     """ms a step of each kind of kernel (summed durations), largest first."""
     out: dict[str, float] = {}
     for e in kernels:
-        out[kind(e["name"])] = out.get(kind(e["name"]), 0.0) + e["dur"] / 1000.0 / steps
+        k = kind(e["name"])
+        out[k] = out.get(k, 0.0) + e["dur"] / 1000.0 / steps
     return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 

@@ -55,3 +55,30 @@ tokenize_corpus() {  # tokenize_corpus OUT ARGS...: the protocol's split of the 
   $PG tokenize .corpus/enwiki_val.jsonl.xz .corpus/enwiki_train.jsonl.xz --out "$out" --val-docs "${VAL_DOCS:-600}" \
     --set tokenizer_train_docs=1500 --set max_sentence_length=1048576 "$@"
 }
+
+# FlashAttention-4 on the GPU machines (no network), from bench/fa4_wheels.sh's carried folders, into FA4_SITE.
+# The wheels are unzipped into one tree, not pip-installed: the CuTe DSL's wheels share the nvidia_cutlass_dsl
+# folder, which `pip install --target` will not merge; PYTHONPATH adds the DSL package path its .pth would add.
+FA4_SITE=/tmp/fa4site
+export PYTHONPATH=$FA4_SITE:$FA4_SITE/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-}
+
+fa4_unpack_half() {  # the call carrying .fa4/p1a or .fa4/p1b: keep its half; unpack once both are on the machine
+  mkdir -p "$FA4_SITE" /tmp/fa4parts
+  cp .fa4/p1*/cu13.tar.xz.* /tmp/fa4parts/
+  if [ -f /tmp/fa4parts/cu13.tar.xz.00 ] && [ -f /tmp/fa4parts/cu13.tar.xz.01 ]; then
+    cat /tmp/fa4parts/cu13.tar.xz.0[01] | tar -xJ -C "$FA4_SITE"
+    du -sh "$FA4_SITE"
+  else
+    echo "kept $(ls /tmp/fa4parts); run again carrying the other half (.fa4/p1a, .fa4/p1b)"
+  fi
+}
+
+fa4_install() {  # a call carrying .fa4/p2, after both halves: the other wheels (cuda-bindings where torch lacks it)
+  [ -f "$FA4_SITE/.unzipped" ] && return 0
+  [ -d "$FA4_SITE/nvidia_cutlass_dsl" ] || { echo "no FA4 libraries: carry .fa4/p1a, then .fa4/p1b first"; exit 1; }
+  local wheels
+  wheels=$(ls .fa4/p2/*.whl | grep -v cuda_bindings)
+  python3 -c 'import cuda.bindings' 2>/dev/null || wheels="$wheels $(ls .fa4/p2/cuda_bindings*.whl)"
+  for w in $wheels; do python3 -m zipfile -e "$w" "$FA4_SITE"; done
+  touch "$FA4_SITE/.unzipped"
+}

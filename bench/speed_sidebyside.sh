@@ -2,7 +2,8 @@
 # Speed side by side (issue 16): the record script (PR #1855) and pgolf's `record` preset, one GPU each of one
 # host, the same shards, the same batch geometry, depth recurrence on at the same fraction of the same steps.
 # Device calls on one held machine (carry the folders named):
-#   bash bench/speed_sidebyside.sh fa4     # carry .fa4/p1: FlashAttention-4's CUDA 13 libraries (63 MB xz)
+#   bash bench/speed_sidebyside.sh fa4     # twice: carry .fa4/p1a, then .fa4/p1b: FlashAttention-4's CUDA 13
+#                                          # libraries (63.6 MB of xz in two halves, bench/fa4_wheels.sh)
 #   bash bench/speed_sidebyside.sh run     # carry .fa4/p2 .corpus .whl .anchors: install FA4, tokenize, then
 #                                          # GPU 0: the record script's step (bench/speed_record.py), then JOBS0;
 #                                          # GPU 1: the pgolf jobs of JOBS1 — each job one `pgolf train`
@@ -22,27 +23,9 @@ run_folders pgolf-speed "results_$PHASE" 'speed_*.json' '*_loss.csv' 'trace_*' '
 machine_env > "$R/env.txt"
 START=$(date +%s)
 BUDGET=${BUDGET:-560}  # seconds this call may use
-FA4=/tmp/fa4site
-# flash-attn-4 and its CuTe DSL, installed with --target: the DSL package path its .pth file would add
-export PYTHONPATH=$FA4:$FA4/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-}
 export TORCHINDUCTOR_CACHE_DIR=$W/inductor TRITON_CACHE_DIR=$W/triton  # kept between calls on a held machine
-
-if [ "$PHASE" = fa4 ]; then
-  mkdir -p "$FA4"
-  tar -xJf .fa4/p1/cu13.tar.xz -C "$FA4"
-  du -sh "$FA4"
-  exit 0
-fi
-
-if [ ! -f "$FA4/.unzipped" ]; then
-  [ -d "$FA4/nvidia_cutlass_dsl" ] || { echo "no FA4 libraries: run the fa4 phase first on this held machine"; exit 1; }
-  WHEELS=$(ls .fa4/p2/*.whl | grep -v cuda_bindings)
-  python3 -c 'import cuda.bindings' 2>/dev/null || WHEELS="$WHEELS $(ls .fa4/p2/cuda_bindings*.whl)"
-  # unzipped into one tree: the cutlass DSL's wheels share the nvidia_cutlass_dsl folder, which
-  # `pip install --target` will not merge
-  for w in $WHEELS; do python3 -m zipfile -e "$w" "$FA4"; done
-  touch "$FA4/.unzipped"
-fi
+if [ "$PHASE" = fa4 ]; then fa4_unpack_half; exit 0; fi
+fa4_install
 python3 - <<'EOF' 2>&1 | grep -v Warning | tee "$R/fa4_check.txt" || echo "the FA4 check failed"
 # FA4 through pgolf's custom op against SDPA with the dense document mask: forward and gradients, bf16.
 import torch, torch.nn.functional as F

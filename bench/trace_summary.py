@@ -9,7 +9,9 @@ micro-batch the host time of the `pgolf.micro_batch` label and of its compiled f
 of its compute kernels (NCCL left out) and the step's kernels over its micro-batches. A step whose host time per micro-batch exceeds the
 device's is bound by the host: the GPU waits for launches. A step whose device is busy is bound by its kernels:
 `kernel_ms_per_step_by_kind` says which (attention, matmuls, the compiled elementwise kernels, ...), summed
-durations, so kernels that overlap count twice.
+durations, so kernels that overlap count twice; `top_kernels` names the largest. `host_us_per_pgolf_op_call`:
+the host time of each call of pgolf's custom ops (the fa4 attention's Python interface, issue 16), which CUDA
+graphs remove and a host-bound step pays in full.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 from pathlib import Path
 
 
@@ -53,6 +56,29 @@ def by_kind(kernels: list[dict], steps: int) -> dict:
     return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
+def top_kernels(kernels: list[dict], steps: int, n: int = 12) -> list[dict]:
+    """The n largest kernels by summed duration, instances of one kernel together (Inductor numbers its kernels,
+    `triton_poi_fused_add_7`; the number is dropped), in ms and calls a step."""
+    total: dict[str, list[float]] = {}
+    for e in kernels:
+        name = re.sub(r"_\d+$", "", e["name"])[:100]
+        t = total.setdefault(name, [0.0, 0])
+        t[0] += e["dur"]
+        t[1] += 1
+    rows = sorted(total.items(), key=lambda kv: -kv[1][0])[:n]
+    return [{"kernel": k, "ms_per_step": round(d / 1000.0 / steps, 1), "calls_per_step": round(c / steps, 1)}
+            for k, (d, c) in rows]
+
+
+def host_us_per_op_call(events: list[dict], prefix: str = "pgolf::") -> dict:
+    """Mean host µs of each call of the custom ops named prefix…, with their count."""
+    calls: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "cpu_op" and e["name"].startswith(prefix):
+            calls.setdefault(e["name"], []).append(e["dur"])
+    return {k: {"calls": len(v), "host_us_per_call": round(sum(v) / len(v), 1)} for k, v in sorted(calls.items())}
+
+
 def summarize(path: Path, steps: int) -> dict:
     events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
     kernels = [e for e in events if e.get("cat") == "kernel"]
@@ -83,6 +109,8 @@ def summarize(path: Path, steps: int) -> dict:
         "kernels_per_micro_batch": round(len(kernels) / n_micro),
         "host_ms_optimizer_step": round(sum(optimizer) / max(1, len(optimizer)) / ms, 1),
         "kernel_ms_per_step_by_kind": by_kind(kernels, steps),
+        "top_kernels": top_kernels(kernels, steps),
+        "host_us_per_pgolf_op_call": host_us_per_op_call(events),
     }
 
 

@@ -94,6 +94,7 @@ def test_the_trace_summary_counts_kernels_not_labels_and_host_time_per_micro_bat
         x("cpu_op", "CompiledFunctionBackward", 200, 400), x("cpu_op", "CompiledFunctionBackward", 3200, 400),
         x("kernel", "gemm", 1000, 1000), x("kernel", "gemm", 1500, 1000),  # overlapping: 1.5 ms busy
         x("kernel", "ncclDevKernel_AllReduce", 6000, 500), x("kernel", "rmsnorm", 7000, 1000),
+        x("cpu_op", "pgolf::varlen_attention", 20, 50), x("cpu_op", "pgolf::varlen_attention", 3020, 70),
     ]
     path = tmp_path / "trace.json.gz"
     with gzip.open(path, "wt") as f:
@@ -106,6 +107,11 @@ def test_the_trace_summary_counts_kernels_not_labels_and_host_time_per_micro_bat
     assert s["host_ms_compiled_forward_per_micro_batch"] == 0.1 and s["host_ms_compiled_backward_per_micro_batch"] == 0.4
     assert s["compute_kernels_ms_per_micro_batch"] == pytest.approx(1.25, abs=0.06)  # the NCCL kernel left out
     assert s["kernel_ms_per_step_by_kind"] == {"matmul": 2.0, "other": 1.0, "nccl": 0.5}  # summed, not a union
+    assert s["top_kernels"][0] == {"kernel": "gemm", "ms_per_step": 2.0, "calls_per_step": 2.0}
+    assert [k["kernel"] for k in s["top_kernels"]] == ["gemm", "rmsnorm", "ncclDevKernel_AllReduce"]
+    assert s["host_us_per_pgolf_op_call"] == {"pgolf::varlen_attention": {"calls": 2, "host_us_per_call": 60.0}}
+    assert trace.top_kernels([x("kernel", "triton_poi_fused_add_7", 0, 10), x("kernel", "triton_poi_fused_add_12", 0, 30)],
+                             steps=1) == [{"kernel": "triton_poi_fused_add", "ms_per_step": 0.0, "calls_per_step": 2.0}]
     assert [trace.kind(n) for n in ("triton_tem_fused_flex_attention_backward_10", "triton_poi_fused_leaky_relu_7",
                                      "nvjet_sm90_tst_256x128", "void cublasLt::splitKreduce_kernel<32>", "_ce_fwd_kernel",
                                      "flash_fwd_kernel")] == ["attention", "compiled_elementwise", "matmul", "matmul",

@@ -32,6 +32,10 @@ _RECORD_TRAIN = {
     "tied_embed_lr": 0.03, "embed_wd": 0.085, "scalar_lr": 0.02, "scalar_wd": 0.02, "beta2": 0.99,
     "grad_clip_norm": 0.3, "ema_decay": 0.9965, "warmdown_frac": 0.85, "min_lr": 0.10, "loop_enable_frac": 0.35,
     "schedule_steps": 4945,  # its seed-42 log: stopped by the cap at step 4,945 on 8×H100
+    # CUDA graphs and one graph a micro-batch under DDP (issue 16, bench/README.md, 2×H200): pr2071 253 against
+    # 350 ms/step on one GPU (FlashAttention-4's Python interface costs ~0.57 ms of host a call), and 130.5 on
+    # two (97 % scaling, against 57 % before); record 974 against 988. Same losses, same peak memory.
+    "compile_mode": "reduce-overhead", "ddp_graph": "whole",
 }
 _RECORD_QUANTIZE = {
     "method": "gptq", "bits": 6, "clip": "sdclip", "attn_k": 13.0, "mlp_k": 11.5, "embed_bits": 7, "embed_k": 14.0,

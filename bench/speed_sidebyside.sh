@@ -11,9 +11,11 @@
 #   bash bench/speed_sidebyside.sh profile # the same machine, after `run` (its FA4 and tokens): kernel time by
 #                                          # kind, the record script on GPU 0 and pgolf's record_fast on GPU 1 at
 #                                          # once (device time, which the shared host does not change), both
-#                                          # with depth recurrence on, PROFILE_STEPS (3) profiled steps each
-# A job is NAME:PRESET:SETS (SETS comma-separated KEY=VALUE for `pgolf train --set`); a job starts only while
-# the call has JOB_SECONDS left, so a call ends inside the device's 10 minutes with what finished.
+#                                          # with depth recurrence on, PROFILE_STEPS (3) profiled steps each;
+#                                          # PGOLF_VARIANT=NAME profiles that commit's pgolf (bench/variant.sh)
+# A job is NAME:PRESET:SETS[:VARIANT] (SETS comma-separated KEY=VALUE for `pgolf train --set`; VARIANT another
+# commit's pgolf from bench/variant.sh, carried in .variant); a job starts only while the call has JOB_SECONDS
+# left, so a call ends inside the device's 10 minutes with what finished.
 # STEPS timed steps (default 60, depth recurrence from half-way), 3 compile-priming steps per depth mode.
 set -euo pipefail
 PHASE=$1
@@ -54,8 +56,17 @@ if [ ! -f "$TOK/manifest.json" ]; then
     --metrics "$R/tokenize_metrics.json"
 fi
 
-pgolf_job() {  # pgolf_job GPUS NAME PRESET SETS: one `pgolf train` of STEPS fixed steps, loss/time every 10 steps
-  local gpus=$1 name=$2 preset=$3 sets=$4 nproc launcher
+variant_path() {  # variant_path NAME: the PYTHONPATH that imports bench/variant.sh's NAME first (none: as is)
+  [ -z "$1" ] && { echo "$PYTHONPATH"; return 0; }
+  [ -d ".variant/$1/pgolf" ] || { echo "no .variant/$1: run bash bench/variant.sh REV here, carry .variant" >&2; return 1; }
+  echo "$PWD/.variant/$1:$PYTHONPATH"
+}
+
+pgolf_job() {  # pgolf_job GPUS NAME PRESET SETS [VARIANT]: one `pgolf train` of STEPS fixed steps, loss/time
+  # every 10 steps; with VARIANT, that commit's pgolf (bench/variant.sh)
+  local gpus=$1 name=$2 preset=$3 sets=$4 variant=${5:-} nproc launcher pypath
+  pypath=$(variant_path "$variant") || return 1
+  [ -z "$variant" ] || cp ".variant/$variant/variant.json" "$R/variant_$name.json"
   nproc=$(awk -F, '{print NF}' <<< "$gpus")
   launcher="$PG"
   [ "$nproc" -gt 1 ] && launcher="torchrun --standalone --nproc_per_node=$nproc -m pgolf.cli"
@@ -63,7 +74,7 @@ pgolf_job() {  # pgolf_job GPUS NAME PRESET SETS: one `pgolf train` of STEPS fix
   IFS=, read -ra kv <<< "$sets"
   for s in "${kv[@]}"; do [ -n "$s" ] && extra+=(--set "$s"); done
   printf 'preset: %s\n' "$preset" > "$W/params_$name.yaml"
-  CUDA_VISIBLE_DEVICES=$gpus timed "pgolf_$name" $launcher train --data "$TOK" --out "$W/$name.safetensors" \
+  PYTHONPATH=$pypath CUDA_VISIBLE_DEVICES=$gpus timed "pgolf_$name" $launcher train --data "$TOK" --out "$W/$name.safetensors" \
     --params "$W/params_$name.yaml" --set iterations="$STEPS" --set max_wallclock_seconds=0 --set warmup_steps=3 \
     --set log_every=10 --set loop_enable_frac=0.5 --set val_tokens=262144 "${extra[@]}" \
     --metrics "$R/speed_pgolf_$name.json" --loss-log "$R/${name}_loss.csv" 2>&1 | grep -v Warning | tail -n 8
@@ -74,11 +85,11 @@ run_queue() {  # run_queue GPUS JOB...: jobs one after another while time is lef
   for job in "$@"; do
     local left=$(( BUDGET - ($(date +%s) - START) ))
     if [ "$left" -lt "${JOB_SECONDS:-240}" ]; then echo "skip $job: ${left}s left"; continue; fi
-    IFS=: read -r name preset sets <<< "$job"
+    IFS=: read -r name preset sets variant <<< "$job"
     if [ "$name" = record_script ]; then
       record_job "$gpus"
     else
-      pgolf_job "$gpus" "$name" "$preset" "$sets" || echo "job $name failed"
+      pgolf_job "$gpus" "$name" "$preset" "$sets" "$variant" || echo "job $name failed"
     fi
   done
 }
@@ -110,7 +121,10 @@ elif [ "$PHASE" = profile ]; then
   # both sides profiled after the loop switch; the record script's trace is $R/trace_record_script.json.gz
   export PROFILE_STEPS=${PROFILE_STEPS:-3} STEPS=${PROFILE_TIMED_STEPS:-10}
   record_job 0 > "$R/queue0.log" 2>&1 &
-  CUDA_VISIBLE_DEVICES=1 timeout $(( BUDGET - ($(date +%s) - START) )) python3 bench/step_profile.py \
+  pypath=$(variant_path "${PGOLF_VARIANT:-}")
+  [ -z "${PGOLF_VARIANT:-}" ] || cp ".variant/$PGOLF_VARIANT/variant.json" "$R/variant_record_fast.json"
+  PYTHONPATH=$pypath CUDA_VISIBLE_DEVICES=1 \
+    timeout $(( BUDGET - ($(date +%s) - START) )) python3 bench/step_profile.py \
     --preset record --data "$TOK" --out "$R" --tag _record_fast --steps 5 --profile-steps "$PROFILE_STEPS" \
     --set attn_backend=fa4 --set fused_ce=true > "$R/queue1.log" 2>&1 &
   wait

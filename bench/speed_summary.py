@@ -60,6 +60,9 @@ def summarize_run(path: Path) -> dict | None:
         out = {"side": f"pgolf {name}", "preset": preset, "world_size": report.get("world_size", 1),
                "switch": report.get("looping_enabled_at_step"), "loss": float(table[-1]["train_loss"]),
                "peak_gib": (report.get("peak_memory_bytes") or 0) / 2**30, "batch_tokens": batch, "seq_len": 2048}
+        variant = path.parent / f"variant_{name}.json"  # another commit's pgolf (bench/variant.sh)
+        if variant.exists():
+            out["variant"] = json.loads(variant.read_text())["variant"]
     else:
         return None
     out.update(rates(rows, out["switch"]))

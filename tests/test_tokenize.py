@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +149,39 @@ def test_byte_charge_beyond_uint16_is_an_error_naming_the_document(tmp_path, tok
         tokenize.run([corpus], tmp_path / "out", tokenize_config(), tokenized_dir / "tokenizer.model",
                      tmp_path / "m.json")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_error_inside_the_encoding_loop_never_hangs(tmp_path, tokenized_dir):
+    """The same error, 150 times in one process that has run torch: each run must end with it. With a
+    multiprocessing.Pool, exiting on an error with chunks in flight hung for ever in Pool.terminate in about 1
+    run in 30 (its task thread blocked on a full pipe to the workers it had killed)."""
+    docs = [f"document {i} " + "word " * 200 for i in range(300)]  # 64-document chunks larger than a pipe holds
+    docs[5] = "a" + " " * 70_000 + "b"
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    script = f"""
+import torch
+torch.randn(256, 256) @ torch.randn(256, 256)  # torch's threads exist before the forks, as in a stage
+from pathlib import Path
+from conftest import tokenize_config
+from pgolf import tokenize
+from pgolf.errors import PgolfError
+for i in range(150):
+    try:
+        tokenize.run([Path({str(corpus)!r})], Path({str(tmp_path)!r}) / f"out{{i}}", tokenize_config(),
+                     Path({str(tokenized_dir / "tokenizer.model")!r}), Path({str(tmp_path)!r}) / "m.json")
+    except PgolfError as e:
+        assert "validation document 5" in str(e)
+    else:
+        raise SystemExit("no error")
+print("ended", i + 1)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("tokenize hung after an error inside its encoding loop")
+    assert done.returncode == 0 and "ended 150" in done.stdout, done.stderr[-2000:]
+    assert not list(tmp_path.glob("out*"))
 
 
 def _copy_shards(src: Path, dst: Path) -> Path:

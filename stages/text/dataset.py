@@ -22,6 +22,7 @@ import collections
 import multiprocessing as mp
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
@@ -126,25 +127,32 @@ def _encode_all(inputs: list[Path], tmp: Path, cfg: TokenizeConfig, model: bytes
     stats = {"train": {"docs": 0, "skipped_docs": 0}, "val": {"docs": 0, "skipped_docs": 0, "raw_bytes": 0}}
     seen = 0
     methods = mp.get_all_start_methods()
-    # fork: workers need only sentencepiece and numpy, and start instantly (spawn would re-import torch)
+    # fork: workers need only sentencepiece and numpy, and start instantly (spawn would re-import torch).
+    # A ProcessPoolExecutor, not a multiprocessing.Pool: a Pool that exits on an error with chunks in flight
+    # can hang for ever in Pool.terminate, its task thread blocked on a full pipe to workers it has killed
+    # (seen in 1 of ~30 runs of an error raised inside this loop). The executor drops the chunks not started.
     ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(_workers(cfg), initializer=init_worker, initargs=(model, _transform(cfg))) as pool, \
-            Bar("tokenize: encoding", None, "docs") as bar:
-        for chunk, encoded in _ordered_map(pool, _chunks(inputs, cfg.val_docs), 4 * _workers(cfg)):
-            for (is_val, text), (ids, byte_counts) in zip(chunk, encoded):
-                seen += 1
-                split = "val" if is_val else "train"
-                if not trainer_text(text) or ids.size == 0:
-                    stats[split]["skipped_docs"] += 1  # nothing to predict: blank, or dropped by the normalizer
-                    continue
-                stats[split]["docs"] += 1
-                doc = np.concatenate([np.array([bos], dtype=np.uint16), ids])
-                if is_val:
-                    stats["val"]["raw_bytes"] += len(text.encode("utf-8"))
-                    val.add(doc, np.concatenate([np.zeros(1, dtype=np.uint16), byte_counts]))  # BOS costs 0
-                else:
-                    train.add(doc)
-            bar.update(seen, f"{train.total + val.total:,} tokens")
+    with ProcessPoolExecutor(_workers(cfg), mp_context=ctx, initializer=init_worker,
+                             initargs=(model, _transform(cfg))) as pool, Bar("tokenize: encoding", None, "docs") as bar:
+        try:
+            for chunk, encoded in _ordered_map(pool, _chunks(inputs, cfg.val_docs), 4 * _workers(cfg)):
+                for (is_val, text), (ids, byte_counts) in zip(chunk, encoded):
+                    seen += 1
+                    split = "val" if is_val else "train"
+                    if not trainer_text(text) or ids.size == 0:
+                        stats[split]["skipped_docs"] += 1  # nothing to predict: blank, or dropped by the normalizer
+                        continue
+                    stats[split]["docs"] += 1
+                    doc = np.concatenate([np.array([bos], dtype=np.uint16), ids])
+                    if is_val:
+                        stats["val"]["raw_bytes"] += len(text.encode("utf-8"))
+                        val.add(doc, np.concatenate([np.zeros(1, dtype=np.uint16), byte_counts]))  # BOS costs 0
+                    else:
+                        train.add(doc)
+                bar.update(seen, f"{train.total + val.total:,} tokens")
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     if seen <= cfg.val_docs:
         raise PgolfError(f"the inputs hold {seen} documents, all of them validation (val_docs = {cfg.val_docs}); "
                          "lower val_docs so training documents remain")
@@ -157,17 +165,17 @@ def _encode_all(inputs: list[Path], tmp: Path, cfg: TokenizeConfig, model: bytes
     return stats
 
 
-def _ordered_map(pool, chunks: Iterator[tuple[int, list]], max_pending: int):
-    """pool.imap with bounded read-ahead, so a huge corpus is streamed rather than queued into memory."""
+def _ordered_map(pool: ProcessPoolExecutor, chunks: Iterator[tuple[int, list]], max_pending: int):
+    """pool.map with bounded read-ahead, so a huge corpus is streamed rather than queued into memory."""
     pending: collections.deque = collections.deque()
     for first, chunk in chunks:
-        pending.append((chunk, pool.apply_async(encode_chunk, (first, chunk))))
+        pending.append((chunk, pool.submit(encode_chunk, first, chunk)))
         if len(pending) >= max_pending:
             chunk0, result = pending.popleft()
-            yield chunk0, result.get()
+            yield chunk0, result.result()
     while pending:
         chunk0, result = pending.popleft()
-        yield chunk0, result.get()
+        yield chunk0, result.result()
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:

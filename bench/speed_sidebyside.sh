@@ -17,6 +17,9 @@
 # commit's pgolf from bench/variant.sh, carried in .variant); a job starts only while the call has JOB_SECONDS
 # left, so a call ends inside the device's 10 minutes with what finished.
 # STEPS timed steps (default 60, depth recurrence from half-way), 3 compile-priming steps per depth mode.
+# A CPU dry run of the plumbing (tokenize, queues, variants; no FA4, no record script), here, about 4 minutes:
+#   BENCH_LOCAL=1 OUT=/tmp/dry STEPS=20 JOBS0=" " JOBS1="tiny_a:tiny:vocab_size=8192
+#     tiny_b:tiny:vocab_size=8192:VARIANT" bash bench/speed_sidebyside.sh run
 set -euo pipefail
 PHASE=$1
 STEPS=${STEPS:-60}

@@ -59,17 +59,18 @@ if [ ! -f "$TOK/manifest.json" ]; then
     --metrics "$R/tokenize_metrics.json"
 fi
 
-variant_path() {  # variant_path NAME: the PYTHONPATH that imports bench/variant.sh's NAME first (none: as is)
+variant_path() {  # variant_path NAME JOB: the PYTHONPATH that imports bench/variant.sh's NAME first (none: as
+  # is); the variant's commit and patch go into the results as variant_JOB.json
   [ -z "$1" ] && { echo "$PYTHONPATH"; return 0; }
   [ -d ".variant/$1/pgolf" ] || { echo "no .variant/$1: run bash bench/variant.sh REV here, carry .variant" >&2; return 1; }
+  cp ".variant/$1/variant.json" "$R/variant_$2.json"
   echo "$PWD/.variant/$1:$PYTHONPATH"
 }
 
 pgolf_job() {  # pgolf_job GPUS NAME PRESET SETS [VARIANT]: one `pgolf train` of STEPS fixed steps, loss/time
   # every 10 steps; with VARIANT, that commit's pgolf (bench/variant.sh)
   local gpus=$1 name=$2 preset=$3 sets=$4 variant=${5:-} nproc launcher pypath
-  pypath=$(variant_path "$variant") || return 1
-  [ -z "$variant" ] || cp ".variant/$variant/variant.json" "$R/variant_$name.json"
+  pypath=$(variant_path "$variant" "$name") || return 1
   nproc=$(awk -F, '{print NF}' <<< "$gpus")
   launcher="$PG"
   [ "$nproc" -gt 1 ] && launcher="torchrun --standalone --nproc_per_node=$nproc -m pgolf.cli"
@@ -124,8 +125,7 @@ elif [ "$PHASE" = profile ]; then
   # both sides profiled after the loop switch; the record script's trace is $R/trace_record_script.json.gz
   export PROFILE_STEPS=${PROFILE_STEPS:-3} STEPS=${PROFILE_TIMED_STEPS:-10}
   record_job 0 > "$R/queue0.log" 2>&1 &
-  pypath=$(variant_path "${PGOLF_VARIANT:-}")
-  [ -z "${PGOLF_VARIANT:-}" ] || cp ".variant/$PGOLF_VARIANT/variant.json" "$R/variant_record_fast.json"
+  pypath=$(variant_path "${PGOLF_VARIANT:-}" record_fast)
   PYTHONPATH=$pypath CUDA_VISIBLE_DEVICES=1 \
     timeout $(( BUDGET - ($(date +%s) - START) )) python3 bench/step_profile.py \
     --preset record --data "$TOK" --out "$R" --tag _record_fast --steps 5 --profile-steps "$PROFILE_STEPS" \

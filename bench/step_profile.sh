@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16's profile of pr2071's step on one and on two GPUs, one device call on nvidia-h200-x2 (carry .whl):
 # bench/step_profile.py on GPU 0 once per torch.compile mode in COMPILE_MODES (default "default"), one after
-# another, then under torchrun on both GPUs once per train.ddp_graph in DDP_GRAPHS (default "buckets whole").
+# another, then under torchrun on both GPUs once per train.ddp_graph in DDP_GRAPHS (default "buckets whole"),
+# in the preset's compile_mode (pr2071's is reduce-overhead since 2026-11-30) unless SETS names one.
 # The runs never overlap: pr2071's step is bound by the host's launches, and on 2026-11-30 a 1-GPU run beside a
 # second, compiling one measured 417 ms/step against 311.8 in an earlier call. A run takes about 150 s on one
 # GPU and 220 s on two (compile included; from that call's log times), so one call holds about three: e.g.

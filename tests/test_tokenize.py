@@ -153,8 +153,9 @@ def test_byte_charge_beyond_uint16_is_an_error_naming_the_document(tmp_path, tok
 
 def test_an_error_inside_the_encoding_loop_never_hangs(tmp_path, tokenized_dir):
     """The same error, 150 times in one process that has run torch: each run must end with it. With a
-    multiprocessing.Pool, exiting on an error with chunks in flight hung for ever in Pool.terminate in about 1
-    run in 30 (its task thread blocked on a full pipe to the workers it had killed)."""
+    multiprocessing.Pool, exiting on an error with chunks in flight hung for ever in Pool.terminate, at the 27th
+    run of one loop and the 43rd of another (its task thread blocked on a full pipe to the workers it had
+    killed); this test hung on that code."""
     docs = [f"document {i} " + "word " * 200 for i in range(300)]  # 64-document chunks larger than a pipe holds
     docs[5] = "a" + " " * 70_000 + "b"
     corpus = write_jsonl(tmp_path / "c.jsonl", docs)

@@ -19,6 +19,7 @@ Everything is built in a temp directory next to `out` and renamed into place at 
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
@@ -126,33 +127,22 @@ def _encode_all(inputs: list[Path], tmp: Path, cfg: TokenizeConfig, model: bytes
     val = ShardWriter(tmp, "val", cfg.shard_tokens, with_sidecar=True)
     stats = {"train": {"docs": 0, "skipped_docs": 0}, "val": {"docs": 0, "skipped_docs": 0, "raw_bytes": 0}}
     seen = 0
-    methods = mp.get_all_start_methods()
-    # fork: workers need only sentencepiece and numpy, and start instantly (spawn would re-import torch).
-    # A ProcessPoolExecutor, not a multiprocessing.Pool: a Pool that exits on an error with chunks in flight
-    # can hang for ever in Pool.terminate, its task thread blocked on a full pipe to workers it has killed
-    # (seen in 1 of ~30 runs of an error raised inside this loop). The executor drops the chunks not started.
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(_workers(cfg), mp_context=ctx, initializer=init_worker,
-                             initargs=(model, _transform(cfg))) as pool, Bar("tokenize: encoding", None, "docs") as bar:
-        try:
-            for chunk, encoded in _ordered_map(pool, _chunks(inputs, cfg.val_docs), 4 * _workers(cfg)):
-                for (is_val, text), (ids, byte_counts) in zip(chunk, encoded):
-                    seen += 1
-                    split = "val" if is_val else "train"
-                    if not trainer_text(text) or ids.size == 0:
-                        stats[split]["skipped_docs"] += 1  # nothing to predict: blank, or dropped by the normalizer
-                        continue
-                    stats[split]["docs"] += 1
-                    doc = np.concatenate([np.array([bos], dtype=np.uint16), ids])
-                    if is_val:
-                        stats["val"]["raw_bytes"] += len(text.encode("utf-8"))
-                        val.add(doc, np.concatenate([np.zeros(1, dtype=np.uint16), byte_counts]))  # BOS costs 0
-                    else:
-                        train.add(doc)
-                bar.update(seen, f"{train.total + val.total:,} tokens")
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    with _encoder_pool(cfg, model) as pool, Bar("tokenize: encoding", None, "docs") as bar:
+        for chunk, encoded in _ordered_map(pool, _chunks(inputs, cfg.val_docs), 4 * _workers(cfg)):
+            for (is_val, text), (ids, byte_counts) in zip(chunk, encoded):
+                seen += 1
+                split = "val" if is_val else "train"
+                if not trainer_text(text) or ids.size == 0:
+                    stats[split]["skipped_docs"] += 1  # nothing to predict: blank, or dropped by the normalizer
+                    continue
+                stats[split]["docs"] += 1
+                doc = np.concatenate([np.array([bos], dtype=np.uint16), ids])
+                if is_val:
+                    stats["val"]["raw_bytes"] += len(text.encode("utf-8"))
+                    val.add(doc, np.concatenate([np.zeros(1, dtype=np.uint16), byte_counts]))  # BOS costs 0
+                else:
+                    train.add(doc)
+            bar.update(seen, f"{train.total + val.total:,} tokens")
     if seen <= cfg.val_docs:
         raise PgolfError(f"the inputs hold {seen} documents, all of them validation (val_docs = {cfg.val_docs}); "
                          "lower val_docs so training documents remain")
@@ -163,6 +153,23 @@ def _encode_all(inputs: list[Path], tmp: Path, cfg: TokenizeConfig, model: bytes
     stats["train"].update(tokens=train.total, files=train.files)
     stats["val"].update(tokens=val.total, files=val.files, sidecar_files=val.sidecar_files)
     return stats
+
+
+@contextlib.contextmanager
+def _encoder_pool(cfg: TokenizeConfig, model: bytes) -> Iterator[ProcessPoolExecutor]:
+    """The encoding workers. fork: they need only sentencepiece and numpy, and start at once (spawn would re-import
+    torch). A ProcessPoolExecutor, not a multiprocessing.Pool: a Pool that exits on an error with chunks in flight
+    can hang for ever in Pool.terminate, its task thread blocked on a full pipe to workers it has killed (a loop
+    of an error raised while encoding hung at its 27th run, and again at its 43rd). On an error the executor
+    drops the chunks not started."""
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(_workers(cfg), mp_context=ctx, initializer=init_worker,
+                             initargs=(model, _transform(cfg))) as pool:
+        try:
+            yield pool
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _ordered_map(pool: ProcessPoolExecutor, chunks: Iterator[tuple[int, list]], max_pending: int):

@@ -34,7 +34,7 @@ fa4_install
 python3 - <<'EOF' 2>&1 | grep -v Warning | tee "$R/fa4_check.txt" || echo "the FA4 check failed"
 # FA4 through pgolf's custom op against SDPA with the dense document mask: forward and gradients, bf16.
 import torch, torch.nn.functional as F
-from pgolf.nn.attention import document_mask, segments_of, varlen_bhtd
+from pgolf.nn.attention import document_mask, segments_of, varlen_bthd
 torch.manual_seed(0)
 B, H, Hkv, T, D = 4, 8, 4, 2048, 64
 ids = torch.randint(2, 100, (B, T), device="cuda"); ids[ids < 4] = 1  # BOS = 1, ~2 % of positions
@@ -42,7 +42,7 @@ q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=T
 k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=document_mask(ids, 1), enable_gqa=True)
-out = varlen_bhtd(q, k, v, segments_of(ids, 1))
+out = varlen_bthd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), segments_of(ids, 1)).transpose(1, 2)
 g = torch.randn_like(ref)
 gr = torch.autograd.grad(ref, (q, k, v), g)
 go = torch.autograd.grad(out.float(), (q, k, v), g)
@@ -78,6 +78,8 @@ pgolf_job() {  # pgolf_job GPUS NAME PRESET SETS [VARIANT]: one `pgolf train` of
   IFS=, read -ra kv <<< "$sets"
   for s in "${kv[@]}"; do [ -n "$s" ] && extra+=(--set "$s"); done
   printf 'preset: %s\n' "$preset" > "$W/params_$name.yaml"
+  printf '{"preset": "%s", "sets": "%s", "gpus": "%s", "variant": "%s"}\n' "$preset" "$sets" "$gpus" "$variant" \
+    > "$R/speed_job_$name.json"  # what bench/speed_summary.py reads the job's preset from
   PYTHONPATH=$pypath CUDA_VISIBLE_DEVICES=$gpus timed "pgolf_$name" $launcher train --data "$TOK" --out "$W/$name.safetensors" \
     --params "$W/params_$name.yaml" --set iterations="$STEPS" --set max_wallclock_seconds=0 --set warmup_steps=3 \
     --set log_every=10 --set loop_enable_frac=0.5 --set val_tokens=262144 "${extra[@]}" \

@@ -55,7 +55,8 @@ def summarize_run(path: Path) -> dict | None:
             return None
         table = list(csv.DictReader(open(log)))
         rows = [(int(r["step"]), float(r["elapsed_ms"])) for r in table]
-        preset = name.split("_")[0]
+        job = path.parent / f"speed_job_{name}.json"  # written by speed_sidebyside.sh since 2026-11-30 23:00
+        preset = json.loads(job.read_text())["preset"] if job.exists() else name.split("_")[0]  # older: NAME's head
         batch = int(table[-1]["tokens"]) // int(table[-1]["step"])
         out = {"side": f"pgolf {name}", "preset": preset, "world_size": report.get("world_size", 1),
                "switch": report.get("looping_enabled_at_step"), "loss": float(table[-1]["train_loss"]),

@@ -15,7 +15,8 @@ dir=${VARIANT_DIR:-.variant}/$name
 rm -rf "$dir"
 mkdir -p "$dir"
 git archive "$rev" stages | tar -x -C "$dir"
-# a candidate kept as a patch (bench/candidates/) until a measurement decides it; its tests and bench lines stay out
+# a candidate kept as a patch (say bench/candidates/NAME.patch) until a measurement decides it; its tests and bench
+# lines stay out
 [ -z "$patch" ] || git apply --unsafe-paths --directory="$dir" --include="$dir/stages/*" "$patch"
 mv "$dir/stages" "$dir/pgolf"
 python3 - "$name" "$(git rev-parse "$rev")" "$patch" > "$dir/variant.json" <<'PY'

@@ -1,5 +1,5 @@
 """Document-masked attention backends compute the same thing: the fa4 varlen op (its CPU reference here; the
-FlashAttention-4 kernel itself is checked on the GPU by bench/speed_sidebyside.py), its backward, the host-side
+FlashAttention-4 kernel itself is checked on the GPU by bench/speed_sidebyside.sh), its backward, the host-side
 segment plan, and training through it."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pgolf.config.sections import ModelConfig
 from pgolf.nn.attention import (SegmentPlanner, document_mask, segment_starts, segments_of, varlen_attention,
-                                varlen_bhtd)
+                                varlen_bthd)
 from test_model import ALL_OPTIONS, TINY, randomized
 
 
@@ -49,7 +49,7 @@ def test_the_varlen_op_and_its_backward_equal_dense_masked_attention(gqa):
     k = torch.randn(B, H // gqa, T, D, requires_grad=True)
     v = torch.randn(B, H // gqa, T, D, requires_grad=True)
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(ids, TINY.bos_id), enable_gqa=gqa > 1)
-    varlen = varlen_bhtd(q, k, v, segments_of(ids, TINY.bos_id))
+    varlen = varlen_bthd(*(t.transpose(1, 2) for t in (q, k, v)), segments_of(ids, TINY.bos_id)).transpose(1, 2)
     assert torch.allclose(dense, varlen, atol=1e-5)
     grad = torch.randn_like(dense)
     want = torch.autograd.grad(dense, (q, k, v), grad)
@@ -111,7 +111,7 @@ def test_sdpa_pinned_to_one_kernel_gives_the_same_attention_and_compiles_whole()
     from pgolf.nn.attention import attend
 
     torch.manual_seed(4)
-    q, k, v = torch.randn(2, 4, 24, 16), torch.randn(2, 2, 24, 16), torch.randn(2, 2, 24, 16)
+    q, k, v = torch.randn(2, 24, 4, 16), torch.randn(2, 24, 2, 16), torch.randn(2, 24, 2, 16)  # [B, T, H, D]
     plain = attend(q, k, v, None, "sdpa")
     assert torch.allclose(attend(q, k, v, None, "sdpa_flash"), plain, atol=1e-5)
     compiled = torch.compile(lambda a, b, c: attend(a, b, c, None, "sdpa_flash"), fullgraph=True, backend="eager")

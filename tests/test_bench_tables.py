@@ -186,3 +186,30 @@ def test_the_communication_volume_counts_the_real_parameters_in_their_training_d
     assert comm.ring_ms(10**9, 2, 100.0) == pytest.approx(10.0) and comm.ring_ms(10**9, 8, 100.0) == pytest.approx(17.5)
     row = comm.projection("tiny", [8], 100.0, one_gpu_ms=800.0)["worlds"][8]
     assert row["projected_ms_per_step"] == pytest.approx(100.0 + row["exposed_ms"], abs=0.05)
+
+
+def test_the_speed_summary_takes_a_jobs_preset_from_its_job_file_not_its_name(tmp_path, monkeypatch):
+    """A side-by-side job may have any name (ab_fast_gpu0): its MFU counts the FLOPs of the preset the job
+    trained, which speed_sidebyside.sh writes beside it; a job without that file (older results) falls back to
+    the head of its name."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    speed = bench_module("speed_summary")
+    from summarize import PEAK, flops_per_token
+
+    elapsed = {1: 700.0, 10: 7000.0, 20: 14000.0, 30: 21000.0, 40: 31000.0, 50: 41000.0, 60: 51000.0}
+    for name in ("ab_fast_gpu0", "pr2071_plain"):
+        (tmp_path / f"{name}_loss.csv").write_text("step,train_loss,lr_scale,elapsed_ms,tokens\n" + "".join(
+            f"{s},4.0,1.0,{ms},{s * 196608}\n" for s, ms in elapsed.items()))
+        (tmp_path / f"speed_pgolf_{name}_report.json").write_text(json.dumps(
+            {"world_size": 1, "looping_enabled_at_step": 30, "peak_memory_bytes": 2**30}))
+
+    def job(preset: str) -> dict:
+        (tmp_path / "speed_job_ab_fast_gpu0.json").write_text(json.dumps({"preset": preset, "sets": "", "gpus": "0"}))
+        return speed.summarize_run(tmp_path / "speed_pgolf_ab_fast_gpu0_report.json")
+
+    named, fallback = job("pr2071"), speed.summarize_run(tmp_path / "speed_pgolf_pr2071_plain_report.json")
+    assert named["preset"] == fallback["preset"] == "pr2071"
+    assert named["ms_per_step_looped"] == pytest.approx(1000.0)  # steps 40..60: the switch's first interval skipped
+    assert named["mfu_looped"] == pytest.approx(
+        flops_per_token(speed.model_config("pr2071"), True, 2048) * 196608 / 1.0 / PEAK)
+    assert named["mfu"] == fallback["mfu"] != job("record")["mfu"]

@@ -178,25 +178,25 @@ def test_xsa_removes_each_heads_component_along_its_own_value():
 
     torch.manual_seed(0)
     B, H, Hkv, T, D = 2, 8, 2, 5, 16
-    y, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D)
+    y, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D)
     out = exclusive(y, v)
     for h in range(H):
         g = h // (H // Hkv)  # the KV head serving query head h
-        vn = v[:, g] / v[:, g].norm(dim=-1, keepdim=True)
-        assert torch.allclose((out[:, h] * vn).sum(-1), torch.zeros(B, T), atol=1e-5)
-        assert torch.allclose(out[:, h], y[:, h] - (y[:, h] * vn).sum(-1, keepdim=True) * vn, atol=1e-6)
+        vn = v[:, :, g] / v[:, :, g].norm(dim=-1, keepdim=True)
+        assert torch.allclose((out[:, :, h] * vn).sum(-1), torch.zeros(B, T), atol=1e-5)
+        assert torch.allclose(out[:, :, h], y[:, :, h] - (y[:, :, h] * vn).sum(-1, keepdim=True) * vn, atol=1e-6)
 
 
 def test_partial_rope_rotates_only_the_first_dims():
     from pgolf.nn.model import Rotary, apply_rotary
 
-    x = torch.randn(1, 2, 6, 16)
+    x = torch.randn(1, 6, 2, 16)  # [B, T, H, D]
     cos, sin = Rotary(4, 10000.0)(6, torch.float32)
     out = apply_rotary(x, cos, sin)
     assert torch.equal(out[..., 4:], x[..., 4:])
     assert torch.allclose(out[..., :4].norm(dim=-1), x[..., :4].norm(dim=-1), atol=1e-6)
-    assert torch.equal(out[:, :, 0], x[:, :, 0])  # position 0 is not rotated
-    assert not torch.allclose(out[:, :, 3, :4], x[:, :, 3, :4])
+    assert torch.equal(out[:, 0], x[:, 0])  # position 0 is not rotated
+    assert not torch.allclose(out[:, 3, :, :4], x[:, 3, :, :4])
 
 
 def test_layerwise_norm_scale_and_leaky_activation():

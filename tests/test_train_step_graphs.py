@@ -37,3 +37,20 @@ def test_under_cuda_graphs_the_first_gradients_are_copied_before_the_second_back
     assert all(len(at) == 2 and at[0] != at[1] for at in graphs_at.values())
     for name, w in plain.items():
         torch.testing.assert_close(graphs[name], w, rtol=0, atol=0, msg=name)
+
+
+def test_the_trainer_takes_care_of_cuda_graphs_in_every_mode_that_replays_them():
+    """The gradient copy above is needed in each compile mode whose Inductor options turn CUDA graphs on:
+    the trainer's table of such modes agrees with torch's own, for every mode train.compile_mode offers."""
+    from dataclasses import fields
+
+    import torch._inductor
+
+    from pgolf.config.sections import TrainConfig
+    from pgolf.nn.trainer import CUDA_GRAPH_MODES
+
+    modes = next(f for f in fields(TrainConfig) if f.name == "compile_mode").metadata["rule"]["choices"]
+    assert "max-autotune" in modes
+    for mode in modes:
+        replays = torch._inductor.list_mode_options(None if mode == "default" else mode).get("triton.cudagraphs", False)
+        assert (mode in CUDA_GRAPH_MODES) == replays, mode

@@ -280,8 +280,8 @@ def test_scoring_and_ttt_give_the_same_losses_on_the_fa4_backend(name, monkeypat
     import pgolf.nn.attention as attention
 
     varlen_calls = []
-    varlen = attention.varlen_bhtd
-    monkeypatch.setattr(attention, "varlen_bhtd", lambda *a: varlen_calls.append(1) or varlen(*a))
+    varlen = attention.varlen_bthd
+    monkeypatch.setattr(attention, "varlen_bthd", lambda *a: varlen_calls.append(1) or varlen(*a))
     masked = replace(PLAIN, doc_mask=True, bos_id=BOS)
     tokens, sidecar = stream(seed=3)
     cfg = BASE if name == "none" else cfg_for(name)

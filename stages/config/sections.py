@@ -341,10 +341,13 @@ class TrainConfig(Section):
     compile: bool = param(True, "torch.compile on CUDA (never on CPU)")
     # Issue 16's trace: on pr2071's 12-sequence micro-batches the host spends 40 ms launching ~1,300 kernels that
     # run in 37 ms: the launches only just keep up. CUDA graphs (reduce-overhead) replay a micro-batch in one launch.
+    # max-autotune adds to the CUDA graphs Inductor's search over Triton GEMM templates, which can fuse an
+    # elementwise epilogue into the matmul (the MLP's LeakyReLU², which PR #1530 fused by hand); a candidate.
     compile_mode: str = param("default", "torch.compile's mode for the training step: default | reduce-overhead "
                               "(CUDA graphs: a micro-batch's kernels replayed in one launch, at the cost of memory "
-                              "pools) | max-autotune-no-cudagraphs", choices=("default", "reduce-overhead",
-                                                                            "max-autotune-no-cudagraphs"))
+                              "pools) | max-autotune (CUDA graphs and GEMM autotuning: minutes more compiling) | "
+                              "max-autotune-no-cudagraphs", choices=("default", "reduce-overhead", "max-autotune",
+                                                                     "max-autotune-no-cudagraphs"))
     # How DDP meets torch.compile under torchrun. PyTorch's default: Dynamo's DDPOptimizer cuts the compiled graph at
     # DDP's gradient buckets, so each bucket's all-reduce can start while the backward below it still runs. On
     # pr2071's 12-sequence micro-batches that is 9 graphs a micro-batch, and issue 16's trace (bench/README.md)

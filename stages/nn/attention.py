@@ -226,15 +226,15 @@ def _backward(ctx, grad_out, grad_lse):
 varlen_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def varlen_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """The fa4 backend on the model's [B, H, T, D] tensors: pack to [B·T, H, D], attend, unpack."""
-    B, H, T, D = q.shape
+def varlen_bthd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The fa4 backend on the model's [B, T, H, D] tensors: the packed [B·T, H, D] tokens are a view of them."""
+    B, T, H, D = q.shape
 
     def packed(t):
-        return t.transpose(1, 2).reshape(B * T, t.size(1), D).contiguous()
+        return t.reshape(B * T, t.size(2), D).contiguous()  # a view: the projections wrote [B, T, H, D]
 
     y, _ = varlen_attention(packed(q), packed(k), packed(v), cu_seqlens, T)
-    return y.view(B, T, H, D).transpose(1, 2)
+    return y.view(B, T, H, D)
 
 
 # PR #375 compared SDPA's kernels on plain causal attention: these backends pin SDPA to one of them
@@ -242,21 +242,24 @@ SDPA_KERNELS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str = "auto") -> torch.Tensor:
-    """Causal attention of [B, H, T, D] queries on [B, Hkv, T, D] keys/values under `mask`: None (causal), a
-    dense bool mask, a flex BlockMask, or `Segments` (fa4). `backend` sdpa_flash / sdpa_cudnn: SDPA restricted
-    to that kernel (PyTorch has a CPU flash kernel too; cuDNN is CUDA only, so on CPU SDPA chooses)."""
-    gqa = k.size(1) != q.size(1)
+    """Causal attention of [B, T, H, D] queries on [B, T, Hkv, D] keys/values under `mask`, giving [B, T, H, D]:
+    mask None (causal), a dense bool mask, a flex BlockMask, or `Segments` (fa4). `backend` sdpa_flash /
+    sdpa_cudnn: SDPA restricted to that kernel (PyTorch has a CPU flash kernel too; cuDNN is CUDA only, so on
+    CPU SDPA chooses). SDPA and flex take heads first: they get transposed views."""
     if isinstance(mask, Segments):
-        return varlen_bhtd(q, k, v, mask.cu_seqlens)
+        return varlen_bthd(q, k, v, mask.cu_seqlens)
+    gqa = k.size(2) != q.size(2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if mask is not None and not isinstance(mask, torch.Tensor):  # a flex_attention BlockMask
-        return flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+        return flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa).transpose(1, 2)
     pinned = contextlib.nullcontext()
     if backend == "sdpa_flash" or (backend == "sdpa_cudnn" and q.is_cuda):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         pinned = sdpa_kernel(getattr(SDPBackend, SDPA_KERNELS[backend]))
     with pinned:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+    return y.transpose(1, 2)
 
 
 class Segments:

@@ -57,7 +57,8 @@ class Rotary(nn.Module):
     def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq)
-        return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
+        # [1, T, 1, dims/2]: broadcast over the batch and the heads of [B, T, H, D]
+        return freqs.cos()[None, :, None].to(dtype), freqs.sin()[None, :, None].to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -69,12 +70,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def exclusive(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """XSA: remove from each head's output y [B,H,T,D] its component along the same position's own
-    value v [B,Hkv,T,D], so heads must carry information from other positions."""
-    B, H, T, D = y.shape
-    y = y.view(B, v.size(1), H // v.size(1), T, D)
-    vn = F.normalize(v, dim=-1)[:, :, None]
-    return (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, H, T, D)
+    """XSA: remove from each head's output y [B,T,H,D] its component along the same position's own
+    value v [B,T,Hkv,D], so heads must carry information from other positions."""
+    B, T, H, D = y.shape
+    y = y.view(B, T, v.size(2), H // v.size(2), D)
+    vn = F.normalize(v, dim=-1)[:, :, :, None]
+    return (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -106,29 +107,31 @@ class CausalSelfAttention(nn.Module):
         self.sparse_gate_scale = cfg.sparse_gate_scale
 
     def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-        """x: the block's normed input n [B, T, C]; mask: pgolf.nn.attention's (None: causal)."""
+        """x: the block's normed input n [B, T, C]; mask: pgolf.nn.attention's (None: causal). Heads stay in
+        [B, T, H, D], the layout of the projections and of FlashAttention's packed tokens, so the fa4 path moves
+        no data between them; `attend` transposes for SDPA and flex (issue 16's profile)."""
         B, T, C = x.shape
         q = self.c_q(x)
         if self.gate_dim:
             q, gate_logits = q.split((C, self.gate_dim), dim=-1)
-        q = q.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.reshape(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = rms_norm(q), rms_norm(k)
         cos, sin = self.rotary(T, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        q = q * self.q_gain.to(q.dtype)[:, None]
         y = attend(q, k, v, mask, self.attn_backend)
         if self.xsa:
             y = exclusive(y, v)
         if self.attn_gate_w is not None:
             window = x[..., :self.attn_gate_w.size(1)]
             gate = torch.sigmoid(self.sparse_gate_scale * F.linear(window, self.attn_gate_w.to(x.dtype)))  # [B, T, H]
-            y = y * gate.transpose(1, 2)[..., None]
+            y = y * gate[..., None]
         if self.gate_dim:
             gate = torch.sigmoid(gate_logits.view(B, T, self.num_heads, -1).mean(-1))  # [B, T, H]
-            y = y * gate.transpose(1, 2)[..., None]
-        out = self.proj(y.transpose(1, 2).reshape(B, T, C))
+            y = y * gate[..., None]
+        out = self.proj(y.reshape(B, T, C))
         return out if self.adapter is None else out + self.adapter(x)  # test-time LoRA from the attention input
 
 

@@ -102,6 +102,9 @@ def l1_penalty(matrix_opt: torch.optim.Optimizer, lam: float) -> torch.Tensor:
     return lam * sum(p.abs().sum() for g in matrix_opt.param_groups for p in g["params"])
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that replay CUDA graphs
+
+
 def own_gradients(model: torch.nn.Module) -> None:
     """Under CUDA graphs (compile_mode reduce-overhead) the first backward's gradients become the parameters'
     .grad as they are, buffers the backward graph owns; its next replay overwrites them, and accumulating into
@@ -142,7 +145,7 @@ class Trainer:
         compiling = self.cuda and cfg.compile
         outer = d.enabled and compiling and cfg.ddp_graph == "compiled_ddp"
         mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-        self.cuda_graphs = compiling and cfg.compile_mode == "reduce-overhead"
+        self.cuda_graphs = compiling and cfg.compile_mode in CUDA_GRAPH_MODES
         compiled = (torch.compile(objective, dynamic=False, fullgraph=True, mode=mode) if compiling and not outer
                     else objective)
         if d.enabled and compiling:  # read when Dynamo compiles (the first forward); see TrainConfig.ddp_graph

@@ -106,7 +106,7 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes 
 
 
 def own_gradients(model: torch.nn.Module) -> None:
-    """Under CUDA graphs (compile_mode reduce-overhead) the first backward's gradients become the parameters'
+    """Under CUDA graphs (a compile_mode of CUDA_GRAPH_MODES) the first backward's gradients become the parameters'
     .grad as they are, buffers the backward graph owns; its next replay overwrites them, and accumulating into
     them then reads overwritten memory (pytorch/pytorch#169545). A copy per step makes them ours."""
     for p in model.parameters():

@@ -78,8 +78,8 @@ pgolf_job() {  # pgolf_job GPUS NAME PRESET SETS [VARIANT]: one `pgolf train` of
   IFS=, read -ra kv <<< "$sets"
   for s in "${kv[@]}"; do [ -n "$s" ] && extra+=(--set "$s"); done
   printf 'preset: %s\n' "$preset" > "$W/params_$name.yaml"
-  printf '{"preset": "%s", "sets": "%s", "gpus": "%s", "variant": "%s"}\n' "$preset" "$sets" "$gpus" "$variant" \
-    > "$R/speed_job_$name.json"  # what bench/speed_summary.py reads the job's preset from
+  # the job's preset and settings for bench/speed_summary.py (a variant's commit is variant_NAME.json)
+  printf '{"preset": "%s", "sets": "%s", "gpus": "%s"}\n' "$preset" "$sets" "$gpus" > "$R/speed_job_$name.json"
   PYTHONPATH=$pypath CUDA_VISIBLE_DEVICES=$gpus timed "pgolf_$name" $launcher train --data "$TOK" --out "$W/$name.safetensors" \
     --params "$W/params_$name.yaml" --set iterations="$STEPS" --set max_wallclock_seconds=0 --set warmup_steps=3 \
     --set log_every=10 --set loop_enable_frac=0.5 --set val_tokens=262144 "${extra[@]}" \

@@ -211,5 +211,5 @@ def test_the_speed_summary_takes_a_jobs_preset_from_its_job_file_not_its_name(tm
     assert named["preset"] == fallback["preset"] == "pr2071"
     assert named["ms_per_step_looped"] == pytest.approx(1000.0)  # steps 40..60: the switch's first interval skipped
     assert named["mfu_looped"] == pytest.approx(
-        flops_per_token(speed.model_config("pr2071"), True, 2048) * 196608 / 1.0 / PEAK)
+        flops_per_token(speed.model_config("pr2071"), True, 2048) * 196608 / (1000.0 / 1000) / PEAK)
     assert named["mfu"] == fallback["mfu"] != job("record")["mfu"]

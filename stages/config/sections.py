@@ -345,7 +345,7 @@ class TrainConfig(Section):
     # elementwise epilogue into the matmul (the MLP's LeakyReLU², which PR #1530 fused by hand); a candidate.
     compile_mode: str = param("default", "torch.compile's mode for the training step: default | reduce-overhead "
                               "(CUDA graphs: a micro-batch's kernels replayed in one launch, at the cost of memory "
-                              "pools) | max-autotune (CUDA graphs and GEMM autotuning: minutes more compiling) | "
+                              "pools) | max-autotune (CUDA graphs and GEMM autotuning, which lengthens the compile) | "
                               "max-autotune-no-cudagraphs", choices=("default", "reduce-overhead", "max-autotune",
                                                                      "max-autotune-no-cudagraphs"))
     # How DDP meets torch.compile under torchrun. PyTorch's default: Dynamo's DDPOptimizer cuts the compiled graph at

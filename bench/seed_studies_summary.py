@@ -43,6 +43,9 @@ def measured(row: dict, r: dict) -> dict | None:
         out.update(steps=train.get("steps"), ms_per_step=train.get("ms_per_step"),
                    peak_gib=round(train["peak_memory_bytes"] / 2**30, 1) if train.get("peak_memory_bytes") else None,
                    schedule_factor=(train.get("schedule") or {}).get("factor"))
+        # a Reptile step reads one micro-batch per inner step, not a batch: ms/step mixes the two kinds
+        if (train.get("reptile") or {}).get("steps"):
+            out["reptile_steps"] = train["reptile"]["steps"]
     return out
 
 
@@ -101,6 +104,11 @@ def grouped_table(groups: list[tuple[str, dict]]) -> list[dict]:
     return bases + [e for e in rows if not (e["row"].endswith("_base") and e["measured"])]
 
 
+def steps_cell(m: dict) -> str:
+    steps = str(m.get("steps") or "")
+    return f"{steps} ({m['reptile_steps']} Reptile)" if m.get("reptile_steps") else steps
+
+
 def markdown(entries: list[dict]) -> str:
     grouped = any(e.get("group") for e in entries)
     lines = ["| row | study | base | change | BPB | Δ BPB | bytes | Δ bytes | steps | ms/step | study's claim |"
@@ -115,7 +123,7 @@ def markdown(entries: list[dict]) -> str:
             bpb += f" (base {m['base_val_bpb_same_tokens']:.4f}, first {m['val_tokens']:,} tokens)"
         cells = [e["row"], e["study"], e["base"], change, bpb, f"{e.get('delta_bpb', 0):+.4f}" if "delta_bpb" in e else "",
                  f"{m['bytes']:,}" if m.get("bytes") else "", f"{e['delta_bytes']:+,}" if "delta_bytes" in e else "",
-                 str(m.get("steps") or ""), f"{m['ms_per_step']:.1f}" if m.get("ms_per_step") else "", e["claim"]]
+                 steps_cell(m), f"{m['ms_per_step']:.1f}" if m.get("ms_per_step") else "", e["claim"]]
         if grouped:
             cells.append(e.get("group", ""))
         lines.append("| " + " | ".join(cells) + " |")

@@ -89,7 +89,7 @@ def write_outputs(result: TrainResult, cfg: TrainConfig, manifest_path: Path, ma
         "steps": p.step,
         "train_time_ms": round(p.train_ms, 1),
         "ms_per_step": round(p.train_ms / max(p.step, 1), 2),
-        "tokens_per_s": round(p.step * cfg.train_batch_tokens / seconds),
+        "tokens_per_s": round(p.tokens / seconds),
         "train_loss": finite_or_none(result.last_loss),
         "val_loss": val.get("val_loss"),
         "val_bpb": val.get("val_bpb"),
@@ -108,12 +108,12 @@ def write_outputs(result: TrainResult, cfg: TrainConfig, manifest_path: Path, ma
         "world_size": world,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
     }
-    # tokens trained (steps × batch: comparable across batch sizes; steps are in the report), seconds of
-    # training as the wall-clock cap counts them
-    row = {"tokens": p.step * cfg.train_batch_tokens, "val_bpb": val.get("val_bpb"), "seconds": round(seconds, 1)}
+    # tokens trained (comparable across batch sizes; steps are in the report), seconds of training as the
+    # wall-clock cap counts them
+    row = {"tokens": p.tokens, "val_bpb": val.get("val_bpb"), "seconds": round(seconds, 1)}
     write_metrics(metrics, row, detail)
     peak = result.peak_memory_bytes
     mem = f", peak {peak / 2**30:.2f} GiB" if peak else ""
     print(f"train: {p.step} steps, {p.train_ms / max(p.step, 1):.1f} ms/step, "
-          f"{p.step * cfg.train_batch_tokens / seconds:,.0f} tokens/s{mem}; "
+          f"{p.tokens / seconds:,.0f} tokens/s{mem}; "
           f"val_bpb {val.get('val_bpb'):.4f} (LUT {val.get('val_bpb_lut'):.4f}); wrote {out}")

@@ -70,6 +70,8 @@ def test_the_ablation_summary_measures_each_row_against_its_own_base():
         "ctw_eval_metrics": {"val_bpb": 1.10, "val_tokens": 500_000},
         "ctw_plain_eval_metrics": {"val_bpb": 1.21, "val_tokens": 500_000},
         "monarch4_eval_metrics": {"val_bpb": 1.5},  # no pack metrics: the row did not finish
+        "reptile_eval_metrics": {"val_bpb": 1.34}, "reptile_pack_metrics": {"bytes": 16_900_000},
+        "reptile_train_report": {"steps": 550, "ms_per_step": 430.0, "reptile": {"from_step": 330, "steps": 220}},
     }
     table = {e["row"]: e for e in studies.table(results)}
     assert table["kmeans"]["delta_bpb"] == pytest.approx(-0.01) and table["kmeans"]["delta_bytes"] == 4_000_000
@@ -78,6 +80,9 @@ def test_the_ablation_summary_measures_each_row_against_its_own_base():
     assert table["monarch4"]["measured"] is None and "delta_bpb" not in table["monarch4"]
     text = studies.markdown(list(table.values()))
     assert "| kmeans | PR #212 | pr2071 |" in text and "monarch4" in text.split("Not run yet:")[1]
+    # Reptile's steps are of two kinds: the table says how many were Reptile's (their ms/step is a mix)
+    assert table["reptile"]["measured"]["reptile_steps"] == 220 and "| 550 (220 Reptile) | 430.0 |" in text
+    assert "Reptile" not in text.split("| mtp2 |")[1].split("\n")[0]
 
 
 def test_the_trace_summary_counts_kernels_not_labels_and_host_time_per_micro_batch(tmp_path):

@@ -5,6 +5,7 @@ train stage with both on."""
 from __future__ import annotations
 
 import copy
+import csv
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -267,6 +268,14 @@ def test_reptile_runs_only_in_the_last_fraction_of_the_run(tokenized_dir, tmp_pa
     assert not torch.equal(record[6][2]["blocks.0.mlp.fc.weight"], plain[6][2]["blocks.0.mlp.fc.weight"])
     report = json.loads((tmp_path / "reptile" / "metrics_report.json").read_text())
     assert report["reptile"]["from_step"] == 6 and report["reptile"]["steps"] == 2
+    # a Reptile step reads one micro-batch per inner step, not a batch: the token count and the log say so
+    reptile_step_tokens = TRAIN.reptile_inner_steps * TRAIN.train_batch_tokens // TRAIN.grad_accum_steps
+    assert reptile_step_tokens != TRAIN.train_batch_tokens
+    want = [s * TRAIN.train_batch_tokens if s <= 6 else 6 * TRAIN.train_batch_tokens + (s - 6) * reptile_step_tokens
+            for s in range(1, 9)]
+    rows = list(csv.DictReader(open(tmp_path / "reptile" / "log.csv")))
+    assert [int(r["tokens"]) for r in rows] == want
+    assert read_json(tmp_path / "reptile" / "metrics.json")["tokens"] == want[-1]
     # under a cap, progress is wall-clock: the phase starts at (1 − frac) of the budget whatever the step
     capped = Schedule(replace(TRAIN, reptile_frac=0.2, max_wallclock_seconds=10.0))
     assert not capped.reptile(capped.progress(10_000, 7_900.0))
@@ -290,6 +299,9 @@ def test_a_suspended_reptile_run_resumes_to_the_same_result(tokenized_dir, tmp_p
         assert torch.equal(full[name], parts[name]), name
     reports = [json.loads((d / "metrics_report.json").read_text())["reptile"] for d in (tmp_path / "full", out)]
     assert reports[0] == reports[1] and reports[0]["from_step"] == 3
+    tokens = [read_json(d / "metrics.json")["tokens"] for d in (tmp_path / "full", out)]  # counted across the parts
+    reptile_step_tokens = cfg.reptile_inner_steps * cfg.train_batch_tokens // cfg.grad_accum_steps
+    assert tokens[0] == tokens[1] == 3 * cfg.train_batch_tokens + 3 * reptile_step_tokens
 
 
 # ---- both, through the command line

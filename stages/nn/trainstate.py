@@ -37,6 +37,7 @@ class Progress:
     loop_switch_step: int | None = None
     schedule_factor: float | None = None  # schedule_scale's factor, fixed once (a resumed run keeps it)
     reptile_from_step: int | None = None  # the first Reptile outer step (pgolf.nn.reptile); None before
+    tokens: int = 0  # training tokens read so far (a Reptile step reads fewer than a batch)
 
 
 def state_path(out: Path) -> Path:
@@ -78,6 +79,7 @@ class Checkpointer:
             "param_groups": json.dumps(groups), "loss_rows": progress.loss_rows,
             "average_count": average.count if average else 0, "loop_switch_step": progress.loop_switch_step,
             "schedule_factor": progress.schedule_factor, "reptile_from_step": progress.reptile_from_step,
+            "tokens": progress.tokens,
             **self.fingerprint,
         })
 
@@ -110,7 +112,9 @@ class Checkpointer:
             opt.load_state_dict({"state": state, "param_groups": groups[i]})
         return Progress(int(meta["step"]), float(meta["train_ms"]), tuple(meta["stream_position"]),
                         [tuple(r) for r in meta.get("loss_rows", [])], meta.get("loop_switch_step"),
-                        meta.get("schedule_factor"), meta.get("reptile_from_step"))
+                        meta.get("schedule_factor"), meta.get("reptile_from_step"),
+                        # states saved before the count read a whole batch a step
+                        meta.get("tokens", int(meta["step"]) * self.fingerprint["params"]["train_batch_tokens"]))
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -35,6 +35,10 @@ keep_files() {  # run_folders' FILEs, as $OUT/files.tgz (loose where that would 
   echo "kept ${#names[@]} files in $OUT"
 }
 
+seconds_left() {  # what is left of the call's BUDGET seconds since START (both set by the script)
+  echo $(( BUDGET - ($(date +%s) - START) ))
+}
+
 timed() {  # timed NAME CMD...: run it, append "NAME milliseconds" to $R/times.txt
   local name=$1; shift
   local t0; t0=$(date +%s%N)

@@ -39,7 +39,7 @@ for s in "${dry[@]}"; do DRY_CAL+=(--set "$s"); done
 machine_env > "$R/env.txt"
 
 pg() {  # pg ARGS...: a pgolf command, stopped when the call's BUDGET is spent
-  local left=$(( BUDGET - ($(date +%s) - START) ))
+  local left; left=$(seconds_left)
   [ "$left" -gt 5 ] || { echo "pgolf $1: no time left"; return 124; }
   timeout "$left" $PG "$@"
 }
@@ -121,7 +121,7 @@ run_row() {
         --set log_every=50 --set val_tokens=262144 "${S[@]}" "${DRY[@]}" --metrics "$R/${ROW}_train_metrics.json" \
         --loss-log "$R/${ROW}_loss.csv" > "$W/${ROW}_train.log" 2>&1 || return 1
       # under RESUME=1 a row trained too late to be scored in this call is scored by the next one
-      if [ -n "${RESUME:-}" ] && [ $(( BUDGET - ($(date +%s) - START) )) -lt "$SCORE_NEEDS" ]; then return 3; fi
+      if [ -n "${RESUME:-}" ] && [ "$(seconds_left)" -lt "$SCORE_NEEDS" ]; then return 3; fi
       quantize "$ROW" "$ckpt" ;;
     quantize)
       quantize "$ROW" "$W/${BASE}_base.safetensors" "${S[@]}" ;;
@@ -139,11 +139,12 @@ lane() {  # lane GPU ROW...: the rows in order on one GPU, each only while its t
   local gpu=$1; shift
   export CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR=$W/inductor$gpu TRITON_CACHE_DIR=$W/triton$gpu
   for row in "$@"; do
-    local need left t0
+    local stage need left t0
+    stage=$(field "$row" stage)
     # seconds a row needs, as measured on 2026-11-30 (a quantize row of pr398 with its calibrate: 232 s)
-    case $(field "$row" stage) in train) need=540 ;; quantize) need=150 ;; *) need=120 ;; esac
-    if [ "$(field "$row" stage)" = train ] && resumed "$row"; then need=$SCORE_NEEDS; fi
-    left=$(( BUDGET - ($(date +%s) - START) ))
+    case $stage in train) need=540 ;; quantize) need=150 ;; *) need=120 ;; esac
+    if [ "$stage" = train ] && resumed "$row"; then need=$SCORE_NEEDS; fi
+    left=$(seconds_left)
     if [ "$left" -lt "$need" ]; then echo "gpu $gpu: skip $row (${left}s left, needs ${need})"; continue; fi
     t0=$(date +%s)
     run_row "$row"

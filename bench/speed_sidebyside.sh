@@ -89,7 +89,7 @@ pgolf_job() {  # pgolf_job GPUS NAME PRESET SETS [VARIANT]: one `pgolf train` of
 run_queue() {  # run_queue GPUS JOB...: jobs one after another while time is left
   local gpus=$1; shift
   for job in "$@"; do
-    local left=$(( BUDGET - ($(date +%s) - START) ))
+    local left; left=$(seconds_left)
     if [ "$left" -lt "${JOB_SECONDS:-240}" ]; then echo "skip $job: ${left}s left"; continue; fi
     IFS=: read -r name preset sets variant <<< "$job"
     if [ "$name" = record_script ]; then
@@ -129,7 +129,7 @@ elif [ "$PHASE" = profile ]; then
   record_job 0 > "$R/queue0.log" 2>&1 &
   pypath=$(variant_path "${PGOLF_VARIANT:-}" record_fast)
   PYTHONPATH=$pypath CUDA_VISIBLE_DEVICES=1 \
-    timeout $(( BUDGET - ($(date +%s) - START) )) python3 bench/step_profile.py \
+    timeout "$(seconds_left)" python3 bench/step_profile.py \
     --preset record --data "$TOK" --out "$R" --tag _record_fast --steps 5 --profile-steps "$PROFILE_STEPS" \
     --set attn_backend=fa4 --set fused_ce=true > "$R/queue1.log" 2>&1 &
   wait

@@ -17,7 +17,10 @@
 # `pgolf train` about 480 s, 240 of them training, the rest compiling, validating, saving; then calibrate 65,
 # quantize 30, pack 88, eval 27 s): with RESUME=1 a row trained with less than 240 s left is not scored (it is
 # reported `trained`), and a train row whose checkpoint an earlier call on this machine wrote is not retrained:
-# its quantization and scoring run (a row needs 240 s then). So calls with RESUME=1 finish it. Protocol as
+# its quantization and scoring run (a row needs 240 s then). So calls with RESUME=1 finish it. A training that
+# would outlast the call (s4d2, 2026-12-01: about 270 s more compiling than its base) saves its state and stops
+# SUSPEND_MARGIN s before the budget (`train --suspend-after`; reported `suspended`), and the next RESUME=1
+# call goes on with it (`--resume`: no step lost or repeated), then scores it if time is left. Protocol as
 # bench/gpu_stack.sh: ../shared/corpus carried as .corpus, 600 validation docs, SP1024 for pr398 and SP8192
 # CaseOps for pr2071, 3 compile-priming steps. Train's own closing validation reads 262,144 tokens only; a row's
 # BPB is its quantized blob's.
@@ -29,6 +32,9 @@ run_folders pgolf-studies results '*_loss.csv' '*.log'
 export BUDGET=${BUDGET:-560} START=$(date +%s) EVAL_TOKENS=${EVAL_TOKENS:-500000}
 # seconds to score a trained pr2071 row (2026-11-30: calibrate 65, quantize 30, pack 88, eval 27 s) with room
 SCORE_NEEDS=${SCORE_NEEDS:-240}
+# a train row stops SUSPEND_MARGIN s before the budget, its state saved; under RESUME=1 a train row, new or
+# suspended, starts only with RESUME_NEEDS s left (a pr2071 row compiles for about 130 s before its first step)
+SUSPEND_MARGIN=${SUSPEND_MARGIN:-25} RESUME_NEEDS=${RESUME_NEEDS:-300}
 # a CPU dry run of the plumbing (BENCH_LOCAL=1 VAL_DOCS=4 CAP=5 DRY_SETS=model.num_layers=2,...): extra train sets
 # and calibrate sets (DRY_CALIBRATE_SETS=n_batches=2,batch_seqs=2)
 DRY=() DRY_CAL=()
@@ -93,8 +99,17 @@ quantize() {  # quantize NAME CKPT OVERRIDES...: the base preset's quantization 
     --metrics "$R/${name}_quantize_metrics.json" > "$W/${name}_quantize.log" 2>&1 && score "$name" "$W/$name.q.safetensors"
 }
 
+ckpt_of() {  # ckpt_of ROW: where a train row's checkpoint goes (a base row's is named by its preset)
+  local base; base=$(field "$1" base)
+  if [ "$1" = "${base}_base" ]; then echo "$W/${base}_base.safetensors"; else echo "$W/$1.safetensors"; fi
+}
+
 resumed() {  # resumed ROW: RESUME=1 and the train row's checkpoint is already on this machine (trained, saved)
   [ -n "${RESUME:-}" ] && [ -f "$R/${1}_train_metrics.json" ]
+}
+
+suspended() {  # suspended CKPT: a training toward CKPT saved its state and stopped (train --suspend-after)
+  [ -f "$1.resume" ]
 }
 
 run_row() {
@@ -113,13 +128,22 @@ run_row() {
   mapfile -t S < <(sets "$inherited"; sets "$over")
   case $stage in
     train)
-      local ckpt=$W/$ROW.safetensors
-      [ "${ROW%_base}" != "$ROW" ] && ckpt=$W/${BASE}_base.safetensors
+      local ckpt again=()
+      ckpt=$(ckpt_of "$ROW")
       if resumed "$ROW"; then quantize "$ROW" "$ckpt"; return; fi
-      rm -f "${ckpt%.safetensors}.h.safetensors"  # an earlier call's Hessians belong to an earlier checkpoint
+      if [ -n "${RESUME:-}" ] && suspended "$ckpt"; then
+        again=(--resume)
+      else  # an earlier call's Hessians, suspended state and log belong to an earlier run
+        rm -f "${ckpt%.safetensors}.h.safetensors" "$ckpt.resume"
+        : > "$W/${ROW}_train.log"
+      fi
+      # training saves its state and stops SUSPEND_MARGIN s before the budget ends; RESUME=1 goes on from there
+      local suspend=$(( $(seconds_left) - SUSPEND_MARGIN ))
       pg train --data "$TOK" --out "$ckpt" "${NP[@]}" --max-wallclock-seconds "${CAP:-240}" --set warmup_steps=3 \
         --set log_every=50 --set val_tokens=262144 "${S[@]}" "${DRY[@]}" --metrics "$R/${ROW}_train_metrics.json" \
-        --loss-log "$R/${ROW}_loss.csv" > "$W/${ROW}_train.log" 2>&1 || return 1
+        --suspend-after $(( suspend > 1 ? suspend : 1 )) "${again[@]}" \
+        --loss-log "$R/${ROW}_loss.csv" >> "$W/${ROW}_train.log" 2>&1 || return 1
+      if suspended "$ckpt"; then return 4; fi
       # under RESUME=1 a row trained too late to be scored in this call is scored by the next one
       if [ -n "${RESUME:-}" ] && [ "$(seconds_left)" -lt "$SCORE_NEEDS" ]; then return 3; fi
       quantize "$ROW" "$ckpt" ;;
@@ -143,12 +167,15 @@ lane() {  # lane GPU ROW...: the rows in order on one GPU, each only while its t
     stage=$(field "$row" stage)
     # seconds a row needs, as measured on 2026-11-30 (a quantize row of pr398 with its calibrate: 232 s)
     case $stage in train) need=540 ;; quantize) need=150 ;; *) need=120 ;; esac
+    # under RESUME=1 a train row may start with less: what it cannot finish, it suspends, and the next call goes on
+    if [ "$stage" = train ] && [ -n "${RESUME:-}" ]; then need=$RESUME_NEEDS; fi
     if [ "$stage" = train ] && resumed "$row"; then need=$SCORE_NEEDS; fi
     left=$(seconds_left)
     if [ "$left" -lt "$need" ]; then echo "gpu $gpu: skip $row (${left}s left, needs ${need})"; continue; fi
     t0=$(date +%s)
     run_row "$row"
     case $? in 0) status=ok ;; 3) status="trained (too little time left to score it: run the next call with RESUME=1)" ;;
+      4) status="suspended (its training state is saved: run the next call with RESUME=1)" ;;
       *) status=failed ;; esac
     echo "$row $(( ($(date +%s) - t0) * 1000 ))" >> "$R/times.txt"
     echo "gpu $gpu: $row $status in $(( $(date +%s) - t0 )) s"

@@ -18,8 +18,8 @@
 # quantize 30, pack 88, eval 27 s): with RESUME=1 a row trained with less than 240 s left is not scored (it is
 # reported `trained`), and a train row whose checkpoint an earlier call on this machine wrote is not retrained:
 # its quantization and scoring run (a row needs 240 s then). So calls with RESUME=1 finish it. A training that
-# would outlast the call (s4d2, 2026-12-01: about 270 s more compiling than its base) saves its state and stops
-# SUSPEND_MARGIN s before the budget (`train --suspend-after`; reported `suspended`), and the next RESUME=1
+# would outlast the call (s4d2, 2026-12-01: its first step came about 400 s into the call) saves its state and
+# stops SUSPEND_MARGIN s before the budget (`train --suspend-after`; reported `suspended`), and the next RESUME=1
 # call goes on with it (`--resume`: no step lost or repeated), then scores it if time is left. Protocol as
 # bench/gpu_stack.sh: ../shared/corpus carried as .corpus, 600 validation docs, SP1024 for pr398 and SP8192
 # CaseOps for pr2071, 3 compile-priming steps. Train's own closing validation reads 262,144 tokens only; a row's
@@ -33,7 +33,7 @@ export BUDGET=${BUDGET:-560} START=$(date +%s) EVAL_TOKENS=${EVAL_TOKENS:-500000
 # seconds to score a trained pr2071 row (2026-11-30: calibrate 65, quantize 30, pack 88, eval 27 s) with room
 SCORE_NEEDS=${SCORE_NEEDS:-240}
 # a train row stops SUSPEND_MARGIN s before the budget, its state saved; under RESUME=1 a train row, new or
-# suspended, starts only with RESUME_NEEDS s left (a pr2071 row compiles for about 130 s before its first step)
+# suspended, starts only with RESUME_NEEDS s left (a pr2071 base row took 411 s in all, 240 of them training)
 SUSPEND_MARGIN=${SUSPEND_MARGIN:-25} RESUME_NEEDS=${RESUME_NEEDS:-300}
 # a CPU dry run of the plumbing (BENCH_LOCAL=1 VAL_DOCS=4 CAP=5 DRY_SETS=model.num_layers=2,...): extra train sets
 # and calibrate sets (DRY_CALIBRATE_SETS=n_batches=2,batch_seqs=2)
@@ -99,11 +99,6 @@ quantize() {  # quantize NAME CKPT OVERRIDES...: the base preset's quantization 
     --metrics "$R/${name}_quantize_metrics.json" > "$W/${name}_quantize.log" 2>&1 && score "$name" "$W/$name.q.safetensors"
 }
 
-ckpt_of() {  # ckpt_of ROW: where a train row's checkpoint goes (a base row's is named by its preset)
-  local base; base=$(field "$1" base)
-  if [ "$1" = "${base}_base" ]; then echo "$W/${base}_base.safetensors"; else echo "$W/$1.safetensors"; fi
-}
-
 resumed() {  # resumed ROW: RESUME=1 and the train row's checkpoint is already on this machine (trained, saved)
   [ -n "${RESUME:-}" ] && [ -f "$R/${1}_train_metrics.json" ]
 }
@@ -128,8 +123,7 @@ run_row() {
   mapfile -t S < <(sets "$inherited"; sets "$over")
   case $stage in
     train)
-      local ckpt again=()
-      ckpt=$(ckpt_of "$ROW")
+      local ckpt=$W/$ROW.safetensors again=()  # a base row's is the BASE_CKPT of the rows on it
       if resumed "$ROW"; then quantize "$ROW" "$ckpt"; return; fi
       if [ -n "${RESUME:-}" ] && suspended "$ckpt"; then
         again=(--resume)

@@ -18,7 +18,7 @@ from pgolf.nn.attention import document_mask, mask_for
 from pgolf.nn.model import GPT, MLP, build_model
 from pgolf.nn.muon import newton_schulz
 from pgolf.nn.optim import build_optimizers, group_of
-from pgolf.nn.studies import MonarchLinear, MonarchMLP, S4DMixer, SSMInput, s4d_scan
+from pgolf.nn.studies import MonarchLinear, MonarchMLP, S4DMixer, SSMInput, _linear_scan, s4d_scan
 
 BASE = ModelConfig(vocab_size=64, num_layers=4, model_dim=32, num_heads=2, num_kv_heads=1)
 ALL_FOUR = {"memory_tokens": 4, "denseformer": True, "s4d_layers": 2, "s4d_state": 8, "monarch_blocks": 4}
@@ -487,3 +487,20 @@ def test_train_calibrate_quantize_pack_and_score_with_all_four(tokenized_dir, tm
     scored = json.loads((tmp_path / "ttt_eval.json").read_text())["val_bpb"]
     float_bpb = score_weights(state, ModelConfig(**meta["model_config"]), tokenized_dir, eval_cfg)["val_bpb"]
     assert math.isfinite(scored) and abs(scored - float_bpb) < 0.01 * float_bpb, (scored, float_bpb)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 9, 16, 70])
+def test_linear_scan_equals_the_loop_it_replaces(n):
+    """S_i = a_i·S_i−1 + b_i, complex, in the scan's √n groups against the plain loop: any length (a square, one
+    past it, one position), a shared across the batch or one per row with zeros that cut the chain."""
+    g = torch.Generator().manual_seed(n)
+    b = torch.complex(*(torch.randn(3, n, 4, 2, generator=g, dtype=torch.float64) for _ in range(2)))
+    shared = 0.9 * torch.exp(1j * torch.rand(1, n, 4, 2, generator=g).double())
+    cut = torch.exp(1j * torch.rand(3, n, 4, 2, generator=g).double()) * (torch.rand(3, n, 1, 1, generator=g) > 0.3)
+    for a in (shared, cut):
+        want, s = [], torch.zeros(3, 4, 2, dtype=torch.complex128)
+        for i in range(n):
+            s = a[:, i] * s + b[:, i]
+            want.append(s)
+        got_re, got_im = _linear_scan((a.real, a.imag), (b.real, b.imag))
+        assert torch.allclose(torch.complex(got_re, got_im), torch.stack(want, 1), atol=1e-12)

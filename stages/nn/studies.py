@@ -112,6 +112,11 @@ def _powers(dta_re: torch.Tensor, dta_im: torch.Tensor, k: torch.Tensor):
     return mag * torch.cos(ang), mag * torch.sin(ang)
 
 
+def _stack(pairs: list[tuple[torch.Tensor, torch.Tensor]], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of (re, im) pairs stacked into one (re, im) pair along `dim`."""
+    return torch.stack([re for re, _ in pairs], dim), torch.stack([im for _, im in pairs], dim)
+
+
 def _toeplitz(kernel: torch.Tensor) -> torch.Tensor:
     """[..., L] kernel → [..., L, L] lower-triangular T[i, j] = kernel[i − j] (j <= i), else 0."""
     L = kernel.size(-1)
@@ -131,7 +136,7 @@ def s4d_scan(u: torch.Tensor, dta: tuple[torch.Tensor, torch.Tensor], db: tuple[
 
     T is cut into chunks of `chunk` (zero-padded in front, which leaves a zero state zero): within a chunk,
     y = Toeplitz(K) u with K[k] = 2·Re Σ_n C_n Ā_n^k B̄_n, masked to pairs with no start between them; the
-    state at each chunk's end is carried to the next through a short sequential loop."""
+    state at each chunk's end is carried to the next by a scan over the chunks in two levels (`_linear_scan`)."""
     B, T, H = u.shape
     if reset is not None:  # the first position starts from `reset` too
         first = torch.zeros(B, T, dtype=torch.bool, device=u.device)
@@ -182,20 +187,51 @@ def s4d_scan(u: torch.Tensor, dta: tuple[torch.Tensor, torch.Tensor], db: tuple[
         kr = 2 * (torch.einsum("hnk,bhn->bhk", z_re, r_re) - torch.einsum("hnk,bhn->bhk", z_im, r_im))
         y = y + torch.einsum("bhij,bcij->bcih", _toeplitz(kr), same * st[:, :, None, :])
 
-    s_re = torch.zeros(B, H, dta_re.size(-1), device=u.device, dtype=u.dtype)
-    s_im = torch.zeros_like(s_re)
-    carried_re, carried_im = [], []
-    for i in range(nc):  # the state entering chunk i, then the state at its end
-        carried_re.append(s_re)
-        carried_im.append(s_im)
-        dec_re, dec_im = _cmul(pw_re[..., L], pw_im[..., L], s_re, s_im)
-        if starts is not None:
-            dec_re, dec_im = dec_re * passes[:, i, None, None], dec_im * passes[:, i, None, None]
-        s_re, s_im = dec_re + loc_re[:, i], dec_im + loc_im[:, i]
-    prev_re, prev_im = torch.stack(carried_re, 1), torch.stack(carried_im, 1)  # [B, nc, H, N]
+    # the state at each chunk's end, S_i = g_i·Ā^L·S_i−1 + loc_i (g_i = 0 where a start cuts the chain)
+    decay = pw_re[..., L].expand(1, nc, -1, -1), pw_im[..., L].expand(1, nc, -1, -1)
+    if starts is not None:
+        decay = decay[0] * passes[..., None, None], decay[1] * passes[..., None, None]
+    end_re, end_im = _linear_scan(decay, (loc_re, loc_im))
+    # the state entering chunk i is the one chunk i − 1 left (zero before the first)
+    prev_re, prev_im = F.pad(end_re[:, :-1], (0, 0, 0, 0, 1, 0)), F.pad(end_im[:, :-1], (0, 0, 0, 0, 1, 0))
     carry = 2 * (torch.einsum("hni,bchn->bcih", z_re, prev_re) - torch.einsum("hni,bchn->bcih", z_im, prev_im))
     y = y + (carry if starts is None else carry * first_ok[..., None])
-    return y.reshape(B, nc * L, H)[:, pad:], (s_re, s_im)
+    return y.reshape(B, nc * L, H)[:, pad:], (end_re[:, -1], end_im[:, -1])
+
+
+def _linear_scan(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every S_i of S_i = a_i·S_i−1 + b_i over dim 1 from S_−1 = 0: complex (re, im) pairs, b [B, n, ...] and a
+    broadcastable to it.
+
+    In two levels of about √n sequential steps each, where a plain loop over the n positions would unroll into n
+    steps in the compiled graph (compile time grows with them): the positions are cut into groups of g; each
+    group runs from a zero state, all groups at once, keeping the running product of its a; then the state
+    entering each group is carried across the groups, and added to each position scaled by that product."""
+    (a_re, a_im), (b_re, b_im) = a, b
+    n = b_re.size(1)
+    g = math.isqrt(n - 1) + 1  # ⌈√n⌉
+    groups = -(-n // g)
+    tail = (0, 0) * (b_re.dim() - 2) + (0, groups * g - n)  # pad dim 1 at the end: b = 0, a = 1 after the last
+    a_re, a_im = F.pad(a_re, tail, value=1.0), F.pad(a_im, tail)
+    b_re, b_im = F.pad(b_re, tail), F.pad(b_im, tail)
+    a_re, a_im, b_re, b_im = (t.unflatten(1, (groups, g)) for t in (a_re, a_im, b_re, b_im))
+    # within each group, from a zero state: the local state and the product of a up to each position
+    s, p = [(b_re[:, :, 0], b_im[:, :, 0])], [(a_re[:, :, 0], a_im[:, :, 0])]
+    for k in range(1, g):
+        ak = a_re[:, :, k], a_im[:, :, k]
+        t_re, t_im = _cmul(*ak, *s[-1])
+        s.append((t_re + b_re[:, :, k], t_im + b_im[:, :, k]))
+        p.append(_cmul(*ak, *p[-1]))
+    (s_re, s_im), (p_re, p_im) = _stack(s, 2), _stack(p, 2)
+    # the state entering each group: the one the previous group left
+    enter = [(torch.zeros_like(s_re[:, 0, 0]), torch.zeros_like(s_im[:, 0, 0]))]
+    for j in range(groups - 1):
+        t_re, t_im = _cmul(p_re[:, j, -1], p_im[:, j, -1], *enter[-1])
+        enter.append((t_re + s_re[:, j, -1], t_im + s_im[:, j, -1]))
+    e_re, e_im = _stack(enter, 1)
+    t_re, t_im = _cmul(p_re, p_im, e_re[:, :, None], e_im[:, :, None])
+    return (s_re + t_re).flatten(1, 2)[:, :n], (s_im + t_im).flatten(1, 2)[:, :n]
 
 
 class S4DMixer(nn.Module):

@@ -27,7 +27,7 @@ import torch
 
 def inputs(shape: tuple[int, int, int, int], device: str):
     """u, ΔA, B̄, C and starts of a generic S4D layer (fixed seed): decays from slow to fast, a start every
-    ~500 positions."""
+    ~500 positions. u, B̄ and C take gradients; ΔA does not (the backward through its powers is left out)."""
     B, T, H, N = shape
     g = torch.Generator().manual_seed(0)
     dt = torch.empty(H, 1).uniform_(1e-3, 1e-1, generator=g)
@@ -36,9 +36,8 @@ def inputs(shape: tuple[int, int, int, int], device: str):
     c = (torch.randn(H, N, generator=g), torch.randn(H, N, generator=g))
     u = torch.randn(B, T, H, generator=g)
     starts = torch.rand(B, T, generator=g) < 0.002
-    move = lambda t: t.to(device)  # noqa: E731
-    leaf = lambda t: move(t).requires_grad_()  # noqa: E731
-    return leaf(u), tuple(map(move, dta)), tuple(map(leaf, db)), tuple(map(leaf, c)), move(starts)
+    db, c = (tuple(t.to(device).requires_grad_() for t in pair) for pair in (db, c))
+    return u.to(device).requires_grad_(), tuple(t.to(device) for t in dta), db, c, starts.to(device)
 
 
 def worker(path: str, shape: tuple[int, int, int, int], device: str, steps: int, save: str) -> dict:

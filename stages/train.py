@@ -101,6 +101,7 @@ def write_outputs(result: TrainResult, cfg: TrainConfig, manifest_path: Path, ma
         "schedule": result.schedule,
         "distill_teacher": result.distill_teacher,
         "reptile": result.reptile,
+        "denseformer": model.denseformer.describe() if model.denseformer is not None else None,
         "val_tokens_scored": val.get("tokens_scored"),
         "val_history": result.val_history,
         "model_params": sum(t.numel() for t in state.values()),  # as saved (multi-token heads dropped)

@@ -462,6 +462,12 @@ def test_train_calibrate_quantize_pack_and_score_with_all_four(tokenized_dir, tm
         assert state[name].abs().sum() > 0, name  # zero at init: it learnt
     last = state["denseformer.dwa_weights.1"]
     assert not torch.equal(last, torch.tensor([0.0, 0.0, 1.0])), last  # moved from the identity
+    # the train metrics carry the averages and their largest move from the one-hot start (PR #1227's claim)
+    dense = json.loads((out / "metrics_report.json").read_text())["denseformer"]
+    shifts = [(state[f"denseformer.dwa_weights.{i}"] - F.one_hot(torch.tensor(i + 1), i + 2)).abs().max()
+              for i in range(2)]
+    assert dense["largest_shift_from_init"] == pytest.approx(float(max(shifts)), abs=1e-6) and max(shifts) > 0
+    assert dense["weights"][1] == pytest.approx(last.tolist(), abs=1e-4)
     assert "blocks.1.attn.c_q.weight" in state and "blocks.1.attn.s4d_A_log" not in state  # S4D in layer 0 only
 
     hess = tmp_path / "hessians.safetensors"

@@ -52,7 +52,7 @@ def test_training_learns_and_writes_a_described_checkpoint(tokenized_dir, tmp_pa
     # (the generated corpus is word salad: 40 steps memorise it, so val loss is not asserted to fall)
     report = json.loads((out / "metrics_report.json").read_text())
     assert report["steps"] == 40 and report["val_tokens_scored"] == 2048 and report["val_history"][-1]["step"] == 40
-    assert report["val_bpb"] == metrics["val_bpb"]
+    assert report["val_bpb"] == metrics["val_bpb"] and report["denseformer"] is None  # (a study switch, off)
     assert_png(out / "log.png")  # the loss curve beside the loss table
 
 

@@ -89,6 +89,16 @@ class DenseFormer(nn.Module):
             out = out + w[j] * history[j]
         return out
 
+    @torch.no_grad()
+    def describe(self) -> dict:
+        """The learned averages and how far they moved from the one-hot start: PR #1227 found its weights still
+        at init, which the train metrics let a run check."""
+        weights = [w.detach().float().cpu() for w in self.dwa_weights]
+        start = [F.one_hot(torch.tensor(len(w) - 1), len(w)).float() for w in weights]
+        shift = max(float((w - s).abs().max()) for w, s in zip(weights, start))
+        return {"largest_shift_from_init": round(shift, 6),
+                "weights": [[round(float(a), 4) for a in w] for w in weights]}
+
 
 # ---- S4D
 

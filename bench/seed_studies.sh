@@ -14,9 +14,9 @@
 #   EVAL_TOKENS val tokens.
 # quantize and eval rows need their base's train row earlier in this call or in an earlier call on the same
 # held machine (its files stay in /tmp/pgolf-studies). A pr2071 train row beside another lane does not finish in
-# one call (alone on one H200 it did, 2026-12-01: 524 s in all) (2026-11-30, on 2 GPUs: `pgolf train` about
-# 480 s, 240 of them training, the rest compiling, validating, saving; then calibrate 65, quantize 30, pack 88,
-# eval 27 s): with RESUME=1 a row trained with less than 240 s left is not scored (it is
+# one call (2026-11-30, on 2 GPUs: `pgolf train` about 480 s, 240 of them training, the rest compiling,
+# validating, saving; then calibrate 65, quantize 30, pack 88, eval 27 s); alone on one H200 it did (2026-12-01:
+# 403-524 s in all). With RESUME=1 a row trained with less than 240 s left is not scored (it is
 # reported `trained`), and a train row whose checkpoint an earlier call on this machine wrote is not retrained:
 # its quantization and scoring run (a row needs 240 s then). So calls with RESUME=1 finish it. A training that
 # would outlast the call (s4d2, 2026-12-01: its first step came about 400 s into the call) saves its state and

@@ -73,12 +73,12 @@ class DenseFormer(nn.Module):
 
     def __init__(self, num_blocks: int):
         super().__init__()
-        weights = []
-        for i in range(num_blocks):
-            w = torch.zeros(i + 2)
-            w[-1] = 1.0
-            weights.append(nn.Parameter(w))
-        self.dwa_weights = nn.ParameterList(weights)
+        self.dwa_weights = nn.ParameterList(nn.Parameter(self.start(i + 2)) for i in range(num_blocks))
+
+    @staticmethod
+    def start(n: int) -> torch.Tensor:
+        """The initial weights of an average over n streams: all on the newest, so the model starts as without it."""
+        return F.one_hot(torch.tensor(n - 1), n).float()
 
     def forward(self, history: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Append block output x to `history` ([X_0, X_1, ...]) and return the averaged stream."""
@@ -89,13 +89,11 @@ class DenseFormer(nn.Module):
             out = out + w[j] * history[j]
         return out
 
-    @torch.no_grad()
     def describe(self) -> dict:
         """The learned averages and how far they moved from the one-hot start: PR #1227 found its weights still
         at init, which the train metrics let a run check."""
         weights = [w.detach().float().cpu() for w in self.dwa_weights]
-        start = [F.one_hot(torch.tensor(len(w) - 1), len(w)).float() for w in weights]
-        shift = max(float((w - s).abs().max()) for w, s in zip(weights, start))
+        shift = max(float((w - self.start(len(w))).abs().max()) for w in weights)
         return {"largest_shift_from_init": round(shift, 6),
                 "weights": [[round(float(a), 4) for a in w] for w in weights]}
 

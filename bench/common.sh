@@ -6,6 +6,11 @@ if [ -z "${BENCH_LOCAL:-}" ]; then  # BENCH_LOCAL=1: a dry run on a machine wher
   export PYTHONPATH=/tmp/site
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 fi
+# pgolf's imports that the device lacks, checked before anything runs: without this, a .whl missing one
+# failed a seed-study row only at pack, after its training (2026-12-02)
+python3 -c "import constriction, brotli, zstandard, yaml, google.protobuf" 2>/dev/null || {
+  echo "bench/common.sh: a wheel is missing from .whl (constriction, brotli, zstandard, pyyaml, protobuf):" \
+    "run 'bash bench/carry.sh' where PyPI is reached, and carry .whl" >&2; exit 2; }
 PG="python3 -m pgolf.cli"
 
 run_folders() {  # run_folders NAME [RESULTS] [FILE...]: the work folder W=/tmp/NAME, the metrics folder

@@ -2,8 +2,9 @@
 # The GPU benchmark of the pipeline issue, in one device call:
 #   bash bench/gpu.sh [NPROC] [CAP_SECONDS] [ITERATIONS] [MAX_SENTENCE_LENGTH]
 # (CAP 0 with ITERATIONS N: a fixed-step run, e.g. the reference's 668 steps.)
-# Run from the repo root on the GPU machine with `.whl` (brotli, zstandard, protobuf, pyyaml wheels)
-# and `.corpus` (../shared/corpus/*.jsonl.xz) carried. Every stage's metrics land in $OUT.
+# Run from the repo root on the GPU machine with `.whl` (constriction, brotli, zstandard, protobuf, pyyaml
+# wheels) and `.corpus` (../shared/corpus/*.jsonl.xz) carried; bench/carry.sh makes both. Every stage's
+# metrics land in $OUT.
 #
 # Protocol: SP-BPE 1024 trained on the first 1,500 training docs (challenge settings), validation =
 # enwiki_val (600 docs); the `baseline` preset with a wall-clock cap (240 s); then calibrate,

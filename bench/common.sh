@@ -2,15 +2,15 @@
 # `run_folders` (a run's folders and what it leaves in OUT) and `timed`.
 export PYTHONUNBUFFERED=1
 if [ -z "${BENCH_LOCAL:-}" ]; then  # BENCH_LOCAL=1: a dry run on a machine where pgolf is installed
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  # the listed wheels, not whatever .whl holds: a .whl without constriction once failed a row only at pack,
+  # after its training (2026-12-02); now pip names the missing wheel before anything runs
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    --find-links .whl -r bench/carry_wheels.txt || {
+    echo "bench/common.sh: .whl lacks a wheel of bench/carry_wheels.txt: run 'bash bench/carry.sh' where PyPI" \
+      "is reached, and carry .whl" >&2; exit 2; }
   export PYTHONPATH=/tmp/site
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 fi
-# pgolf's imports that the device lacks, checked before anything runs: without this, a .whl missing one
-# failed a seed-study row only at pack, after its training (2026-12-02)
-python3 -c "import constriction, brotli, zstandard, yaml, google.protobuf" 2>/dev/null || {
-  echo "bench/common.sh: a wheel is missing from .whl (constriction, brotli, zstandard, pyyaml, protobuf):" \
-    "run 'bash bench/carry.sh' where PyPI is reached, and carry .whl" >&2; exit 2; }
 PG="python3 -m pgolf.cli"
 
 run_folders() {  # run_folders NAME [RESULTS] [FILE...]: the work folder W=/tmp/NAME, the metrics folder
